@@ -1,0 +1,144 @@
+"""The expert bank of one MoLE layer and its forward paths, all batched over experts.
+
+Axis legend: b = instances (batch rows), t = tokens, i = in_features, o = out_features,
+n = experts, k = council slots, r = rank.
+
+A bank holds A as one ``n × i × r`` tensor and B as one ``n × r × o`` tensor. Each path adds
+``Σ_j w_j · scale · x A_j B_j`` to a frozen Linear's output; they differ in what they compute:
+
+* ``council_delta`` — inference: per instance only its k council members, gathered and
+  concatenated into one rank ``k·r`` product per row (the 1.03× path);
+* ``council_delta_with_projections`` — training: ``P = x [A_1..A_n]`` once, which feeds both the
+  council output and the Gram-form orthogonality loss, never the ``n × t × o`` stack;
+* ``token_delta`` — per-token top-k routing for layers configured so;
+* ``dense_delta`` — every expert materialised, weighted; the plain formula tests compare against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+__all__ = [
+    "MoLELayer",
+    "council_delta",
+    "council_delta_with_projections",
+    "dense_delta",
+    "token_delta",
+    "token_route",
+]
+
+
+def _flat(x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """View ``x`` as ``[b, t, i]`` (tokens may be several axes, or none)."""
+    shape = x.shape
+    return x.reshape(shape[0], -1, shape[-1]), shape
+
+
+def council_delta(x: Tensor, A: Tensor, B: Tensor, indices: Tensor, weights: Tensor, scale: float) -> Tensor:
+    """Council path: ``Σ_j w_j · scale · x A_j B_j`` with only the chosen experts computed.
+
+    ``indices``/``weights``: ``[b, k]`` (a council per row) or ``[k]`` (one council for all rows,
+    which turns the gathers into one shared rank-``k·r`` matrix pair). Zero-weight slots (padding
+    of councils of uneven size) contribute exactly nothing.
+    """
+    xf, shape = _flat(x)
+    w = (weights * scale).to(B.dtype)
+    if indices.ndim == 1:
+        down = rearrange(A[indices], "k i r -> i (k r)")
+        up = rearrange(B[indices] * w[:, None, None], "k r o -> (k r) o")
+        out = (xf @ down) @ up
+    else:
+        down = rearrange(A[indices], "b k i r -> b i (k r)")
+        up = rearrange(B[indices] * w[..., None, None], "b k r o -> b (k r) o")
+        out = torch.bmm(torch.bmm(xf, down), up)
+    return out.reshape(*shape[:-1], B.shape[-1])
+
+
+def council_delta_with_projections(
+    x: Tensor, A: Tensor, B: Tensor, indices: Tensor, weights: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
+    """Training path: the council output plus ``P = x [A_1..A_n]`` (``[b, t, n, r]``) for the Gram loss.
+
+    Gradients reach every expert's A through P (the orthogonality loss needs them) while the
+    output only ever multiplies the chosen experts' B.
+    """
+    xf, shape = _flat(x)
+    n, _, r = A.shape
+    proj = rearrange(xf @ rearrange(A, "n i r -> i (n r)"), "b t (n r) -> b t n r", n=n)
+    k = indices.shape[-1]
+    chosen = torch.gather(proj, 2, indices[:, None, :, None].expand(-1, proj.shape[1], k, r))
+    up = rearrange(B[indices] * (weights * scale).to(B.dtype)[..., None, None], "b k r o -> b (k r) o")
+    out = torch.bmm(rearrange(chosen, "b t k r -> b t (k r)"), up)
+    return out.reshape(*shape[:-1], B.shape[-1]), proj
+
+
+def dense_delta(x: Tensor, A: Tensor, B: Tensor, weights: Tensor, scale: float) -> Tensor:
+    """Reference formula: all ``n`` expert outputs materialised, then mixed by ``weights [b, n]``."""
+    xf, shape = _flat(x)
+    stack = torch.einsum("bti,nir,nro->bnto", xf, A, B) * scale
+    out = torch.einsum("bnto,bn->bto", stack, weights.to(stack.dtype))
+    return out.reshape(*shape[:-1], B.shape[-1])
+
+
+def token_route(
+    x: Tensor, gate: Tensor, top_k: int, noise_std: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token gates: ``(probs [b, t, n], indices [b, t, k], weights [b, t, k])``, unnormalised top-k."""
+    xf, _ = _flat(x)
+    logits = (xf @ gate.t().to(xf.dtype)).float()
+    if noise_std > 0:
+        logits = logits + torch.randn_like(logits) * noise_std
+    probs = logits.softmax(-1)
+    weights, indices = probs.topk(top_k, dim=-1)
+    return probs, indices, weights
+
+
+def token_delta(x: Tensor, A: Tensor, B: Tensor, indices: Tensor, weights: Tensor, scale: float) -> Tensor:
+    """Token-routed experts: each token mixes its own top-k (``indices``/``weights``: ``[b, t, k]``).
+
+    The per-expert projections ``x A_n`` are computed for all experts at once (one matmul of
+    width ``n·r``), masked to each token's choice, then one matmul with the stacked B.
+    """
+    xf, shape = _flat(x)
+    n, _, r = A.shape
+    proj = rearrange(xf @ rearrange(A, "n i r -> i (n r)"), "b t (n r) -> b t n r", n=n)
+    mix = torch.zeros(*indices.shape[:2], n, dtype=proj.dtype, device=proj.device)
+    mix.scatter_(-1, indices, (weights * scale).to(proj.dtype))
+    out = rearrange(proj * mix[..., None], "b t n r -> b t (n r)") @ rearrange(B, "n r o -> (n r) o")
+    return out.reshape(*shape[:-1], B.shape[-1])
+
+
+class MoLELayer(nn.Module):
+    """Experts and gate of one target Linear; the Linear itself stays untouched elsewhere.
+
+    ``gate`` reads the instruction signal (instruction routing) or the layer input (token
+    routing). ``B`` starts at zero, so a fresh adapter leaves the base model's output unchanged.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, *, num_experts: int, rank: int, gate_in: int
+    ) -> None:
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(num_experts, in_features, rank))
+        self.B = nn.Parameter(torch.zeros(num_experts, rank, out_features))
+        self.gate = nn.Linear(gate_in, num_experts, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Same distribution as a LoRA ``A`` (kaiming-uniform, a=√5, fan_in=in), per expert.
+        bound = 1.0 / math.sqrt(self.A.shape[1])
+        nn.init.uniform_(self.A, -bound, bound)
+        nn.init.zeros_(self.B)
+        nn.init.normal_(self.gate.weight, std=0.02)
+
+    @property
+    def num_experts(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[2]

@@ -1,0 +1,101 @@
+"""The trainable InstructMoLE module: the instruction router plus one expert bank per target layer.
+
+It never holds a reference to a transformer: attaching it to one (``attach.py``, the ComfyUI
+nodes, the trainer) is somebody else's job, so the same weights can serve several models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .config import MoLEConfig
+from .council import Council
+from .experts import MoLELayer
+from .routing import PerceiverResampler, route_instances
+
+__all__ = ["InstructMoLE"]
+
+
+def _key(name: str) -> str:
+    """nn.ModuleDict keys cannot hold dots; canonical names do."""
+    return name.replace(".", "/")
+
+
+class InstructMoLE(nn.Module):
+    def __init__(self, config: MoLEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.router = PerceiverResampler(
+            text_dim=config.text_dim,
+            dim=config.router_dim,
+            depth=config.router_depth,
+            heads=config.router_heads,
+            head_dim=config.router_head_dim,
+            ff_mult=config.router_ff_mult,
+            dropout=config.router_dropout,
+        )
+        self.experts = nn.ModuleDict(
+            {
+                _key(spec.name): MoLELayer(
+                    spec.in_features,
+                    spec.out_features,
+                    num_experts=config.num_experts,
+                    rank=config.rank,
+                    gate_in=config.router_dim if spec.routing == "instruction" else spec.in_features,
+                )
+                for spec in config.layers
+            }
+        )
+
+    def layer(self, name: str) -> MoLELayer:
+        return self.experts[_key(name)]
+
+    def named_layers(self) -> list[tuple[str, MoLELayer]]:
+        return [(spec.name, self.layer(spec.name)) for spec in self.config.layers]
+
+    @property
+    def gate_noise_std(self) -> float:
+        return 1.0 / self.config.num_experts if (self.training and self.config.gate_noise) else 0.0
+
+    def gates(self) -> Tensor:
+        """Stacked instruction gates ``[L, n, d]`` in council row order."""
+        return torch.stack([self.layer(name).gate.weight for name in self.config.instruction_layers])
+
+    def signal(self, text: Tensor, pooled: Tensor) -> Tensor:
+        """Z_global ``[b, d]`` from T5 features ``[b, t, text_dim]`` and CLIP pooled ``[b, d]``."""
+        p = next(self.router.parameters())
+        return self.router(text.to(p.device, p.dtype), pooled.to(p.device, p.dtype))
+
+    def route_signal(self, signal: Tensor, labels: Sequence[str] = ()) -> tuple[Council, Tensor, Tensor]:
+        """Councils from Z_global; also returns ``(probs, indices)`` for the load-balancing loss."""
+        layers = self.config.instruction_layers
+        probs, indices, weights = route_instances(signal, self.gates(), self.config.top_k, self.gate_noise_std)
+        council = Council.from_topk(layers, probs, indices, weights, adapter_id=self.fingerprint(), label=labels)
+        return council, probs, indices
+
+    def route(self, text: Tensor, pooled: Tensor, labels: Sequence[str] = ()) -> Council:
+        """One council per instance, exactly as in training (call ``eval()`` for no noise/dropout)."""
+        return self.route_signal(self.signal(text, pooled), labels)[0]
+
+    def fingerprint(self) -> str:
+        """A short id of the routing weights: councils remember it to refuse another adapter."""
+        gates = [self.layer(name).gate.weight for name in self.config.instruction_layers]
+        version = tuple((g.data_ptr(), g._version) for g in gates)  # in-place updates bump _version
+        cached = self.__dict__.get("_fingerprint")
+        if cached is None or cached[0] != version:
+            h = hashlib.sha256()
+            for g in gates:
+                h.update(g.detach().float().cpu().numpy().tobytes())
+            cached = (version, h.hexdigest()[:16])
+            self.__dict__["_fingerprint"] = cached
+        return cached[1]
+
+    def num_parameters(self) -> dict[str, int]:
+        experts = sum(lay.A.numel() + lay.B.numel() for lay in self.experts.values())
+        gates = sum(lay.gate.weight.numel() for lay in self.experts.values())
+        router = sum(p.numel() for p in self.router.parameters())
+        return {"experts": experts, "gates": gates, "router": router}

@@ -1,0 +1,103 @@
+"""Instruction-Guided Routing: from an instruction's text features to one council per instance.
+
+Axis legend: b = instances, t = T5 tokens, l = latent queries (one), d = router width,
+h = heads, n = experts, L = instruction-routed layers.
+
+    X~  = H_T5 W_in                                    (text_dim -> d)
+    L_s = L_{s-1} + Attn(q = L_{s-1}, kv = [X~ ; L_{s-1}]);  L_s += FF(L_s)      (s = 1..depth)
+    Z   = LayerNorm(L_S W_out) (+ dropout in training) + CLIP pooled             (d)
+    p_l = softmax(G_l Z (+ noise of std 1/N in training)),  council_l = top-k(p_l)
+
+Module names follow the reference layout (``latents``, ``proj_in``, ``layers.{s}.0.{norm1,norm2,
+to_q,to_kv,to_out}``, ``layers.{s}.1.{0,1,3}``, ``proj_out``, ``norm_out``) so importing a reference
+checkpoint is a key-for-key copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import Tensor, nn
+
+__all__ = ["PerceiverAttention", "PerceiverResampler", "route_instances"]
+
+
+class PerceiverAttention(nn.Module):
+    """Latent queries attend to the text tokens and to themselves (flamingo-style)."""
+
+    def __init__(self, *, dim: int, heads: int, head_dim: int) -> None:
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)  # text side
+        self.norm2 = nn.LayerNorm(dim)  # latent side
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, text: Tensor, latents: Tensor) -> Tensor:
+        text, latents = self.norm1(text), self.norm2(latents)
+        q = rearrange(self.to_q(latents), "b l (h e) -> b h l e", h=self.heads)
+        k, v = rearrange(self.to_kv(torch.cat([text, latents], dim=1)), "b t (two h e) -> two b h t e",
+                         two=2, h=self.heads)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(rearrange(out, "b h l e -> b l (h e)"))
+
+
+def _feed_forward(dim: int, mult: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(), nn.Linear(dim * mult, dim, bias=False)
+    )
+
+
+class PerceiverResampler(nn.Module):
+    """Distils the T5 tokens into one instruction vector, then fuses the CLIP pooled vector."""
+
+    def __init__(
+        self,
+        *,
+        text_dim: int,
+        dim: int,
+        depth: int,
+        heads: int,
+        head_dim: int,
+        ff_mult: int,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(1, 1, dim) / dim**0.5)
+        self.proj_in = nn.Linear(text_dim, dim)
+        self.layers = nn.ModuleList(
+            nn.ModuleList([PerceiverAttention(dim=dim, heads=heads, head_dim=head_dim), _feed_forward(dim, ff_mult)])
+            for _ in range(depth)
+        )
+        self.proj_out = nn.Linear(dim, dim)
+        self.norm_out = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, text: Tensor, pooled: Tensor) -> Tensor:
+        """``text [b, t, text_dim]`` (T5 features), ``pooled [b, d]`` (CLIP-L pooled) -> ``Z [b, d]``."""
+        x = self.proj_in(text)
+        latents = repeat(self.latents, "1 l d -> b l d", b=x.shape[0])
+        for attn, ff in self.layers:
+            latents = latents + attn(x, latents)
+            latents = latents + ff(latents)
+        z = self.dropout(self.norm_out(self.proj_out(latents)))
+        return z[:, 0] + pooled.to(z.dtype)
+
+
+def route_instances(
+    signal: Tensor, gates: Tensor, top_k: int, noise_std: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """All layers' councils at once: ``(probs [b, L, n], indices [b, L, k], weights [b, L, k])``.
+
+    ``gates``: the stacked per-layer gate weights ``[L, n, d]``. Weights are the top-k
+    probabilities themselves, not renormalised (as trained).
+    """
+    logits = torch.einsum("bd,lnd->bln", signal.float(), gates.float())
+    if noise_std > 0:
+        logits = logits + torch.randn_like(logits) * noise_std
+    probs = logits.softmax(-1)
+    weights, indices = probs.topk(top_k, dim=-1)
+    return probs, indices, weights

@@ -1,0 +1,150 @@
+"""Tiny synthetic models: the embedded default for the demo, the tests and the CPU benchmarks.
+
+No weights can be downloaded, so everything here is built from random numbers with a seed: a
+Kontext-shaped diffusers Flux transformer with small dims, text encoders with tiny tokenizers
+trained in-process, and a matching MoLE config. diffusers/transformers are imported lazily.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .config import MoLEConfig
+
+__all__ = [
+    "TINY_FLUX",
+    "TinyTextEncoders",
+    "tiny_flux",
+    "tiny_mole_config",
+    "tiny_text_encoders",
+]
+
+# A Flux with 2 double + 2 single blocks, 2 heads of 16 (hidden 32), T5 width 64, CLIP pooled 32.
+TINY_FLUX: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 2,
+    "num_single_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 64,
+    "pooled_projection_dim": 32,
+    "guidance_embeds": True,
+    "axes_dims_rope": (4, 6, 6),
+}
+
+
+def tiny_flux(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any):
+    """A random diffusers ``FluxTransformer2DModel`` with Kontext-compatible tiny dims."""
+    from diffusers import FluxTransformer2DModel
+
+    cfg = {**TINY_FLUX, **overrides}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = FluxTransformer2DModel(**cfg)
+        # diffusers zero-initialises nothing here, but make the output layer non-trivial anyway so
+        # that equivalence tests compare real numbers.
+        for p in model.parameters():
+            if p.ndim >= 1 and torch.count_nonzero(p) == 0:
+                torch.nn.init.normal_(p, std=0.02)
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    return model.eval()
+
+
+def tiny_mole_config(transformer=None, **overrides: Any) -> MoLEConfig:
+    """A MoLE config for ``tiny_flux`` (or any diffusers Flux given): reference layers, small router."""
+    cfg = dict(TINY_FLUX)
+    if transformer is not None:
+        cfg.update(transformer.config)
+    hidden = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    defaults: dict[str, Any] = {
+        "num_experts": 4,
+        "top_k": 2,
+        "rank": 4,
+        "alpha": 8.0,
+        "text_dim": cfg["joint_attention_dim"],
+        "router_dim": cfg["pooled_projection_dim"],
+        "router_heads": 2,
+        "router_head_dim": 8,
+        "text_length": 32,
+        "base_model": "flux.1-kontext-dev",
+    }
+    defaults.update(overrides)
+    return MoLEConfig.for_flux(
+        num_double=cfg["num_layers"], num_single=cfg["num_single_layers"], hidden_size=hidden, **defaults
+    )
+
+
+@dataclass
+class TinyTextEncoders:
+    """A T5-like encoder and a CLIP-like pooled encoder with tokenizers trained in-process."""
+
+    t5: Any
+    t5_tokenizer: Any
+    clip: Any
+    clip_tokenizer: Any
+    text_length: int
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T5 features [B, text_length, d], CLIP pooled [B, p]) padded as in training, no mask."""
+        t5_ids = self.t5_tokenizer(
+            prompts, padding="max_length", max_length=self.text_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        clip_ids = self.clip_tokenizer(
+            prompts, padding="max_length", max_length=16, truncation=True, return_tensors="pt"
+        ).input_ids
+        t5 = self.t5(input_ids=t5_ids).last_hidden_state
+        pooled = self.clip(input_ids=clip_ids).pooler_output
+        return t5, pooled
+
+
+_CORPUS = [
+    "make the sky a stormy purple",
+    "turn the cat into a watercolor painting",
+    "remove the person on the left",
+    "add a red hat to the dog",
+    "convert the photo to a pencil sketch",
+    "replace the background with a beach at sunset",
+    "make it look like a pixel art game",
+    "change the season to winter with snow",
+    "extract the canny edges",
+    "render the pose skeleton",
+]
+
+
+def _tokenizer(vocab: int, specials: list[str], pad: str, eos: str | None):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(_CORPUS, trainers.WordLevelTrainer(vocab_size=vocab, special_tokens=specials))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, unk_token="<unk>", eos_token=eos)
+
+
+def tiny_text_encoders(
+    text_dim: int = 64, pooled_dim: int = 32, text_length: int = 32, seed: int = 0
+) -> TinyTextEncoders:
+    """Random tiny T5 + CLIP text encoders whose widths match ``tiny_flux``."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    t5_tok = _tokenizer(128, ["<pad>", "</s>", "<unk>"], "<pad>", "</s>")
+    clip_tok = _tokenizer(128, ["<|endoftext|>", "<unk>"], "<|endoftext|>", "<|endoftext|>")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        t5 = T5EncoderModel(
+            T5Config(vocab_size=len(t5_tok), d_model=text_dim, d_kv=16, d_ff=2 * text_dim, num_layers=2,
+                     num_heads=4, pad_token_id=t5_tok.pad_token_id)
+        ).eval()
+        clip = CLIPTextModel(
+            CLIPTextConfig(vocab_size=len(clip_tok), hidden_size=pooled_dim, intermediate_size=2 * pooled_dim,
+                           num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
+                           bos_token_id=clip_tok.eos_token_id, eos_token_id=clip_tok.eos_token_id,
+                           pad_token_id=clip_tok.pad_token_id)
+        ).eval()
+    return TinyTextEncoders(t5, t5_tok, clip, clip_tok, text_length)
