@@ -94,7 +94,7 @@ class Adapter:
             down, up = self.lora[key], self.lora[f"{base}.lora_B.weight"]
             alpha = self.lora.get(f"{base}.alpha")
             scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
-            parts.append(LoraPart(base[len(LORA_PREFIX):], down, up, scale))
+            parts.append(LoraPart(base[len(LORA_PREFIX) :], down, up, scale))
         return parts
 
     # ---- file ---------------------------------------------------------------------------------
@@ -154,7 +154,9 @@ class Adapter:
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected) - set(lora))
         if missing:
-            raise AdapterError(f"{where}the adapter lacks tensor {missing[0]!r} (and {len(missing) - 1} more) its config needs")
+            raise AdapterError(
+                f"{where}the adapter lacks tensor {missing[0]!r} (and {len(missing) - 1} more) its config needs"
+            )
         if unexpected:
             raise AdapterError(f"{where}the adapter has tensor {unexpected[0]!r} that its config does not describe")
         for key, shape in expected.items():
@@ -162,7 +164,9 @@ class Adapter:
             if tuple(value.shape) != shape:
                 raise AdapterError(f"{where}tensor {key!r} has shape {tuple(value.shape)} but the config needs {shape}")
             if not value.is_floating_point():
-                raise AdapterError(f"{where}tensor {key!r} has dtype {value.dtype}; adapter tensors must be floating point")
+                raise AdapterError(
+                    f"{where}tensor {key!r} has dtype {value.dtype}; adapter tensors must be floating point"
+                )
         _check_lora(lora, where)
         state = {}
         for name, _layer in model.named_layers():
@@ -170,7 +174,7 @@ class Adapter:
             state[f"experts.{key}.A"] = tensors[f"mole.{name}.A"]
             state[f"experts.{key}.B"] = tensors[f"mole.{name}.B"]
             state[f"experts.{key}.gate.weight"] = tensors[f"mole.{name}.gate"]
-        state.update({f"router.{k[len('router.'):]}": v for k, v in tensors.items() if k.startswith("router.")})
+        state.update({f"router.{k[len('router.') :]}": v for k, v in tensors.items() if k.startswith("router.")})
         model.load_state_dict(state, assign=True, strict=True)
         model.eval()
         return cls(model, lora, dict(metadata or {}))
@@ -205,11 +209,14 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, str], list[str]]:
             return dict(f.metadata() or {}), list(f.keys())
     except (SafetensorError, OSError, ValueError) as err:
         raise AdapterError(
-            f"'{path.name}' is not a readable .safetensors file (truncated or corrupt?): {err}; download or export it again"
+            f"'{path.name}' is not a readable .safetensors file (truncated or corrupt?): {err}; "
+            "download or export it again"
         ) from None
 
 
-def load_adapter(path: str | os.PathLike, device: str | torch.device = "cpu", expect_base: str | None = None) -> Adapter:
+def load_adapter(
+    path: str | os.PathLike, device: str | torch.device = "cpu", expect_base: str | None = None
+) -> Adapter:
     """Load and validate an adapter file. ``expect_base``: refuse adapters made for another model family."""
     path = Path(path)
     meta, _names = read_header(path)

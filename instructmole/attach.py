@@ -33,7 +33,9 @@ class AttachError(ValueError):
     """The adapter does not fit the transformer it is attached to, or the mode's inputs are missing."""
 
 
-def _linear(transformer: nn.Module, name: str, in_features: int | None = None, out_features: int | None = None) -> nn.Linear:
+def _linear(
+    transformer: nn.Module, name: str, in_features: int | None = None, out_features: int | None = None
+) -> nn.Linear:
     try:
         module = transformer.get_submodule(name)
     except AttributeError:
@@ -86,7 +88,9 @@ class AttachedAdapter:
             raise AttachError("merged mode folds one council into the weights: pass council=adapter.route(...)")
         self.council = council
 
-        targets = {spec.name: _linear(transformer, spec.name, spec.in_features, spec.out_features) for spec in cfg.layers}
+        targets = {
+            spec.name: _linear(transformer, spec.name, spec.in_features, spec.out_features) for spec in cfg.layers
+        }
         lora = [(part, _linear(transformer, part.module)) for part in adapter.lora_parts()]
         ref = next(iter(targets.values())).weight
         device, dtype = ref.device, ref.dtype
@@ -94,7 +98,10 @@ class AttachedAdapter:
         self._router = copy.deepcopy(adapter.model.router).to(device, torch.float32).eval()
         self._gates = adapter.model.gates().detach().to(device, torch.float32) if cfg.instruction_layers else None
         self._experts = {
-            name: (adapter.model.layer(name).A.detach().to(device, dtype), adapter.model.layer(name).B.detach().to(device, dtype))
+            name: (
+                adapter.model.layer(name).A.detach().to(device, dtype),
+                adapter.model.layer(name).B.detach().to(device, dtype),
+            )
             for name in targets
         }
         try:

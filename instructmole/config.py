@@ -70,8 +70,18 @@ class MoLEConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
-        positive = ("num_experts", "top_k", "rank", "text_dim", "router_dim", "router_heads",
-                    "router_head_dim", "router_depth", "router_ff_mult", "text_length")
+        positive = (
+            "num_experts",
+            "top_k",
+            "rank",
+            "text_dim",
+            "router_dim",
+            "router_heads",
+            "router_head_dim",
+            "router_depth",
+            "router_ff_mult",
+            "text_length",
+        )
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

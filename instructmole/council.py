@@ -30,6 +30,11 @@ class Council:
     top_k: int  # the adapter's k: the council size that ban/top refill to
     adapter_id: str = ""  # fingerprint of the adapter that routed it ("" = unknown)
     label: tuple[str, ...] = ()  # per instance: the instruction it was routed from, when known
+    banned: Tensor | None = None  # [b, L, n] experts banned by an override: refills skip them
+
+    @property
+    def banned_mask(self) -> Tensor:
+        return self.banned if self.banned is not None else torch.zeros_like(self.weights, dtype=torch.bool)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -56,21 +61,21 @@ class Council:
     def row(self, b: int) -> Council:
         """Instance ``b`` alone (a batch of one)."""
         label = self.label[b : b + 1] if self.label else ()
-        return replace(self, probs=self.probs[b : b + 1], weights=self.weights[b : b + 1], label=label)
+        banned = self.banned[b : b + 1] if self.banned is not None else None
+        return replace(self, probs=self.probs[b : b + 1], weights=self.weights[b : b + 1], label=label, banned=banned)
 
     def expand(self, batch_size: int) -> Council:
         """A batch of one repeated ``batch_size`` times (for fixed councils)."""
         if self.batch_size == batch_size:
             return self
         if self.batch_size != 1:
-            raise CouncilMismatchError(
-                f"a council of {self.batch_size} instances cannot serve a batch of {batch_size}"
-            )
+            raise CouncilMismatchError(f"a council of {self.batch_size} instances cannot serve a batch of {batch_size}")
         return replace(
             self,
             probs=self.probs.expand(batch_size, -1, -1),
             weights=self.weights.expand(batch_size, -1, -1),
             label=self.label * batch_size,
+            banned=self.banned.expand(batch_size, -1, -1) if self.banned is not None else None,
         )
 
     @staticmethod
@@ -85,6 +90,9 @@ class Council:
             probs=torch.cat([c.probs for c in councils]),
             weights=torch.cat([c.weights for c in councils]),
             label=labels if any(labels) else (),
+            banned=torch.cat([c.banned_mask for c in councils])
+            if any(c.banned is not None for c in councils)
+            else None,
         )
 
     def check_compatible(self, other: Council) -> None:
@@ -138,6 +146,7 @@ class Council:
             "label": list(self.label),
             "probs": self.probs.float().tolist(),
             "weights": self.weights.float().tolist(),
+            "banned": self.banned.tolist() if self.banned is not None else None,
         }
 
     @classmethod
@@ -153,6 +162,7 @@ class Council:
             top_k=int(data["top_k"]),
             adapter_id=str(data.get("adapter_id", "")),
             label=tuple(data.get("label", ())),
+            banned=torch.tensor(data["banned"], dtype=torch.bool) if data.get("banned") is not None else None,
         )
 
     @classmethod

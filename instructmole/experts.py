@@ -84,9 +84,7 @@ def dense_delta(x: Tensor, A: Tensor, B: Tensor, weights: Tensor, scale: float) 
     return out.reshape(*shape[:-1], B.shape[-1])
 
 
-def token_route(
-    x: Tensor, gate: Tensor, top_k: int, noise_std: float = 0.0
-) -> tuple[Tensor, Tensor, Tensor]:
+def token_route(x: Tensor, gate: Tensor, top_k: int, noise_std: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token gates: ``(probs [b, t, n], indices [b, t, k], weights [b, t, k])``, unnormalised top-k."""
     xf, _ = _flat(x)
     logits = (xf @ gate.t().to(xf.dtype)).float()
@@ -104,7 +102,7 @@ def token_delta(x: Tensor, A: Tensor, B: Tensor, indices: Tensor, weights: Tenso
     width ``n·r``), masked to each token's choice, then one matmul with the stacked B.
     """
     xf, shape = _flat(x)
-    n, _, r = A.shape
+    n = A.shape[0]
     proj = rearrange(xf @ rearrange(A, "n i r -> i (n r)"), "b t (n r) -> b t n r", n=n)
     mix = torch.zeros(*indices.shape[:2], n, dtype=proj.dtype, device=proj.device)
     mix.scatter_(-1, indices, (weights * scale).to(proj.dtype))
@@ -119,9 +117,7 @@ class MoLELayer(nn.Module):
     routing). ``B`` starts at zero, so a fresh adapter leaves the base model's output unchanged.
     """
 
-    def __init__(
-        self, in_features: int, out_features: int, *, num_experts: int, rank: int, gate_in: int
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, *, num_experts: int, rank: int, gate_in: int) -> None:
         super().__init__()
         self.A = nn.Parameter(torch.empty(num_experts, in_features, rank))
         self.B = nn.Parameter(torch.zeros(num_experts, rank, out_features))

@@ -53,7 +53,11 @@ def fold_council(
             continue
         layer = model.layer(name)
         down, up = council_factors(
-            layer.A.to(dtype), layer.B.to(dtype), indices[0, row][keep].to(layer.A.device), w[keep].to(layer.A.device), scale
+            layer.A.to(dtype),
+            layer.B.to(dtype),
+            indices[0, row][keep].to(layer.A.device),
+            w[keep].to(layer.A.device),
+            scale,
         )
         out[name] = (down, up) if factors else up @ down
     return out

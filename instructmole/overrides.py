@@ -8,14 +8,16 @@ Every override acts on the layers a *selector* picks:
     double:0-5,9           blocks 0..5 and 9 of that kind (ranges inclusive)
     <canonical name>       one layer, e.g. single_transformer_blocks.3.proj_out
 
-Actions (rules are separated by ``;`` or new lines; a rule without a selector means ``all``):
+Actions (rules are separated by ``;`` or new lines, ``#`` starts a comment, and a rule without a
+selector means ``all``):
 
     force 1,5          experts 1 and 5 join the council, replacing its weakest members; a forced
     force 1:0.5,5      expert gets the given weight, else the council's mean weight
     only 1,5           the council becomes exactly these experts (same weight rule)
-    ban 2              expert 2 leaves; the best remaining expert by router probability fills in
+    ban 2              expert 2 leaves and stays out (later refills skip it; force lifts it); the
+                       best remaining expert by router probability fills in
     scale 1.5          every council weight times 1.5 (0 switches the layer's experts off)
-    top 2              re-pick the top-2 experts by router probability
+    top 2              re-pick the top-2 experts by router probability (banned ones excluded)
 
 Example: ``single:0-37 force 1,5; double:* ban 2; all scale 1.5``.
 """
@@ -96,9 +98,7 @@ def select_layers(layers: Sequence[str], selector: str) -> Tensor:
     if not any(mask):
         doubles = sorted(n for k, n in map(block_of, layers) if k == "double")
         singles = sorted(n for k, n in map(block_of, layers) if k == "single")
-        have = ", ".join(
-            f"{kind} {ns[0]}-{ns[-1]}" for kind, ns in (("double", doubles), ("single", singles)) if ns
-        )
+        have = ", ".join(f"{kind} {ns[0]}-{ns[-1]}" for kind, ns in (("double", doubles), ("single", singles)) if ns)
         raise CouncilRuleError(f"selector {selector!r} picks no layer of this adapter (it has {have})")
     return torch.tensor(mask)
 
@@ -109,9 +109,7 @@ def select_layers(layers: Sequence[str], selector: str) -> Tensor:
 def _check_experts(council: Council, experts: Sequence[int]) -> None:
     for e in experts:
         if not 0 <= e < council.num_experts:
-            raise CouncilRuleError(
-                f"expert {e} does not exist; this adapter has experts 0-{council.num_experts - 1}"
-            )
+            raise CouncilRuleError(f"expert {e} does not exist; this adapter has experts 0-{council.num_experts - 1}")
 
 
 def _where(council: Council, where: str | Tensor) -> Tensor:
@@ -133,7 +131,9 @@ def _fill(weights: Tensor, probs: Tensor, size: Tensor, excluded: Tensor) -> Ten
     return torch.where(take_it, probs, weights)
 
 
-def force(council: Council, experts: Mapping[int, float | None] | Sequence[int], where: str | Tensor = "all") -> Council:
+def force(
+    council: Council, experts: Mapping[int, float | None] | Sequence[int], where: str | Tensor = "all"
+) -> Council:
     """Make ``experts`` members (with their given weight, else the council's mean weight).
 
     The council keeps its size k (or grows to the number forced); the weakest unforced members
@@ -154,7 +154,14 @@ def force(council: Council, experts: Mapping[int, float | None] | Sequence[int],
     unforced = (w != 0) & ~forced
     rank = torch.where(unforced, w.abs(), torch.full_like(w, float("inf"))).argsort(-1).argsort(-1)
     w = torch.where(unforced & (rank < extra), torch.zeros_like(w), w)
-    return _edit(council, w, where)
+    return _unban(_edit(council, w, where), forced, where)
+
+
+def _unban(council: Council, experts: Tensor, where: str | Tensor) -> Council:
+    """Forcing an expert lifts an earlier ban on it (on the selected layers)."""
+    if council.banned is None:
+        return council
+    return replace(council, banned=council.banned & ~(experts & _where(council, where)))
 
 
 def only(council: Council, experts: Mapping[int, float | None] | Sequence[int], where: str | Tensor = "all") -> Council:
@@ -166,17 +173,19 @@ def only(council: Council, experts: Mapping[int, float | None] | Sequence[int], 
     w = torch.zeros_like(council.weights)
     for e, weight in experts.items():
         w[..., e] = mean if weight is None else weight
-    return _edit(council, w, where)
+    return _unban(_edit(council, w, where), w != 0, where)
 
 
 def ban(council: Council, experts: Sequence[int], where: str | Tensor = "all") -> Council:
     """Remove ``experts``; the best remaining experts by router probability take their places."""
     _check_experts(council, experts)
-    banned = torch.zeros(council.num_experts, dtype=torch.bool, device=council.weights.device)
-    banned[list(experts)] = True
+    mask = _where(council, where)
+    now = torch.zeros(council.num_experts, dtype=torch.bool, device=council.weights.device)
+    now[list(experts)] = True
+    banned = council.banned_mask | (now & mask)
     size = (council.weights != 0).sum(-1, keepdim=True)
-    w = council.weights.masked_fill(banned, 0.0)
-    return _edit(council, _fill(w, council.probs, size, banned.expand_as(w)), where)
+    w = _fill(council.weights.masked_fill(banned, 0.0), council.probs, size, banned)
+    return replace(council, weights=torch.where(mask, w, council.weights), banned=banned)
 
 
 def scale(council: Council, factor: float, where: str | Tensor = "all") -> Council:
@@ -188,7 +197,9 @@ def top(council: Council, k: int, where: str | Tensor = "all") -> Council:
     """Re-pick the ``k`` most probable experts (weights = their probabilities, as routed)."""
     if not 1 <= k <= council.num_experts:
         raise CouncilRuleError(f"top {k} is not possible; choose 1 to {council.num_experts}")
-    values, indices = council.probs.topk(k, dim=-1)
+    allowed = council.probs.masked_fill(council.banned_mask, -1.0)
+    _, indices = allowed.topk(k, dim=-1)
+    values = torch.gather(council.probs, -1, indices).masked_fill(torch.gather(council.banned_mask, -1, indices), 0.0)
     w = torch.zeros_like(council.probs).scatter_(-1, indices, values)
     return _edit(council, w, where)
 
@@ -279,8 +290,9 @@ def _parse_rule(text: str) -> Rule:
 def parse_rules(text: str) -> list[Rule]:
     """Parse the text form; errors say which rule and which token is wrong, and what is valid."""
     rules = []
-    parts = [p.strip() for p in re.split(r"[;\n]", text)]
-    for i, part in enumerate(p for p in parts if p and not p.startswith("#")):
+    lines = (line.split("#", 1)[0] for line in text.splitlines())  # '#' starts a comment
+    parts = [p.strip() for line in lines for p in line.split(";")]
+    for i, part in enumerate(p for p in parts if p):
         try:
             rules.append(_parse_rule(part))
         except CouncilRuleError as err:

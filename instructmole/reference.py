@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,12 +32,15 @@ _GATE = re.compile(r"^(.+)\.gate\.weight$")
 def _load_pickle(path: Path) -> Any:
     if not path.is_file():
         raise AdapterError(f"the reference folder lacks '{path.name}'")
+    if not zipfile.is_zipfile(path):
+        raise AdapterError(f"'{path.name}' is not a readable torch file (truncated or not a checkpoint?)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        what = f" (it asks for {found.group(1)})" if found else ""
         raise AdapterError(
-            f"refused '{path.name}': it holds objects other than plain tensors, which are never unpickled "
-            f"here ({str(err).splitlines()[0]})"
+            f"refused '{path.name}': it holds objects other than plain tensors{what}, which are never unpickled here"
         ) from None
     except (RuntimeError, EOFError, OSError) as err:
         raise AdapterError(f"'{path.name}' is not a readable torch file (truncated?): {err}") from None
@@ -51,7 +55,10 @@ def _tensor_dict(obj: Any, name: str) -> dict[str, Tensor]:
 def _block_overrides(moe: dict[str, Any]) -> set[str]:
     """Layer names the config routes per token (``token_route_overrides_double/single``)."""
     names: set[str] = set()
-    for kind, fmt in (("double", "transformer_blocks.{}.ff.net.2"), ("single", "single_transformer_blocks.{}.proj_out")):
+    for kind, fmt in (
+        ("double", "transformer_blocks.{}.ff.net.2"),
+        ("single", "single_transformer_blocks.{}.proj_out"),
+    ):
         for item in moe.get(f"token_route_overrides_{kind}", []) or []:
             names.add(fmt.format(item) if isinstance(item, int) or str(item).isdigit() else str(item))
     return names
@@ -159,14 +166,23 @@ def write_reference_layout(adapter: Adapter, folder: str | Path, lora_alpha: flo
     if lora:
         save_file(lora, str(folder / "pytorch_lora_weights.safetensors"))
     token = [s.name for s in cfg.layers if s.routing == "token"]
-    (folder / "train_config.json").write_text(json.dumps({
-        "lora_config": {"r": 0, "lora_alpha": lora_alpha},
-        "moe_config": {
-            "num_experts": cfg.num_experts, "num_experts_per_tok": cfg.top_k, "rank": cfg.rank, "alpha": cfg.alpha,
-            "router_head_dim": cfg.router_head_dim,
-            "target_modules": ["ff.net.2", "proj_out"],
-            "token_route_overrides_double": [int(n.split(".")[1]) for n in token if n.startswith("transformer_blocks")],
-            "token_route_overrides_single": [int(n.split(".")[1]) for n in token if n.startswith("single_")],
-        },
-    }))
+    (folder / "train_config.json").write_text(
+        json.dumps(
+            {
+                "lora_config": {"r": 0, "lora_alpha": lora_alpha},
+                "moe_config": {
+                    "num_experts": cfg.num_experts,
+                    "num_experts_per_tok": cfg.top_k,
+                    "rank": cfg.rank,
+                    "alpha": cfg.alpha,
+                    "router_head_dim": cfg.router_head_dim,
+                    "target_modules": ["ff.net.2", "proj_out"],
+                    "token_route_overrides_double": [
+                        int(n.split(".")[1]) for n in token if n.startswith("transformer_blocks")
+                    ],
+                    "token_route_overrides_single": [int(n.split(".")[1]) for n in token if n.startswith("single_")],
+                },
+            }
+        )
+    )
     return folder

@@ -39,8 +39,9 @@ class PerceiverAttention(nn.Module):
     def forward(self, text: Tensor, latents: Tensor) -> Tensor:
         text, latents = self.norm1(text), self.norm2(latents)
         q = rearrange(self.to_q(latents), "b l (h e) -> b h l e", h=self.heads)
-        k, v = rearrange(self.to_kv(torch.cat([text, latents], dim=1)), "b t (two h e) -> two b h t e",
-                         two=2, h=self.heads)
+        k, v = rearrange(
+            self.to_kv(torch.cat([text, latents], dim=1)), "b t (two h e) -> two b h t e", two=2, h=self.heads
+        )
         out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(rearrange(out, "b h l e -> b l (h e)"))
 
@@ -87,9 +88,7 @@ class PerceiverResampler(nn.Module):
         return z[:, 0] + pooled.to(z.dtype)
 
 
-def route_instances(
-    signal: Tensor, gates: Tensor, top_k: int, noise_std: float = 0.0
-) -> tuple[Tensor, Tensor, Tensor]:
+def route_instances(signal: Tensor, gates: Tensor, top_k: int, noise_std: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """All layers' councils at once: ``(probs [b, L, n], indices [b, L, k], weights [b, L, k])``.
 
     ``gates``: the stacked per-layer gate weights ``[L, n, d]``. Weights are the top-k

@@ -138,13 +138,27 @@ def tiny_text_encoders(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         t5 = T5EncoderModel(
-            T5Config(vocab_size=len(t5_tok), d_model=text_dim, d_kv=16, d_ff=2 * text_dim, num_layers=2,
-                     num_heads=4, pad_token_id=t5_tok.pad_token_id)
+            T5Config(
+                vocab_size=len(t5_tok),
+                d_model=text_dim,
+                d_kv=16,
+                d_ff=2 * text_dim,
+                num_layers=2,
+                num_heads=4,
+                pad_token_id=t5_tok.pad_token_id,
+            )
         ).eval()
         clip = CLIPTextModel(
-            CLIPTextConfig(vocab_size=len(clip_tok), hidden_size=pooled_dim, intermediate_size=2 * pooled_dim,
-                           num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
-                           bos_token_id=clip_tok.eos_token_id, eos_token_id=clip_tok.eos_token_id,
-                           pad_token_id=clip_tok.pad_token_id)
+            CLIPTextConfig(
+                vocab_size=len(clip_tok),
+                hidden_size=pooled_dim,
+                intermediate_size=2 * pooled_dim,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=16,
+                bos_token_id=clip_tok.eos_token_id,
+                eos_token_id=clip_tok.eos_token_id,
+                pad_token_id=clip_tok.pad_token_id,
+            )
         ).eval()
     return TinyTextEncoders(t5, t5_tok, clip, clip_tok, text_length)

@@ -1,0 +1,102 @@
+"""Expert paths against the plain formula: y = Σ_j w_j · scale · x A_j B_j."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from instructmole.experts import (
+    MoLELayer,
+    council_delta,
+    council_delta_with_projections,
+    dense_delta,
+    token_delta,
+    token_route,
+)
+
+N, I, O, R, K = 6, 20, 12, 3, 2
+SCALE = 1.7
+
+
+@pytest.fixture
+def bank():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(N, I, R, generator=g), torch.randn(N, R, O, generator=g)
+
+
+def loop_formula(x, A, B, indices, weights, scale):
+    """The definition, one instance and one expert at a time."""
+    out = torch.zeros(*x.shape[:-1], B.shape[-1])
+    for b in range(x.shape[0]):
+        for j, w in zip(indices[b].tolist(), weights[b].tolist(), strict=True):
+            out[b] += w * scale * (x[b] @ A[j] @ B[j])
+    return out
+
+
+def test_council_path_per_instance_equals_formula(bank):
+    A, B = bank
+    x = torch.randn(3, 7, I)
+    indices = torch.tensor([[0, 4], [5, 1], [2, 3]])
+    weights = torch.tensor([[0.5, 0.2], [0.9, 0.05], [0.3, 0.3]])
+    got = council_delta(x, A, B, indices, weights, SCALE)
+    torch.testing.assert_close(got, loop_formula(x, A, B, indices, weights, SCALE), atol=1e-5, rtol=1e-5)
+    dense = torch.zeros(3, N).scatter_(1, indices, weights)
+    torch.testing.assert_close(got, dense_delta(x, A, B, dense, SCALE), atol=1e-5, rtol=1e-5)
+
+
+def test_shared_council_equals_per_row(bank):
+    A, B = bank
+    x = torch.randn(4, 5, I)
+    idx, w = torch.tensor([3, 1]), torch.tensor([0.6, 0.25])
+    shared = council_delta(x, A, B, idx, w, SCALE)
+    per_row = council_delta(x, A, B, idx.expand(4, -1), w.expand(4, -1), SCALE)
+    torch.testing.assert_close(shared, per_row, atol=1e-5, rtol=1e-5)
+
+
+def test_zero_weight_slots_add_nothing(bank):
+    A, B = bank
+    x = torch.randn(2, 5, I)
+    padded = council_delta(
+        x, A, B, torch.tensor([[1, 2, 0], [4, 5, 0]]), torch.tensor([[0.3, 0.4, 0.0], [0.1, 0.2, 0.0]]), 1
+    )
+    plain = council_delta(x, A, B, torch.tensor([[1, 2], [4, 5]]), torch.tensor([[0.3, 0.4], [0.1, 0.2]]), 1)
+    torch.testing.assert_close(padded, plain, atol=1e-6, rtol=1e-6)
+
+
+def test_training_path_equals_inference_path_and_gradients(bank):
+    A, B = (t.clone().requires_grad_() for t in bank)
+    x = torch.randn(2, 6, I)
+    indices = torch.tensor([[0, 3], [2, 5]])
+    weights = torch.tensor([[0.4, 0.3], [0.7, 0.1]], requires_grad=True)
+    out, proj = council_delta_with_projections(x, A, B, indices, weights, SCALE)
+    torch.testing.assert_close(
+        out, loop_formula(x, A.detach(), B.detach(), indices, weights.detach(), SCALE), atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(proj, torch.einsum("bti,nir->btnr", x, A), atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), (A, B, weights))
+    ref = council_delta(x, A, B, indices, weights, SCALE)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (A, B, weights))
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-5)
+
+
+def test_token_routing_equals_per_token_formula(bank):
+    A, B = bank
+    x = torch.randn(2, 5, I)
+    gate = torch.randn(N, I)
+    probs, indices, weights = token_route(x, gate, K)
+    torch.testing.assert_close(probs, (x @ gate.t()).softmax(-1))
+    got = token_delta(x, A, B, indices, weights, SCALE)
+    want = torch.zeros(2, 5, O)
+    for b in range(2):
+        for t in range(5):
+            for j, w in zip(indices[b, t].tolist(), weights[b, t].tolist(), strict=True):
+                want[b, t] += w * SCALE * (x[b, t] @ A[j] @ B[j])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_layer_starts_as_identity_and_has_expected_shapes():
+    layer = MoLELayer(I, O, num_experts=N, rank=R, gate_in=8)
+    assert layer.A.shape == (N, I, R) and layer.B.shape == (N, R, O) and layer.gate.weight.shape == (N, 8)
+    x = torch.randn(1, 3, I)
+    assert torch.count_nonzero(council_delta(x, layer.A, layer.B, torch.tensor([0, 1]), torch.ones(2), 1.0)) == 0
