@@ -70,7 +70,7 @@ def tiny_mole_config(transformer=None, **overrides: Any) -> MoLEConfig:
         "router_dim": cfg["pooled_projection_dim"],
         "router_heads": 2,
         "router_head_dim": 8,
-        "text_length": 32,
+        "text_length": 512,
         "base_model": "flux.1-kontext-dev",
     }
     defaults.update(overrides)
@@ -128,7 +128,7 @@ def _tokenizer(vocab: int, specials: list[str], pad: str, eos: str | None):
 
 
 def tiny_text_encoders(
-    text_dim: int = 64, pooled_dim: int = 32, text_length: int = 32, seed: int = 0
+    text_dim: int = 64, pooled_dim: int = 32, text_length: int = 512, seed: int = 0
 ) -> TinyTextEncoders:
     """Random tiny T5 + CLIP text encoders whose widths match ``tiny_flux``."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel

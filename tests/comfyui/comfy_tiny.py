@@ -189,6 +189,7 @@ def run_comfy(
     pooled: torch.Tensor,
     guidance: torch.Tensor | float,
     ref_latent: torch.Tensor | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """One ``apply_model`` call (denoised prediction) on ComfyUI's Flux, Kontext reference optional.
 
@@ -199,6 +200,7 @@ def run_comfy(
     ``samplers._calc_cond_batch`` does after ``cond_cat``: ``c_crossattn`` (T5), ``y`` (pooled),
     ``guidance`` [B] and ``ref_latents`` (a list of [B, 16, h, w]). The reference is given in model
     space: in sampling, ``model_base.Flux.extra_conds`` applies ``process_latent_in`` first.
+    ``extra``: further conds, already row-aligned, as ``model_conds`` arrive after ``cond_cat``.
     """
     import comfy.model_management
     import comfy.model_patcher
@@ -218,6 +220,7 @@ def run_comfy(
     kwargs: dict[str, Any] = {"y": pooled, "guidance": _rows(guidance, b)}
     if ref_latent is not None:
         kwargs["ref_latents"] = [_batched(ref_latent, b)]
+    kwargs.update(extra or {})
     return model.apply_model(
         latents, _rows(sigma, b), c_crossattn=t5, transformer_options=transformer_options, **kwargs
     )

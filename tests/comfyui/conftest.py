@@ -72,20 +72,32 @@ def bootstrap_comfy(comfyui_path: str, base_directory: str) -> ModuleType:
 
     if not comfy.cli_args.args.cpu:
         raise RuntimeError("comfy.cli_args was imported without --cpu before this conftest ran")
-    import comfy.model_management  # noqa: F401  (decides the device from args)
+    import comfy.model_management  # decides the device from args, so import it now
 
     return comfy.cli_args
 
 
 @pytest.fixture(scope="session", autouse=True)
 def comfy(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
-    """ComfyUI bootstrapped for CPU; yields the ``comfy`` package."""
+    """ComfyUI bootstrapped for CPU (once per session); returns the ``comfy`` package."""
     if not COMFYUI_PATH:
         pytest.skip(SKIP_REASON)
     bootstrap_comfy(COMFYUI_PATH, str(tmp_path_factory.mktemp("comfy_base")))
     import comfy as comfy_pkg
 
     return comfy_pkg
+
+
+@pytest.fixture(scope="package", autouse=True)
+def _one_torch_thread() -> Any:
+    """Tiny models on one thread: with 2 threads on a busy 2-core machine a 30 ms KSampler run was
+    seen taking 2-3 s (threads spinning against other processes); restored after this folder."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="session")
@@ -98,3 +110,60 @@ def instructmole_pack(comfy: ModuleType) -> Any:
     if not asyncio.run(nodes.load_custom_node(str(REPO_ROOT))):
         raise RuntimeError("ComfyUI failed to load the pack; see the log above")
     return sys.modules[str(REPO_ROOT).replace(".", "_x_")]
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One headless ComfyUI server for the session, with this pack installed when it has an entry point.
+
+    The pack is symlinked as ``custom_nodes/instructmole`` only once ``__init__.py`` exists, so the
+    server smoke test works before the pack does.
+    """
+    from .server import start_server
+
+    if not COMFYUI_PATH:
+        pytest.skip(SKIP_REASON)
+    packs = {"instructmole": REPO_ROOT} if (REPO_ROOT / "__init__.py").is_file() else {}
+    with start_server(COMFYUI_PATH, tmp_path_factory.mktemp("comfy_server"), custom_nodes=packs) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def setup(instructmole_pack: Any) -> dict[str, Any]:
+    """The pack's nodes, the tiny diffusers Flux and its ComfyUI twin, and two adapter files in
+    models/instructmole (the first with a plain-LoRA part), loaded by the core for the diffusers side."""
+    import folder_paths
+    import torch
+
+    import instructmole as im
+    from instructmole.tiny import tiny_flux
+    from tests.helpers import random_adapter
+
+    from .comfy_tiny import comfy_flux_from_diffusers
+
+    nodes = instructmole_pack.nodes
+    nodes.common.register_folder()
+    folder = folder_paths.get_folder_paths("instructmole")[0]
+    os.makedirs(folder, exist_ok=True)
+    transformer = tiny_flux(0)
+    adapter = random_adapter(transformer, seed=3)
+    g = torch.Generator().manual_seed(9)
+    for name in (
+        "transformer_blocks.0.attn.to_q",
+        "single_transformer_blocks.1.proj_mlp",
+        "transformer_blocks.1.ff.net.0.proj",
+    ):
+        mod = transformer.get_submodule(name)
+        adapter.lora[f"transformer.{name}.lora_A.weight"] = torch.randn(2, mod.in_features, generator=g) * 0.2
+        adapter.lora[f"transformer.{name}.lora_B.weight"] = torch.randn(mod.out_features, 2, generator=g) * 0.2
+        adapter.lora[f"transformer.{name}.alpha"] = torch.tensor(4.0)
+    adapter.save(os.path.join(folder, "tiny.safetensors"))
+    second = random_adapter(transformer, seed=11)
+    second.save(os.path.join(folder, "second.safetensors"))
+    return {
+        "nodes": nodes,
+        "transformer": transformer,
+        "base": comfy_flux_from_diffusers(transformer),
+        "adapter": im.load_adapter(os.path.join(folder, "tiny.safetensors")),
+        "second": im.load_adapter(os.path.join(folder, "second.safetensors")),
+    }

@@ -39,8 +39,7 @@ def test_comfy_twin_matches_diffusers_with_kontext_reference() -> None:
     # ... and the reference tokens really take part in attention.
     no_ref = run_comfy(patcher, **{**inputs, "ref_latent": None})
     assert (ours - no_ref).abs().max() > 1e-4
-    torch.testing.assert_close(no_ref, run_diffusers(transformer, **{**inputs, "ref_latent": None}),
-                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(no_ref, run_diffusers(transformer, **{**inputs, "ref_latent": None}), atol=1e-4, rtol=0)
 
 
 def test_comfy_twin_has_the_same_weights() -> None:
@@ -51,9 +50,10 @@ def test_comfy_twin_has_the_same_weights() -> None:
     model = comfy_flux_from_diffusers(transformer).model.diffusion_model
     sd = transformer.state_dict()
     h = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    torch.testing.assert_close(model.single_blocks[1].linear1.weight[3 * h:],
-                               sd["single_transformer_blocks.1.proj_mlp.weight"])
-    torch.testing.assert_close(model.double_blocks[0].img_attn.qkv.weight[h:2 * h],
-                               sd["transformer_blocks.0.attn.to_k.weight"])
-    torch.testing.assert_close(model.single_blocks[0].linear2.weight,
-                               sd["single_transformer_blocks.0.proj_out.weight"])
+    torch.testing.assert_close(
+        model.single_blocks[1].linear1.weight[3 * h :], sd["single_transformer_blocks.1.proj_mlp.weight"]
+    )
+    torch.testing.assert_close(
+        model.double_blocks[0].img_attn.qkv.weight[h : 2 * h], sd["transformer_blocks.0.attn.to_k.weight"]
+    )
+    torch.testing.assert_close(model.single_blocks[0].linear2.weight, sd["single_transformer_blocks.0.proj_out.weight"])

@@ -1,0 +1,31 @@
+"""The ComfyUI nodes of InstructMoLE (V3 schema). Thin: the math lives in ``instructmole/``."""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .common import register_folder
+from .council_nodes import ApplyCouncil, BlendCouncils, CouncilPreview, OverrideCouncil
+from .loaders import LoadAdapter, LoadKontext
+from .routing_nodes import Route, TextEncode
+
+NODES: list[type[io.ComfyNode]] = [
+    LoadAdapter,
+    LoadKontext,
+    TextEncode,
+    Route,
+    OverrideCouncil,
+    BlendCouncils,
+    ApplyCouncil,
+    CouncilPreview,
+]
+
+
+class InstructMoLEExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES
+
+
+async def comfy_entrypoint() -> InstructMoLEExtension:
+    register_folder()
+    return InstructMoLEExtension()

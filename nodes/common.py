@@ -1,0 +1,63 @@
+"""What every node shares: the socket types, the adapter folder, and user-facing errors."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+from comfy_api.latest import io
+
+from ..instructmole import Adapter, AdapterError, load_adapter
+
+CATEGORY = "InstructMoLE"
+ADAPTER = io.Custom("INSTRUCTMOLE_ADAPTER")
+COUNCIL = io.Custom("INSTRUCTMOLE_COUNCIL")
+FOLDER = "instructmole"
+
+
+class NodeInputError(ValueError):
+    """A user's mistake on one node input: the message names the input and the way out."""
+
+    def __init__(self, node: str, input_name: str, message: str) -> None:
+        super().__init__(f"{node}, input '{input_name}': {message}")
+
+
+def register_folder() -> None:
+    """models/instructmole, listing .safetensors only (unless extra_model_paths.yaml set it up)."""
+    import folder_paths
+
+    if FOLDER not in folder_paths.folder_names_and_paths:
+        path = os.path.join(folder_paths.models_dir, FOLDER)
+        folder_paths.folder_names_and_paths[FOLDER] = ([path], {".safetensors", ".sft"})
+
+
+def adapter_files() -> list[str]:
+    """Adapter choices: models/instructmole first, then models/loras (adapters may live there too)."""
+    import folder_paths
+
+    register_folder()
+    names = list(folder_paths.get_filename_list(FOLDER))
+    names += [n for n in folder_paths.get_filename_list("loras") if n not in names and n.endswith(".safetensors")]
+    return names
+
+
+def adapter_path(name: str) -> str | None:
+    import folder_paths
+
+    return folder_paths.get_full_path(FOLDER, name) or folder_paths.get_full_path("loras", name)
+
+
+@lru_cache(maxsize=4)
+def _load_cached(path: str, mtime: float) -> Adapter:
+    return load_adapter(path)
+
+
+def load_adapter_input(node: str, name: str) -> Adapter:
+    """Load the adapter a combo names; a missing or bad file is the 'adapter' input's error."""
+    path = adapter_path(name)
+    if path is None:
+        raise NodeInputError(node, "adapter", f"'{name}' was not found in models/instructmole or models/loras")
+    try:
+        return _load_cached(path, os.path.getmtime(path))
+    except AdapterError as err:
+        raise NodeInputError(node, "adapter", str(err)) from None

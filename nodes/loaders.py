@@ -1,0 +1,127 @@
+"""Loader nodes: an adapter onto any MODEL, or Kontext and its adapter in one node."""
+
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from .common import ADAPTER, CATEGORY, NodeInputError, adapter_files, load_adapter_input
+from .runtime import ModelMismatchError, apply_adapter
+
+_STRENGTHS = [
+    io.Float.Input(
+        "lora_strength",
+        default=1.0,
+        min=-10.0,
+        max=10.0,
+        step=0.01,
+        tooltip="Strength of the adapter's plain-LoRA part (applied through ComfyUI's own LoRA code). 0 leaves it off.",
+    ),
+    io.Float.Input(
+        "expert_strength",
+        default=1.0,
+        min=-10.0,
+        max=10.0,
+        step=0.01,
+        tooltip="Multiplies every council weight of the routed experts. 0 switches the experts off.",
+    ),
+]
+_OUTPUTS = [
+    io.Model.Output(
+        display_name="MODEL",
+        tooltip="The model with InstructMoLE on: every image in a batch is routed from its own conditioning.",
+    ),
+    ADAPTER.Output(display_name="adapter", tooltip="The loaded adapter, for the Route node."),
+]
+
+
+def _adapter_input() -> io.Combo.Input:
+    return io.Combo.Input(
+        "adapter",
+        options=adapter_files(),
+        tooltip="An InstructMoLE adapter file (.safetensors) from models/instructmole or models/loras.",
+    )
+
+
+def _apply(node: str, model, adapter_name: str, lora_strength: float, expert_strength: float) -> io.NodeOutput:
+    adapter = load_adapter_input(node, adapter_name)
+    try:
+        patched = apply_adapter(model, adapter, expert_strength=expert_strength, lora_strength=lora_strength)
+    except ModelMismatchError as err:
+        raise NodeInputError(node, "model", str(err)) from None
+    return io.NodeOutput(patched, adapter)
+
+
+class LoadAdapter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InstructMoLE_LoadAdapter",
+            display_name="Load InstructMoLE Adapter",
+            category=CATEGORY,
+            description="Applies an InstructMoLE adapter (routed mixture of LoRA experts plus its plain LoRA) to a "
+            "FLUX.1 Kontext model from any loader. Layers are never replaced, so other LoRAs, fp8 weights and "
+            "low-VRAM offloading keep working.",
+            inputs=[
+                io.Model.Input("model", tooltip="A FLUX.1 Kontext [dev] model from any loader."),
+                _adapter_input(),
+                *_STRENGTHS,
+            ],
+            outputs=_OUTPUTS,
+        )
+
+    @classmethod
+    def execute(cls, model, adapter: str, lora_strength: float, expert_strength: float) -> io.NodeOutput:
+        return _apply("Load InstructMoLE Adapter", model, adapter, lora_strength, expert_strength)
+
+
+_DTYPES = {
+    "default": {},
+    "fp8_e4m3fn": {"dtype": torch.float8_e4m3fn},
+    "fp8_e4m3fn_fast": {"dtype": torch.float8_e4m3fn, "fp8_optimizations": True},
+    "fp8_e5m2": {"dtype": torch.float8_e5m2},
+}
+
+
+class LoadKontext(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        import folder_paths
+
+        return io.Schema(
+            node_id="InstructMoLE_LoadKontext",
+            display_name="Load Kontext + InstructMoLE",
+            category=CATEGORY,
+            description="Loads a FLUX.1 Kontext diffusion model with ComfyUI's own loader and applies an "
+            "InstructMoLE adapter to it, in one node.",
+            inputs=[
+                io.Combo.Input(
+                    "unet_name",
+                    options=folder_paths.get_filename_list("diffusion_models"),
+                    tooltip="The FLUX.1 Kontext [dev] diffusion model file (models/diffusion_models).",
+                ),
+                io.Combo.Input(
+                    "weight_dtype",
+                    options=list(_DTYPES),
+                    default="default",
+                    tooltip="Weight format to load the model in, as in ComfyUI's Load Diffusion Model.",
+                ),
+                _adapter_input(),
+                *_STRENGTHS,
+            ],
+            outputs=_OUTPUTS,
+        )
+
+    @classmethod
+    def execute(
+        cls, unet_name: str, weight_dtype: str, adapter: str, lora_strength: float, expert_strength: float
+    ) -> io.NodeOutput:
+        import comfy.sd
+        import folder_paths
+
+        node = "Load Kontext + InstructMoLE"
+        path = folder_paths.get_full_path("diffusion_models", unet_name)
+        if path is None:
+            raise NodeInputError(node, "unet_name", f"'{unet_name}' was not found in models/diffusion_models")
+        model = comfy.sd.load_diffusion_model(path, model_options=dict(_DTYPES[weight_dtype]))
+        return _apply(node, model, adapter, lora_strength, expert_strength)

@@ -1,0 +1,101 @@
+"""Routing nodes: encode an instruction with its exact routing signal, or route it to a council."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from .common import ADAPTER, CATEGORY, COUNCIL, NodeInputError
+from .signal import attach_signal, carried_signal, encode_for_routing
+
+
+class TextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InstructMoLE_TextEncode",
+            display_name="InstructMoLE Text Encode",
+            category=CATEGORY,
+            description="Like CLIP Text Encode, and the conditioning also carries the exact InstructMoLE routing "
+            "signal of the text (T5 padded to 512 tokens as in training, plus CLIP pooled), so each image is "
+            "routed exactly as the adapter was trained.",
+            inputs=[
+                io.Clip.Input("clip", tooltip="The FLUX text encoders (T5-XXL + CLIP-L)."),
+                io.String.Input(
+                    "text",
+                    multiline=True,
+                    dynamic_prompts=True,
+                    tooltip="The edit instruction, e.g. 'make the sky a stormy purple'.",
+                ),
+            ],
+            outputs=[
+                io.Conditioning.Output(
+                    tooltip="The same conditioning CLIP Text Encode gives, carrying the exact routing signal."
+                )
+            ],
+        )
+
+    @classmethod
+    def execute(cls, clip, text: str) -> io.NodeOutput:
+        if clip is None:
+            raise NodeInputError("InstructMoLE Text Encode", "clip", "no text encoder is connected")
+        conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+        return io.NodeOutput(attach_signal(conditioning, *encode_for_routing(clip, text)))
+
+
+class Route(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InstructMoLE_Route",
+            display_name="InstructMoLE Route",
+            category=CATEGORY,
+            description="Routes an instruction through the adapter's router: which experts (the council) serve "
+            "each layer, and with what weight. Give CLIP + text (exact), or a CONDITIONING.",
+            inputs=[
+                ADAPTER.Input("adapter", tooltip="The adapter from Load InstructMoLE Adapter."),
+                io.Clip.Input("clip", optional=True, tooltip="The FLUX text encoders, to encode 'text' exactly."),
+                io.String.Input(
+                    "text",
+                    multiline=True,
+                    default="",
+                    optional=True,
+                    tooltip="The instruction to route (used with 'clip').",
+                ),
+                io.Conditioning.Input(
+                    "conditioning",
+                    optional=True,
+                    tooltip="Route this conditioning's first entry instead: exact if it came from "
+                    "InstructMoLE Text Encode, else close (ComfyUI pads T5 to 256 tokens).",
+                ),
+            ],
+            outputs=[
+                COUNCIL.Output(display_name="council", tooltip="The council: chosen experts and weights per layer.")
+            ],
+        )
+
+    @classmethod
+    def execute(cls, adapter, clip=None, text: str = "", conditioning=None) -> io.NodeOutput:
+        node = "InstructMoLE Route"
+        if clip is not None and text.strip():
+            t5, pooled = encode_for_routing(clip, text, adapter.config.text_length)
+            label = text.strip()
+        elif conditioning:
+            cond, extras = conditioning[0]
+            carried = carried_signal(extras)
+            if carried is not None:
+                t5, pooled = carried
+            elif extras.get("pooled_output") is not None:
+                t5, pooled = cond, extras["pooled_output"]
+            else:
+                raise NodeInputError(node, "conditioning", "it has no CLIP pooled output; use FLUX text encoders")
+            label = "conditioning"
+        else:
+            raise NodeInputError(node, "text", "connect a CLIP and type the instruction, or connect a CONDITIONING")
+        if t5.shape[-1] != adapter.config.text_dim or pooled.shape[-1] != adapter.config.router_dim:
+            raise NodeInputError(
+                node,
+                "clip" if clip is not None else "conditioning",
+                f"the text features are {t5.shape[-1]}/{pooled.shape[-1]}-wide but the adapter's router reads "
+                f"{adapter.config.text_dim}/{adapter.config.router_dim}; use the FLUX text encoders",
+            )
+        return io.NodeOutput(adapter.route(t5, pooled, labels=[label]))

@@ -1,0 +1,333 @@
+"""InstructMoLE on a ComfyUI MODEL: per-row routing, dynamic expert terms, merged councils.
+
+Everything is installed copy-on-write on a ``ModelPatcher`` clone, and nothing renames or replaces
+a module, so other LoRAs, fp8 weights and low-VRAM offloading keep working on the same layers:
+
+* each target Linear gets an object patch of its bound ``forward`` that calls the class forward
+  (ComfyUI's cast / weight-function / low-VRAM path) and adds the council term;
+* a DIFFUSION_MODEL wrapper routes every row of the batch once per forward, from the exact signal
+  its conditioning carries (InstructMoLE Text Encode) or, failing that, from its own T5 features,
+  and clears the routing state in ``finally``;
+* merged councils and the plain-LoRA part are ordinary ComfyUI weight patches.
+
+The routing state lives on one ``MoLERuntime`` per patched MODEL (an attachment of the patcher),
+never on a module or class, so two adapters on two clones in one graph never share it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..instructmole import Adapter, Council
+from ..instructmole.experts import council_delta, token_delta, token_route
+from ..instructmole.fold import fold_council
+from ..instructmole.layers import to_bfl
+from ..instructmole.overrides import scale as scale_council
+from ..instructmole.routing import route_instances
+from .signal import POOLED_KEY, T5_KEY, unpack
+
+ATTACHMENT = "instructmole"
+PREFIX = "diffusion_model."
+log = logging.getLogger("instructmole")
+
+
+class ModelMismatchError(ValueError):
+    """The MODEL is not one this adapter can be applied to."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a canonical layer lives in this ComfyUI model."""
+
+    name: str  # canonical diffusers name
+    module: str  # e.g. "diffusion_model.double_blocks.3.img_mlp.2"
+    rows: tuple[int, int] | None  # output rows of a fused weight, or None
+
+
+def place(adapter: Adapter, patcher: Any) -> list[Placement]:
+    """Map every adapter layer onto the model and check its shape; errors say what does not fit."""
+    flux = getattr(patcher.model, "diffusion_model", None)
+    if flux is None or not hasattr(flux, "double_blocks") or not hasattr(flux, "single_blocks"):
+        raise ModelMismatchError(
+            f"this MODEL is not a FLUX model, and the adapter was made for {adapter.config.base_model}; "
+            "load FLUX.1 Kontext [dev]"
+        )
+    hidden = flux.hidden_size
+    mlp_ratio = flux.double_blocks[0].img_mlp[0].out_features / hidden
+    placements = []
+    for spec in adapter.config.layers:
+        target = to_bfl(spec.name, hidden, mlp_ratio)
+        try:
+            linear = patcher.get_model_object(PREFIX + target.module)
+        except AttributeError:
+            raise ModelMismatchError(
+                f"the adapter's layer {spec.name!r} ({target.module}) does not exist in this model; "
+                f"it has {len(flux.double_blocks)} double and {len(flux.single_blocks)} single blocks"
+            ) from None
+        out = target.rows[1] if target.rows else linear.out_features
+        if (linear.in_features, out) != (spec.in_features, spec.out_features):
+            raise ModelMismatchError(
+                f"the adapter's layer {spec.name!r} is {spec.in_features}->{spec.out_features} but the model's "
+                f"{target.module} is {linear.in_features}->{out}; use an adapter trained for this model"
+            )
+        placements.append(Placement(spec.name, PREFIX + target.module, target.rows))
+    return placements
+
+
+class _DeviceCache:
+    """Adapter tensors cast to where the model runs, made once per device and dtype."""
+
+    def __init__(self, adapter: Adapter) -> None:
+        self.adapter = adapter
+        self._experts: dict[tuple, dict[str, tuple[Tensor, Tensor]]] = {}
+        self._router: dict[torch.device, tuple[Any, Tensor | None]] = {}
+
+    def experts(self, name: str, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        bank = self._experts.setdefault((device, dtype), {})
+        if name not in bank:
+            if len(self._experts) > 1:  # the model moved: drop copies on the old device or dtype
+                self._experts = {(device, dtype): bank}
+            layer = self.adapter.model.layer(name)
+            bank[name] = (layer.A.detach().to(device, dtype), layer.B.detach().to(device, dtype))
+        return bank[name]
+
+    def router(self, device: torch.device) -> tuple[Any, Tensor]:
+        if device not in self._router:
+            router = copy.deepcopy(self.adapter.model.router).to(device, torch.float32).eval()
+            gates = self.adapter.model.gates().detach().to(device, torch.float32)
+            self._router = {device: (router, gates)}
+        return self._router[device]
+
+
+class MoLERuntime:
+    """Routing state and device caches of one adapter on one MODEL clone."""
+
+    def __init__(
+        self,
+        adapter: Adapter,
+        placements: list[Placement],
+        *,
+        expert_strength: float = 1.0,
+        council: Council | None = None,
+        merged: bool = False,
+        cache: _DeviceCache | None = None,
+    ) -> None:
+        self.adapter, self.placements = adapter, placements
+        self.expert_strength, self.council, self.merged = expert_strength, council, merged
+        self.cache = cache or _DeviceCache(adapter)
+        self.last_council: Council | None = None  # the latest auto-routed councils (for inspection)
+        self.last_exact: bool | None = None  # whether they came from the exact carried signal
+        self._active: dict[str, tuple[Tensor, Tensor]] | None = None
+        self._warned = False
+        self.merged_patches: list = []  # the weight-patch keys this runtime merged (to undo on replace)
+
+    @property
+    def mode(self) -> str:
+        return "merged" if self.merged else ("fixed" if self.council is not None else "auto")
+
+    def derive(self, council: Council | None, merged: bool) -> MoLERuntime:
+        """A runtime for a clone with another council/mode, sharing the device caches."""
+        return MoLERuntime(
+            self.adapter,
+            self.placements,
+            expert_strength=self.expert_strength,
+            council=council,
+            merged=merged,
+            cache=self.cache,
+        )
+
+    # ---- per forward (the DIFFUSION_MODEL wrapper) --------------------------------------------
+
+    @torch.no_grad()
+    def begin(self, x: Tensor, context: Tensor, y: Tensor | None, kwargs: dict) -> None:
+        cfg = self.adapter.config
+        if self.merged or not cfg.instruction_layers:
+            self._active = None
+            return
+        device = x.device
+        if self.council is not None:
+            indices, weights = self.council.compact()
+            indices, weights = indices[0].to(device), (weights[0] * self.expert_strength).to(device)
+            self._active = {n: (indices[r], weights[r]) for r, n in enumerate(self.council.layers)}
+            return
+        router, gates = self.cache.router(device)
+        if T5_KEY in kwargs and POOLED_KEY in kwargs:
+            text, pooled, exact = unpack(kwargs[T5_KEY]), unpack(kwargs[POOLED_KEY]), True
+        else:
+            if y is None:
+                raise ValueError("InstructMoLE needs the CLIP pooled vector (y) to route; use FLUX conditioning")
+            text, pooled, exact = context, y, False
+            if not self._warned:
+                log.info(
+                    "InstructMoLE: routing a conditioning from ComfyUI's own T5 features (padded to %d tokens, "
+                    "not the %d the adapter was trained with): close, not exact. Encode with 'InstructMoLE Text "
+                    "Encode' for exact councils.",
+                    context.shape[1],
+                    cfg.text_length,
+                )
+                self._warned = True
+        signal = router(text.to(device, torch.float32), pooled.to(device, torch.float32))
+        probs, indices, weights = route_instances(signal, gates, cfg.top_k)
+        self.last_council = Council.from_topk(
+            cfg.instruction_layers, probs.cpu(), indices.cpu(), weights.cpu(), adapter_id=self.adapter.adapter_id
+        )
+        self.last_exact = exact
+        weights = weights * self.expert_strength
+        self._active = {n: (indices[:, r], weights[:, r]) for r, n in enumerate(cfg.instruction_layers)}
+
+    def end(self) -> None:
+        self._active = None
+
+    def wrapper(
+        self,
+        executor: Any,
+        x: Tensor,
+        timestep: Tensor,
+        context: Tensor,
+        y: Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Tensor:
+        self.begin(x, context, y, kwargs)
+        try:
+            return executor(x, timestep, context, y, *args, **kwargs)
+        finally:
+            self.end()
+
+    # ---- per Linear (the object-patched forwards) ---------------------------------------------
+
+    def delta(self, name: str, x: Tensor) -> Tensor | None:
+        spec = self.adapter.config.layer(name)
+        A, B = self.cache.experts(name, x.device, x.dtype)
+        if spec.routing == "token":
+            gate = self.adapter.model.layer(name).gate.weight
+            _, indices, weights = token_route(x, gate.to(x.device, x.dtype), self.adapter.config.top_k)
+            return token_delta(x, A, B, indices, weights * self.expert_strength, self.adapter.config.scale)
+        if self._active is None:
+            return None
+        indices, weights = self._active[name]
+        return council_delta(x, A, B, indices, weights, self.adapter.config.scale)
+
+
+def _patched_forward(runtime: MoLERuntime, place_: Placement, module: Any, base: Any) -> Any:
+    """A bound-forward replacement: the original forward (through ComfyUI's casting) plus the term."""
+    call = base if base is not None else type(module).forward.__get__(module)
+    name, rows = place_.name, place_.rows
+
+    def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        out = call(x, *args, **kwargs)
+        delta = runtime.delta(name, x)
+        if delta is None:
+            return out
+        if rows is None:
+            return out + delta.to(out.dtype)
+        out = out.clone()
+        out[..., rows[0] : rows[0] + rows[1]] += delta.to(out.dtype)
+        return out
+
+    forward.instructmole_base = base  # type: ignore[attr-defined]  (what to chain to when replaced)
+    return forward
+
+
+def _install(m: Any, runtime: MoLERuntime) -> None:
+    """Install ``runtime`` on the clone ``m``: object patches, wrapper, merged weight patches."""
+    from comfy.patcher_extension import WrappersMP
+    from comfy.weight_adapter import LoRAAdapter
+
+    previous: MoLERuntime | None = m.get_attachment(ATTACHMENT)
+    # Undo what an earlier InstructMoLE runtime merged on this chain, then merge ours.
+    if previous is not None and previous.merged_patches:
+        for key in previous.merged_patches:
+            weight_key = key if isinstance(key, str) else key[0]
+            kept = [p for p in m.patches.get(weight_key, []) if not getattr(p[1], "instructmole", False)]
+            if kept:
+                m.patches[weight_key] = kept
+            else:
+                m.patches.pop(weight_key, None)
+        m.patches_uuid = uuid.uuid4()
+    dynamic = {p.name for p in runtime.placements}
+    if runtime.merged and runtime.council is not None:
+        council = runtime.council
+        if runtime.expert_strength != 1.0:
+            council = scale_council(council, runtime.expert_strength)
+        factors = fold_council(runtime.adapter.model, council, factors=True)
+        patches = {}
+        for p in runtime.placements:
+            if p.name not in factors:
+                continue
+            down, up = factors[p.name]
+            patch = LoRAAdapter(set(), (up, down, None, None, None, None))
+            patch.instructmole = True
+            key = p.module + ".weight"
+            patches[key if p.rows is None else (key, (0, p.rows[0], p.rows[1]))] = patch
+        m.add_patches(patches, 1.0)
+        runtime.merged_patches = list(patches)
+        dynamic -= set(runtime.adapter.config.instruction_layers)
+    for p in runtime.placements:
+        key = p.module + ".forward"
+        current = m.object_patches.get(key)
+        base = getattr(current, "instructmole_base", current) if current is not None else None
+        if p.name in dynamic:
+            m.add_object_patch(key, _patched_forward(runtime, p, m.get_model_object(p.module), base))
+        elif current is not None:  # merged now: hand the forward back to whatever was there before us
+            if base is None:
+                m.object_patches.pop(key)
+            else:
+                m.object_patches[key] = base
+    m.remove_wrappers_with_key(WrappersMP.DIFFUSION_MODEL, ATTACHMENT)
+    m.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, ATTACHMENT, runtime.wrapper)
+    m.set_attachments(ATTACHMENT, runtime)
+
+
+def apply_adapter(model: Any, adapter: Adapter, *, expert_strength: float = 1.0, lora_strength: float = 1.0) -> Any:
+    """A clone of ``model`` with the adapter in auto mode and its plain-LoRA part as weight patches."""
+    import comfy.lora
+
+    if model.get_attachment(ATTACHMENT) is not None:
+        raise ModelMismatchError(
+            "this MODEL already carries an InstructMoLE adapter; load the second adapter on the base MODEL"
+        )
+    placements = place(adapter, model)
+    m = model.clone()
+    if adapter.lora and lora_strength != 0:
+        key_map = comfy.lora.model_lora_keys_unet(m.model, {})
+        loaded = comfy.lora.load_lora(adapter.lora, key_map, log_missing=False)
+        used = set().union(*(getattr(v, "loaded_keys", set()) for v in loaded.values())) if loaded else set()
+        unused = sorted(k for k in adapter.lora if k not in used)
+        if unused:
+            raise ModelMismatchError(f"the adapter's LoRA tensor {unused[0]!r} matches no layer of this model")
+        m.add_patches(loaded, lora_strength)
+    _install(m, MoLERuntime(adapter, placements, expert_strength=expert_strength))
+    return m
+
+
+def runtime_of(model: Any) -> MoLERuntime:
+    runtime = model.get_attachment(ATTACHMENT)
+    if runtime is None:
+        raise ModelMismatchError(
+            "this MODEL carries no InstructMoLE adapter; connect the MODEL output of 'Load InstructMoLE Adapter'"
+        )
+    return runtime
+
+
+def apply_council(model: Any, council: Council, mode: str) -> Any:
+    """A clone of ``model`` whose rows all use ``council``: folded into weights, or applied dynamically."""
+    if mode not in ("merged", "fixed"):
+        raise ValueError(f"mode {mode!r} must be 'merged' or 'fixed'")
+    runtime = runtime_of(model)
+    cfg = runtime.adapter.config
+    council.check_adapter(cfg.instruction_layers, cfg.num_experts, runtime.adapter.adapter_id)
+    if council.batch_size != 1:
+        raise ValueError(
+            f"this council holds {council.batch_size} instructions; route a single instruction to apply it"
+        )
+    m = model.clone()
+    _install(m, runtime.derive(council, merged=mode == "merged"))
+    return m

@@ -1,0 +1,22 @@
+"""A real ComfyUI server starts headless on CPU, lists the core nodes and (once it exists) loads this pack."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .conftest import REPO_ROOT
+
+
+def test_server_starts_and_lists_core_nodes(comfy_server: Any) -> None:
+    info = comfy_server.object_info()
+    assert "KSampler" in info
+    assert comfy_server.object_info("KSampler")["KSampler"]["output"] == ["LATENT"]
+
+
+def test_pack_imports_cleanly(comfy_server: Any) -> None:
+    """ComfyUI's import-time summary lists '<secs> seconds[ (IMPORT FAILED)]: <pack path>' per pack."""
+    if not (REPO_ROOT / "__init__.py").is_file():
+        return
+    lines = [line for line in comfy_server.log().splitlines() if line.rstrip().endswith("custom_nodes/instructmole")]
+    assert lines, comfy_server.log()[-4000:]
+    assert not any("IMPORT FAILED" in line for line in lines), comfy_server.log()[-4000:]
