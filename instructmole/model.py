@@ -84,7 +84,9 @@ class InstructMoLE(nn.Module):
     def fingerprint(self) -> str:
         """A short id of the routing weights: councils remember it to refuse another adapter."""
         gates = [self.layer(name).gate.weight for name in self.config.instruction_layers]
-        version = tuple((g.data_ptr(), g._version) for g in gates)  # in-place updates bump _version
+        # In-place updates bump _version; inference tensors (ComfyUI loads under inference_mode) have
+        # none, and cannot be updated in place outside inference mode anyway.
+        version = tuple((g.data_ptr(), -1 if g.is_inference() else g._version) for g in gates)
         cached = self.__dict__.get("_fingerprint")
         if cached is None or cached[0] != version:
             h = hashlib.sha256()

@@ -22,6 +22,10 @@ class NodeInputError(ValueError):
         super().__init__(f"{node}, input '{input_name}': {message}")
 
 
+# ComfyUI imports a pack under its folder path, which would make the error's type name a long path.
+NodeInputError.__module__ = "instructmole"
+
+
 def register_folder() -> None:
     """models/instructmole, listing .safetensors only (unless extra_model_paths.yaml set it up)."""
     import folder_paths

@@ -38,6 +38,17 @@ def test_round_trip_keeps_everything(tmp_path, transformer, adapter):
     assert sorted(os.listdir(tmp_path / "sub")) == ["a.safetensors"]  # no temp files left
 
 
+def test_adapter_loaded_under_inference_mode_routes_anywhere(tmp_path, adapter):
+    """ComfyUI runs every node under torch.inference_mode(): loading there must not break routing."""
+    path = adapter.save(tmp_path / "a.safetensors")
+    with torch.inference_mode():
+        loaded = im.load_adapter(path)
+    text, pooled = torch.randn(1, 32, 64), torch.randn(1, 32)
+    assert torch.equal(loaded.route(text, pooled).weights, adapter.route(text, pooled).weights)
+    with torch.inference_mode():
+        assert loaded.route(text, pooled).adapter_id == adapter.adapter_id
+
+
 def test_file_layout_is_canonical_and_comfy_mappable(tmp_path, transformer, adapter):
     add_lora(adapter, transformer)
     keys = set(load_file(str(adapter.save(tmp_path / "a.safetensors"))))

@@ -112,19 +112,51 @@ def instructmole_pack(comfy: ModuleType) -> Any:
     return sys.modules[str(REPO_ROOT).replace(".", "_x_")]
 
 
+SERVER_ADAPTER = "tiny.safetensors"
+SERVER_VAE = "tiny_taesd16.safetensors"
+
+
+def write_server_models(base_directory: Path) -> None:
+    """Model files the server workflows load: a random adapter for ``tiny_flux(0)`` in
+    models/instructmole, and a random TAESD VAE with 16 latent channels in models/vae.
+
+    TAESD's layers are ``comfy.ops.disable_weight_init`` (left uninitialised), so every tensor is
+    drawn from a seeded normal: decoded images are finite and the same on every run.
+    """
+    import torch
+    from comfy.taesd.taesd import TAESD
+    from safetensors.torch import save_file
+
+    from instructmole.tiny import tiny_flux
+    from tests.helpers import random_adapter
+
+    adapters = base_directory / "models" / "instructmole"
+    adapters.mkdir(parents=True, exist_ok=True)
+    random_adapter(tiny_flux(0)).save(str(adapters / SERVER_ADAPTER))
+    vae = base_directory / "models" / "vae"
+    vae.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v.shape, generator=g) * 0.05 for k, v in TAESD(latent_channels=16).state_dict().items()}
+    save_file(state, str(vae / SERVER_VAE))
+
+
 @pytest.fixture(scope="session")
-def comfy_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """One headless ComfyUI server for the session, with this pack installed when it has an entry point.
+def comfy_server(comfy: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One headless ComfyUI server for the session, with the test node pack, this pack when it has
+    an entry point, and the files of ``write_server_models``.
 
     The pack is symlinked as ``custom_nodes/instructmole`` only once ``__init__.py`` exists, so the
-    server smoke test works before the pack does.
+    server smoke test works before the pack does; ``testing_pack`` is linked as
+    ``custom_nodes/instructmole_testing``.
     """
     from .server import start_server
 
-    if not COMFYUI_PATH:
-        pytest.skip(SKIP_REASON)
-    packs = {"instructmole": REPO_ROOT} if (REPO_ROOT / "__init__.py").is_file() else {}
-    with start_server(COMFYUI_PATH, tmp_path_factory.mktemp("comfy_server"), custom_nodes=packs) as server:
+    base = tmp_path_factory.mktemp("comfy_server")
+    write_server_models(base)
+    packs: dict[str, Path] = {"instructmole_testing": HERE / "testing_pack"}
+    if (REPO_ROOT / "__init__.py").is_file():
+        packs["instructmole"] = REPO_ROOT
+    with start_server(COMFYUI_PATH or "", base, custom_nodes=packs) as server:
         yield server
 
 

@@ -1,0 +1,120 @@
+"""Test-only ComfyUI node pack (V1 API): a tiny Flux MODEL, random Flux CONDITIONING, a tiny CLIP.
+
+Why it exists: a headless server can only run a workflow on models it can load, and nothing real
+is tiny -- ``UNETLoader`` detection hard-codes Flux's 3072 width, and ComfyUI's T5-XXL / CLIP-L
+configs are fixed. These nodes hand the server the same tiny models the in-process tests use:
+
+- ``InstructMoLETest_TinyFlux(seed)``: ComfyUI's own Flux with the weights of
+  ``instructmole.tiny.tiny_flux(seed)`` (so server results are comparable with in-process ones);
+- ``InstructMoLETest_TinyConditioning(seed, tokens, guidance)``: random T5 ``[1, tokens, 64]`` and
+  pooled ``[1, 32]``;
+- ``InstructMoLETest_TinyCLIP(seed)``: ``tests/comfyui/tiny_clip.TinyCLIP``, a duck-typed CLIP.
+
+Import rules (ComfyUI loads this folder under a module name made from its path):
+- the repo root is *appended* to ``sys.path`` so ``instructmole`` imports while ComfyUI's own
+  top-level modules (``nodes``, ``utils``, ``server``) keep priority over ours;
+- ``comfy_tiny.py`` and ``tiny_clip.py`` are loaded by file path under unique module names, since
+  inside the server ``tests`` is ComfyUI's own ``tests/`` package.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent  # resolve(): the server sees this folder through a symlink
+REPO_ROOT = HERE.parents[2]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.append(str(REPO_ROOT))
+
+CATEGORY = "InstructMoLE/testing"
+SEED = ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Seed of the random weights or tensors."})
+
+
+@cache
+def _helper(name: str) -> ModuleType:
+    """``tests/comfyui/<name>.py`` as a module of its own (``tests`` is ComfyUI's package here)."""
+    spec = importlib.util.spec_from_file_location(f"instructmole_testing_{name}", HERE.parent / f"{name}.py")
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {HERE.parent / name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class TinyFlux:
+    """The tiny Flux as a ComfyUI MODEL (a ModelPatcher over ComfyUI's own Flux implementation)."""
+
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("ComfyUI's Flux with the weights of instructmole.tiny.tiny_flux(seed).",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {"seed": SEED}}
+
+    def load(self, seed: int) -> tuple[Any]:
+        from instructmole.tiny import tiny_flux
+
+        return (_helper("comfy_tiny").comfy_flux_from_diffusers(tiny_flux(seed)),)
+
+
+class TinyConditioning:
+    """Random Flux conditioning for the tiny model: T5 features, pooled vector and guidance."""
+
+    RETURN_TYPES = ("CONDITIONING",)
+    OUTPUT_TOOLTIPS = ("Random T5 [1, tokens, 64] with pooled_output [1, 32] and guidance.",)
+    FUNCTION = "make"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "seed": SEED,
+                "tokens": ("INT", {"default": 16, "min": 1, "max": 4096, "tooltip": "T5 token count."}),
+                "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "tooltip": "Flux guidance."}),
+            }
+        }
+
+    def make(self, seed: int, tokens: int, guidance: float) -> tuple[list]:
+        g = torch.Generator().manual_seed(seed)
+        t5 = torch.randn(1, tokens, 64, generator=g)
+        pooled = torch.randn(1, 32, generator=g)
+        return ([[t5, {"pooled_output": pooled, "guidance": guidance}]],)
+
+
+class TinyCLIP:
+    """A duck-typed FLUX text encoder (T5 + CLIP pooled) of the tiny model's widths."""
+
+    RETURN_TYPES = ("CLIP",)
+    OUTPUT_TOOLTIPS = ("tests/comfyui/tiny_clip.TinyCLIP(seed): T5 64-wide, pooled 32.",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {"seed": SEED}}
+
+    def load(self, seed: int) -> tuple[Any]:
+        return (_helper("tiny_clip").TinyCLIP(seed),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "InstructMoLETest_TinyFlux": TinyFlux,
+    "InstructMoLETest_TinyConditioning": TinyConditioning,
+    "InstructMoLETest_TinyCLIP": TinyCLIP,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "InstructMoLETest_TinyFlux": "Tiny Flux (test)",
+    "InstructMoLETest_TinyConditioning": "Tiny Conditioning (test)",
+    "InstructMoLETest_TinyCLIP": "Tiny CLIP (test)",
+}
