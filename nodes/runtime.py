@@ -127,6 +127,7 @@ class MoLERuntime:
         self._active: dict[str, tuple[Tensor, Tensor]] | None = None
         self._warned = False
         self.merged_patches: list = []  # the weight-patch keys this runtime merged (to undo on replace)
+        self._token_layers = {s.name for s in adapter.config.layers if s.routing == "token"}
 
     @property
     def mode(self) -> str:
@@ -204,9 +205,8 @@ class MoLERuntime:
     # ---- per Linear (the object-patched forwards) ---------------------------------------------
 
     def delta(self, name: str, x: Tensor) -> Tensor | None:
-        spec = self.adapter.config.layer(name)
         A, B = self.cache.experts(name, x.device, x.dtype)
-        if spec.routing == "token":
+        if name in self._token_layers:
             gate = self.adapter.model.layer(name).gate.weight
             _, indices, weights = token_route(x, gate.to(x.device, x.dtype), self.adapter.config.top_k)
             return token_delta(x, A, B, indices, weights * self.expert_strength, self.adapter.config.scale)

@@ -7,6 +7,7 @@ merged weight patches, the plain-LoRA part through ComfyUI's LoRA code.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -160,3 +161,18 @@ def test_lowvram_offloaded_model_gives_the_same_result(setup):
     finally:
         model.unpatch_model()
     torch.testing.assert_close(low, full, atol=ATOL, rtol=0)
+
+
+def test_token_routed_layers_match_the_diffusers_path(setup):
+    import folder_paths
+
+    from tests.helpers import random_adapter
+
+    adapter = random_adapter(setup["transformer"], seed=13, token_routed=("single_transformer_blocks.0.proj_out",))
+    path = adapter.save(os.path.join(folder_paths.get_folder_paths("instructmole")[0], "token.safetensors"))
+    model, _ = load(setup, "token.safetensors")
+    x = inputs(2, seed=12)
+    want = diffusers_out(setup, im.load_adapter(path), x)
+    torch.testing.assert_close(run_comfy(model, **x), want, atol=ATOL, rtol=0)
+    council = model.get_attachment("instructmole").last_council
+    assert "single_transformer_blocks.0.proj_out" not in council.layers and len(council.layers) == 3
