@@ -182,11 +182,14 @@ class AttachedAdapter:
         else:
             council = self.route(*_batch_inputs(args, kwargs))
             self.last_council = council
+        shared = council.batch_size == 1  # one council for every row: shared-matrix fast path
+        rows = (kwargs.get("hidden_states") if "hidden_states" in kwargs else args[0]).shape[0]
+        if not shared and council.batch_size != rows:
+            raise AttachError(f"the fixed council holds {council.batch_size} instances but the batch has {rows} rows")
         indices, weights = council.compact()
         weights = weights * self.expert_strength
         device = self._gates.device
         indices, weights = indices.to(device), weights.to(device)
-        shared = council.batch_size == 1  # one council for every row: shared-matrix fast path
         self._active = {
             name: (indices[0, row], weights[0, row]) if shared else (indices[:, row], weights[:, row])
             for row, name in enumerate(council.layers)

@@ -195,6 +195,9 @@ def test_attach_errors(transformer, adapter):
     text, pooled = torch.randn(1, 32, 64), torch.randn(1, 32)
     with pytest.raises(im.CouncilMismatchError, match="routed by a different adapter file"):
         im.attach(transformer, adapter, council=bigger.route(text, pooled))
+    two = adapter.route(torch.randn(2, 32, 64), torch.randn(2, 32))
+    with im.attach(transformer, adapter, council=two), pytest.raises(im.AttachError, match="holds 2 instances"):
+        run(transformer, flux_inputs(batch=3))
     six = random_adapter(transformer, num_experts=6)
     with pytest.raises(im.CouncilMismatchError, match="made for another adapter"):
         im.attach(transformer, adapter, council=six.route(text, pooled))
