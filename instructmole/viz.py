@@ -7,6 +7,8 @@ councils are visible at a glance. Only Pillow is needed.
 
 from __future__ import annotations
 
+import textwrap
+
 from PIL import Image, ImageDraw, ImageFont
 
 from .council import Council
@@ -42,7 +44,7 @@ def council_heatmap(council: Council, cell: int = 40, title: str = "") -> Image.
     """Render every instance of ``council`` side by side as one RGB image."""
     n_layers, n_exp = len(council.layers), council.num_experts
     font, small = _font(max(cell // 2, 9)), _font(max(cell // 3, 8))
-    left, top, gap = 4 * cell // 2 + 8, 2 * cell + (cell if title else 0), cell
+    left, top, gap = 4 * cell // 2 + 8, 5 * cell // 2 + (cell if title else 0), cell
     panel_w = n_exp * cell
     width = left + council.batch_size * (panel_w + gap)
     height = top + n_layers * cell + cell // 2
@@ -57,7 +59,9 @@ def council_heatmap(council: Council, cell: int = 40, title: str = "") -> Image.
     for b in range(council.batch_size):
         x0 = left + b * (panel_w + gap)
         label = council.label[b] if council.label else f"instance {b}"
-        draw.text((x0, top - 2 * cell + 4), label[: max(panel_w // 6, 8)], fill=(235, 235, 235), font=small)
+        lines = textwrap.wrap(label, width=max(panel_w // 7, 8))[:2] or [""]
+        for i, line in enumerate(lines):
+            draw.text((x0, top - 2 * cell - cell // 2 + i * (cell // 2)), line, fill=(235, 235, 235), font=small)
         for e in range(n_exp):
             draw.text((x0 + e * cell + cell // 3, top - cell + 2), str(e), fill=(170, 170, 170), font=small)
         for row in range(n_layers):

@@ -148,3 +148,19 @@ def test_preview_gives_image_json_and_ui(setup):
     ui = out.ui if isinstance(out.ui, dict) else out.ui.as_dict()
     assert ui["images"] and ui["images"][0]["type"] == "temp"
     assert "transformer_blocks.0.ff.net.2:" in ui["text"][0]
+
+
+def test_example_workflows_use_existing_nodes_and_inputs(setup):
+    from pathlib import Path
+
+    schemas = {n.define_schema().node_id: n.define_schema() for n in setup["nodes"].NODES}
+    files = sorted(Path(__file__).resolve().parents[2].joinpath("workflows").glob("*.json"))
+    assert files
+    for path in files:
+        graph = json.loads(path.read_text())
+        ours = [n for n in graph["nodes"] if n["type"].startswith("InstructMoLE_")]
+        assert ours, path.name
+        for node in ours:
+            schema = schemas[node["type"]]
+            names = {i.id for i in schema.inputs}
+            assert {i["name"] for i in node.get("inputs", [])} <= names, (path.name, node["type"])
