@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .adapter import Adapter
 from .council import Council
 from .experts import council_delta, token_delta, token_route
-from .fold import fold_council
+from .fold import iter_fold
 from .overrides import scale
 from .routing import route_instances
 
@@ -202,18 +202,34 @@ class AttachedAdapter:
 
     @torch.no_grad()
     def _merge(self, targets: dict[str, nn.Linear], lora: list, council: Council | None) -> None:
-        deltas: dict[str, Tensor] = {}
-        if council is not None:
-            scaled = council if self.expert_strength == 1.0 else scale(council, self.expert_strength)
-            deltas.update(fold_council(self.adapter.model, scaled))  # fp32 [out, in]
+        """Add the folded council and the LoRA part to the weights, one layer at a time.
+
+        Never more than one layer's ΔW exists at once, and the backups go to the CPU: at full size
+        all deltas together would take about 10 GB of fp32 on the GPU.
+        """
+        lora_by_module: dict[str, list] = {}
         for part, linear in lora:
-            d = (part.up.float() @ part.down.float()) * (part.scale * self.lora_strength)
-            deltas[part.module] = deltas[part.module] + d if part.module in deltas else d
+            lora_by_module.setdefault(part.module, []).append(part)
             targets.setdefault(part.module, linear)
-        for name, delta in deltas.items():
-            weight = targets[name].weight
-            self._backup[name] = weight.detach().clone()
-            weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+        folded = iter_fold(self.adapter.model, scale(council, self.expert_strength)) if council is not None else ()
+        done: set[str] = set()
+        for name, delta in folded:
+            self._add_to_weight(targets[name], name, delta, lora_by_module.get(name, []))
+            done.add(name)
+        for name, parts in lora_by_module.items():
+            if name not in done:
+                self._add_to_weight(targets[name], name, None, parts)
+
+    def _add_to_weight(self, linear: nn.Linear, name: str, delta: Tensor | None, parts: list) -> None:
+        weight = linear.weight
+        self._backup[name] = weight.detach().to("cpu", copy=True)
+        update = weight.to(torch.float32, copy=True)
+        if delta is not None:
+            update += delta.to(weight.device)
+        for part in parts:
+            down, up = part.down.to(weight.device, torch.float32), part.up.to(weight.device, torch.float32)
+            update.addmm_(up, down, alpha=part.scale * self.lora_strength)
+        weight.copy_(update.to(weight.dtype))
 
     # ---- lifetime -----------------------------------------------------------------------------
 

@@ -8,6 +8,8 @@ the product is what an in-place merge adds.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from einops import rearrange
 from torch import Tensor
@@ -15,7 +17,7 @@ from torch import Tensor
 from .council import Council
 from .model import InstructMoLE
 
-__all__ = ["council_factors", "fold_council"]
+__all__ = ["council_factors", "fold_council", "iter_fold"]
 
 
 def council_factors(A: Tensor, B: Tensor, indices: Tensor, weights: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -34,17 +36,17 @@ def _single(council: Council) -> Council:
     return council
 
 
-def fold_council(
+def iter_fold(
     model: InstructMoLE, council: Council, *, factors: bool = False, dtype: torch.dtype = torch.float32
-) -> dict[str, Tensor | tuple[Tensor, Tensor]]:
-    """Per instruction-routed layer: ``ΔW [out, in]`` (or its ``(down, up)`` factors) for one council.
+) -> Iterator[tuple[str, Tensor | tuple[Tensor, Tensor]]]:
+    """Per instruction-routed layer, one at a time: ``ΔW [out, in]`` (or its ``(down, up)`` factors).
 
-    Layers whose council is empty (e.g. scaled to 0) are left out.
+    One layer at a time, so that a caller merging into full-size weights never holds every layer's
+    ΔW at once (about 10 GB in fp32 for FLUX.1). Layers whose council is empty are skipped.
     """
     council = _single(council)
     council.check_adapter(model.config.instruction_layers, model.config.num_experts, model.fingerprint())
     indices, weights = council.compact()
-    out: dict[str, Tensor | tuple[Tensor, Tensor]] = {}
     scale = model.config.scale
     for row, name in enumerate(council.layers):
         w = weights[0, row]
@@ -52,12 +54,15 @@ def fold_council(
         if not keep.any():
             continue
         layer = model.layer(name)
+        device = layer.A.device
         down, up = council_factors(
-            layer.A.to(dtype),
-            layer.B.to(dtype),
-            indices[0, row][keep].to(layer.A.device),
-            w[keep].to(layer.A.device),
-            scale,
+            layer.A.to(dtype), layer.B.to(dtype), indices[0, row][keep].to(device), w[keep].to(device), scale
         )
-        out[name] = (down, up) if factors else up @ down
-    return out
+        yield name, ((down, up) if factors else up @ down)
+
+
+def fold_council(
+    model: InstructMoLE, council: Council, *, factors: bool = False, dtype: torch.dtype = torch.float32
+) -> dict[str, Tensor | tuple[Tensor, Tensor]]:
+    """``iter_fold`` collected into a dict (fine for factors; for full ΔW prefer iterating)."""
+    return dict(iter_fold(model, council, factors=factors, dtype=dtype))
