@@ -80,6 +80,7 @@ class AttachedAdapter:
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._backup: dict[str, Tensor] = {}
         self._active: dict[str, tuple[Tensor, Tensor]] | None = None
+        self._fixed: tuple[Council, Tensor, Tensor] | None = None  # a fixed council, compacted on the device
         self._layer_terms: dict[str, list[Callable[[Tensor], Tensor]]] = {}
 
         if council is not None:
@@ -169,30 +170,39 @@ class AttachedAdapter:
     @torch.no_grad()
     def route(self, text: Tensor, pooled: Tensor) -> Council:
         """Councils for a batch, exactly as the attached model routes it."""
-        signal = self._router(text.to(self._gates.device, torch.float32), pooled.to(self._gates.device, torch.float32))
-        probs, indices, weights = route_instances(signal, self._gates, self.adapter.config.top_k)
-        layers = self.adapter.config.instruction_layers
-        return Council.from_topk(layers, probs, indices, weights, adapter_id=self.adapter.adapter_id)
+        return Council.from_topk(
+            self.adapter.config.instruction_layers,
+            *self._router_output(text, pooled),
+            adapter_id=self.adapter.adapter_id,
+        )
+
+    def _router_output(self, text: Tensor, pooled: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        device = self._gates.device
+        signal = self._router(text.to(device, torch.float32), pooled.to(device, torch.float32))
+        return route_instances(signal, self._gates, self.adapter.config.top_k)
 
     def _route(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not self.adapter.config.instruction_layers:
+        layers = self.adapter.config.instruction_layers
+        if not layers:
             return
-        if self.council is not None:
-            council = self.council
+        if self.council is None:  # auto: the router's top-k as they are, no host sync
+            probs, indices, weights = self._router_output(*_batch_inputs(args, kwargs))
+            self.last_council = Council.from_topk(layers, probs, indices, weights, adapter_id=self.adapter.adapter_id)
+            weights = weights * self.expert_strength
+            shared = indices.shape[0] == 1
         else:
-            council = self.route(*_batch_inputs(args, kwargs))
-            self.last_council = council
-        shared = council.batch_size == 1  # one council for every row: shared-matrix fast path
-        rows = (kwargs.get("hidden_states") if "hidden_states" in kwargs else args[0]).shape[0]
-        if not shared and council.batch_size != rows:
-            raise AttachError(f"the fixed council holds {council.batch_size} instances but the batch has {rows} rows")
-        indices, weights = council.compact()
-        weights = weights * self.expert_strength
-        device = self._gates.device
-        indices, weights = indices.to(device), weights.to(device)
+            if self._fixed is None or self._fixed[0] is not self.council:  # compact once per council
+                indices, weights = self.council.compact()
+                self._fixed = (self.council, indices.to(self._gates.device), weights.to(self._gates.device))
+            _, indices, weights = self._fixed
+            weights = weights * self.expert_strength
+            shared = indices.shape[0] == 1  # one council for every row: shared-matrix fast path
+            rows = (kwargs.get("hidden_states") if "hidden_states" in kwargs else args[0]).shape[0]
+            if not shared and indices.shape[0] != rows:
+                raise AttachError(f"the fixed council holds {indices.shape[0]} instances but the batch has {rows} rows")
         self._active = {
             name: (indices[0, row], weights[0, row]) if shared else (indices[:, row], weights[:, row])
-            for row, name in enumerate(council.layers)
+            for row, name in enumerate(layers)
         }
 
     def _clear(self, *_args) -> None:

@@ -122,12 +122,22 @@ class MoLERuntime:
         self.adapter, self.placements = adapter, placements
         self.expert_strength, self.council, self.merged = expert_strength, council, merged
         self.cache = cache or _DeviceCache(adapter)
-        self.last_council: Council | None = None  # the latest auto-routed councils (for inspection)
-        self.last_exact: bool | None = None  # whether they came from the exact carried signal
+        self.last_exact: bool | None = None  # whether the latest councils came from the exact signal
+        self._last: tuple[Tensor, Tensor, Tensor] | None = None  # router output, left on the device
+        self._fixed: dict[torch.device, dict[str, tuple[Tensor, Tensor]]] = {}
         self._active: dict[str, tuple[Tensor, Tensor]] | None = None
         self._warned = False
         self.merged_patches: list = []  # the weight-patch keys this runtime merged (to undo on replace)
         self._token_layers = {s.name for s in adapter.config.layers if s.routing == "token"}
+
+    @property
+    def last_council(self) -> Council | None:
+        """The councils of the latest auto-routed forward (built on demand: no device sync per step)."""
+        if self._last is None:
+            return None
+        probs, indices, weights = (t.cpu() for t in self._last)
+        cfg = self.adapter.config
+        return Council.from_topk(cfg.instruction_layers, probs, indices, weights, adapter_id=self.adapter.adapter_id)
 
     @property
     def mode(self) -> str:
@@ -154,9 +164,11 @@ class MoLERuntime:
             return
         device = x.device
         if self.council is not None:
-            indices, weights = self.council.compact()
-            indices, weights = indices[0].to(device), (weights[0] * self.expert_strength).to(device)
-            self._active = {n: (indices[r], weights[r]) for r, n in enumerate(self.council.layers)}
+            if device not in self._fixed:  # compact and move once, not every step
+                indices, weights = self.council.compact()
+                indices, weights = indices[0].to(device), (weights[0] * self.expert_strength).to(device)
+                self._fixed = {device: {n: (indices[r], weights[r]) for r, n in enumerate(self.council.layers)}}
+            self._active = self._fixed[device]
             return
         router, gates = self.cache.router(device)
         if T5_KEY in kwargs and POOLED_KEY in kwargs:
@@ -176,10 +188,7 @@ class MoLERuntime:
                 self._warned = True
         signal = router(text.to(device, torch.float32), pooled.to(device, torch.float32))
         probs, indices, weights = route_instances(signal, gates, cfg.top_k)
-        self.last_council = Council.from_topk(
-            cfg.instruction_layers, probs.cpu(), indices.cpu(), weights.cpu(), adapter_id=self.adapter.adapter_id
-        )
-        self.last_exact = exact
+        self._last, self.last_exact = (probs, indices, weights), exact
         weights = weights * self.expert_strength
         self._active = {n: (indices[:, r], weights[:, r]) for r, n in enumerate(cfg.instruction_layers)}
 
