@@ -4,37 +4,26 @@ Import design (why it looks like this):
 
 - ComfyUI is imported in-process lazily, by the session fixture ``comfy`` (autouse in this folder),
   not at collection time, so collecting the rest of the suite never sees ComfyUI on ``sys.path``.
-- ``COMFYUI_PATH`` goes to the FRONT of ``sys.path``: ComfyUI's top-level modules (``nodes``,
-  ``server``, ``utils``, ``app``, ``folder_paths``...) must win over anything of ours that has the
-  same name -- notably this pack's ``nodes/`` folder, which is on ``sys.path`` through the repo root
-  (``python -m pytest`` puts the cwd there). A regular package beats a module only if its path
-  entry comes first, so front insertion is what makes ``import nodes`` mean ComfyUI's ``nodes.py``.
-- ComfyUI parses ``sys.argv`` once, when ``comfy.cli_args`` is first imported, and only if
-  ``comfy.options.enable_args_parsing()`` was called; pytest's own argv would make argparse exit.
-  So argv is swapped for ``--cpu --base-directory <tmp>`` just for that import: ``--cpu`` keeps
-  model management off CUDA, the base directory keeps ``folder_paths`` (models, output, temp,
-  user, custom_nodes) out of the ComfyUI checkout.
-- The pack itself is never imported as top-level modules: ``instructmole_pack`` loads the repo
-  root through ComfyUI's own ``nodes.load_custom_node`` (``spec_from_file_location`` under a
-  unique module name, the path with dots replaced), so the pack's relative imports
-  (``from .nodes import ...``) resolve inside the pack and never collide with ComfyUI's ``nodes``.
+- How it is imported (``COMFYUI_PATH`` at the front of ``sys.path``, argv swapped for ``--cpu
+  --base-directory <tmp>``) and how the pack is loaded (through ComfyUI's own
+  ``nodes.load_custom_node``, so its relative imports resolve inside the pack) lives in
+  ``bootstrap.py``, shared with ``benchmarks/comfyui.py``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
+from .bootstrap import REPO_ROOT, bootstrap_comfy, load_pack
+
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 SKIP_REASON = "COMFYUI_PATH is not set: point it at a ComfyUI checkout to run the ComfyUI integration tests"
 HERE = Path(__file__).resolve().parent
-REPO_ROOT = HERE.parents[1]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -45,36 +34,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if HERE in Path(str(item.fspath)).resolve().parents:
             item.add_marker(skip)
-
-
-def bootstrap_comfy(comfyui_path: str, base_directory: str) -> ModuleType:
-    """Import ComfyUI in-process for CPU, once per interpreter; returns ``comfy.cli_args``."""
-    root = str(Path(comfyui_path).resolve())
-    if not Path(root, "comfy", "model_patcher.py").is_file():
-        raise RuntimeError(f"COMFYUI_PATH={comfyui_path!r} is not a ComfyUI checkout")
-    if root in sys.path:
-        sys.path.remove(root)
-    sys.path.insert(0, root)
-    stale = sys.modules.get("nodes")
-    if stale is not None and Path(getattr(stale, "__file__", "") or "").resolve() != Path(root, "nodes.py"):
-        raise RuntimeError(f"a module named 'nodes' was imported before ComfyUI: {stale!r}")
-    if "comfy.cli_args" not in sys.modules:
-        saved = sys.argv
-        sys.argv = [saved[0], "--cpu", "--base-directory", base_directory]
-        try:
-            import comfy.options
-
-            comfy.options.enable_args_parsing()
-            import comfy.cli_args
-        finally:
-            sys.argv = saved
-    import comfy.cli_args
-
-    if not comfy.cli_args.args.cpu:
-        raise RuntimeError("comfy.cli_args was imported without --cpu before this conftest ran")
-    import comfy.model_management  # decides the device from args, so import it now
-
-    return comfy.cli_args
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -105,11 +64,7 @@ def instructmole_pack(comfy: ModuleType) -> Any:
     """This repo loaded as a custom node pack, the way ComfyUI loads ``custom_nodes/<pack>``."""
     if not (REPO_ROOT / "__init__.py").is_file():
         pytest.skip("the pack's __init__.py does not exist yet")
-    import nodes
-
-    if not asyncio.run(nodes.load_custom_node(str(REPO_ROOT))):
-        raise RuntimeError("ComfyUI failed to load the pack; see the log above")
-    return sys.modules[str(REPO_ROOT).replace(".", "_x_")]
+    return load_pack(REPO_ROOT)
 
 
 SERVER_ADAPTER = "tiny.safetensors"
