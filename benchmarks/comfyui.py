@@ -37,7 +37,6 @@ Run it in ComfyUI's Python environment (diffusers is not needed).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import math
 import os
 import platform
@@ -61,6 +60,7 @@ from .common import (
     Variant,
     _cpu_name,
     environment,
+    keep_freed_memory,
     log,
     markdown_table,
     median,
@@ -164,30 +164,6 @@ def build_comfy_flux(cfg: BenchConfig, device: torch.device, dtype: torch.dtype,
         load_device=comfy.model_management.get_torch_device(),
         offload_device=comfy.model_management.unet_offload_device(),
     )
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory in the process (no mmap for large blocks, no trimming).
-
-    Why: by default a forward's large activations (ComfyUI's sub-quadratic attention allocates
-    ~60 MiB score matrices at the scaled config) come from fresh mmaps or from whatever free chunk
-    the heap happens to hold, so each forward can take 0.2-0.6 M minor page faults (1-2 GB of page
-    zeroing) depending on heap layout. Measured: merged ran 10-20 % slower than base only because
-    its patched weights took the free heap chunk an attention buffer had used; with this setting
-    every variant settles at ~0 faults per forward and the comparison is of compute again.
-    Process-wide and not undone; returns False where it does not apply (not Linux glibc).
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl)
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def _minor_faults() -> int | None:

@@ -52,6 +52,7 @@ from .common import (
     Variant,
     default_dtype,
     environment,
+    keep_freed_memory,
     log,
     markdown_table,
     median,
@@ -486,6 +487,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--lora-rank", type=int, help="plain LoRA rank (default: 256 full, scaled by hidden)")
     p.add_argument("--skip-load", action="store_true", help="do not time load_adapter")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="keep glibc's default allocator on CPU (default: keep freed memory, see common.keep_freed_memory)",
+    )
     p.add_argument("--out", help="JSON path (default: benchmarks/results/inference-<device>[-quick].json)")
     return p.parse_args(argv)
 
@@ -521,8 +527,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rounds = args.rounds or (2 if args.quick else 10 if device.type == "cuda" else 9)
     warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 1)
     reps = 2 if args.quick else 5 if device.type == "cuda" else 3
+    malloc = "system"
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
+        if not (args.quick or args.system_malloc) and keep_freed_memory():
+            malloc = "keep-freed"
     out_path = args.out or f"benchmarks/results/inference-{device.type}{'-quick' if args.quick else ''}.json"
 
     log(
@@ -569,6 +578,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "warmup": warmup,
             "per_round": args.per_round,
             "lora_modules": len(lora_modules(transformer)),
+            "malloc": malloc,
         },
         "environment": {
             **environment(device),
