@@ -98,12 +98,14 @@ class AttachedAdapter:
         # Per-handle copies on the transformer's device and dtype: two handles never share state.
         self._router = copy.deepcopy(adapter.model.router).to(device, torch.float32).eval()
         self._gates = adapter.model.gates().detach().to(device, torch.float32) if cfg.instruction_layers else None
+        # Merged mode folds the instruction layers into the weights: only token-routed ones stay dynamic.
+        dynamic = [s.name for s in cfg.layers if mode == "dynamic" or s.routing == "token"]
         self._experts = {
             name: (
                 adapter.model.layer(name).A.detach().to(device, dtype),
                 adapter.model.layer(name).B.detach().to(device, dtype),
             )
-            for name in targets
+            for name in dynamic
         }
         try:
             if mode == "merged":
