@@ -116,8 +116,11 @@ def diffusers_to_comfy_state_dict(transformer: Any, unet_config: dict[str, Any])
     return out
 
 
-def comfy_flux_from_diffusers(transformer: Any) -> ModelPatcher:
-    """A CPU fp32 ComfyUI Flux (``model_base.Flux`` in a ``ModelPatcher``) with the twin's weights.
+def comfy_flux_from_diffusers(transformer: Any, weight_dtype: torch.dtype = torch.float32) -> ModelPatcher:
+    """A CPU ComfyUI Flux (``model_base.Flux`` in a ``ModelPatcher``) with the twin's weights.
+
+    ``weight_dtype`` other than fp32 (e.g. ``torch.float8_e4m3fn``) stores the weights in that format
+    with fp32 compute, as ComfyUI's fp8 weight option does (manual-cast operations).
 
     Built through ``comfy.supported_models.Flux(unet_config).get_model`` rather than the bare
     ``comfy.ldm.flux.model.Flux`` because that is what ``UNETLoader`` produces after detection: the
@@ -132,7 +135,8 @@ def comfy_flux_from_diffusers(transformer: Any) -> ModelPatcher:
 
     unet_config = comfy_unet_config(transformer)
     model_config = comfy.supported_models.Flux(unet_config)
-    model_config.set_inference_dtype(torch.float32, None)
+    manual_cast = None if weight_dtype == torch.float32 else torch.float32
+    model_config.set_inference_dtype(weight_dtype, manual_cast)
     model = model_config.get_model({}, device=torch.device("cpu"))
     sd = diffusers_to_comfy_state_dict(transformer, unet_config)
     # disable_weight_init leaves parameters uninitialised: strict loading guarantees all are set.

@@ -15,7 +15,7 @@ import torch
 
 import instructmole as im
 
-from .comfy_tiny import run_comfy, run_diffusers
+from .comfy_tiny import comfy_flux_from_diffusers, run_comfy, run_diffusers
 
 ATOL = 1e-4
 
@@ -176,3 +176,27 @@ def test_token_routed_layers_match_the_diffusers_path(setup):
     torch.testing.assert_close(run_comfy(model, **x), want, atol=ATOL, rtol=0)
     council = model.get_attachment("instructmole").last_council
     assert "single_transformer_blocks.0.proj_out" not in council.layers and len(council.layers) == 3
+
+
+def test_fp8_weights_keep_working(setup):
+    """A MODEL stored in fp8 (manual-cast Linears): the experts still act, as much as on fp32."""
+    fp8 = comfy_flux_from_diffusers(setup["transformer"], weight_dtype=torch.float8_e4m3fn)
+    lin = fp8.get_model_object("diffusion_model.single_blocks.0.linear2")
+    assert lin.weight.dtype == torch.float8_e4m3fn
+    x = inputs(2, seed=14)
+    nodes = setup["nodes"]
+    auto8, adapter = nodes.loaders.LoadAdapter.execute(fp8, "tiny.safetensors", 0.0, 1.0).result
+    auto32, _ = load(setup, lora=0.0)
+    effect8 = run_comfy(auto8, **x) - run_comfy(fp8, **x)
+    effect32 = run_comfy(auto32, **x) - run_comfy(setup["base"], **x)
+    assert torch.isfinite(effect8).all()
+    assert (effect8 - effect32).norm() / effect32.norm() < 0.1
+    council = nodes.routing_nodes.Route.execute(
+        adapter, conditioning=[[x["t5"][:1], {"pooled_output": x["pooled"][:1]}]]
+    )
+    merged8 = nodes.council_nodes.ApplyCouncil.execute(auto8, council.result[0], "merged").result[0]
+    fixed8 = nodes.council_nodes.ApplyCouncil.execute(auto8, council.result[0], "fixed").result[0]
+    base8 = run_comfy(fp8, **x)
+    merged_effect, fixed_effect = run_comfy(merged8, **x) - base8, run_comfy(fixed8, **x) - base8
+    # Merging into fp8 weights rounds W0 + ΔW to fp8 (stochastically): the same effect, coarser.
+    assert torch.nn.functional.cosine_similarity(merged_effect.flatten(), fixed_effect.flatten(), dim=0) > 0.9
