@@ -39,10 +39,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -58,7 +56,6 @@ from tests.comfyui.bootstrap import bootstrap_comfy, load_pack
 
 from .common import (
     Variant,
-    _cpu_name,
     environment,
     keep_freed_memory,
     log,
@@ -414,21 +411,7 @@ def _comfy_environment(device: torch.device) -> dict[str, Any]:
     import comfy.ldm.modules.attention as attention
     import comfy.model_management
 
-    try:
-        env = environment(device)
-    except ImportError:
-        env = {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "diffusers": None,
-            "device": str(device),
-            "cpu": _cpu_name(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        if device.type == "cuda":
-            env["gpu"] = torch.cuda.get_device_name(device)
+    env = environment(device)
     try:
         from comfyui_version import __version__ as comfy_version
     except ImportError:

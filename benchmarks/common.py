@@ -162,12 +162,15 @@ def _cpu_name() -> str:
 
 def environment(device: torch.device) -> dict[str, Any]:
     """What the numbers were measured on, recorded next to them."""
-    import diffusers
+    try:
+        import diffusers
+    except ImportError:  # the ComfyUI benchmark may run where diffusers is absent
+        diffusers = None
 
     env: dict[str, Any] = {
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
+        "diffusers": diffusers.__version__ if diffusers is not None else None,
         "device": str(device),
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),

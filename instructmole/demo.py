@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import Adapter, InstructMoLE, apply_rules, attach, load_adapter
-from .tiny import tiny_flux, tiny_mole_config, tiny_text_encoders
+from .tiny import kontext_inputs, tiny_flux, tiny_mole_config, tiny_text_encoders
 from .viz import council_heatmap
 
 INSTRUCTIONS = [
@@ -24,26 +24,6 @@ INSTRUCTIONS = [
     "extract the canny edges",
     "render the pose skeleton",
 ]
-
-
-def kontext_inputs(text: torch.Tensor, pooled: torch.Tensor, size: int = 4, seed: int = 0) -> dict:
-    """Packed target + reference latents with Kontext ids (reference index 1), as diffusers passes them."""
-    g = torch.Generator().manual_seed(seed)
-    n, b = size * size, text.shape[0]
-    rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    target = torch.stack([torch.zeros(n), rows.flatten().float(), cols.flatten().float()], -1)
-    reference = target.clone()
-    reference[:, 0] = 1
-    return {
-        "hidden_states": torch.randn(b, 2 * n, 64, generator=g),
-        "encoder_hidden_states": text,
-        "pooled_projections": pooled,
-        "timestep": torch.full((b,), 0.5),
-        "img_ids": torch.cat([target, reference]),
-        "txt_ids": torch.zeros(text.shape[1], 3),
-        "guidance": torch.full((b,), 2.5),
-        "return_dict": False,
-    }
 
 
 def run(out_dir: Path, rules: str = "single force 0; double ban 1") -> dict:

@@ -17,6 +17,7 @@ from .config import MoLEConfig
 __all__ = [
     "TINY_FLUX",
     "TinyTextEncoders",
+    "kontext_inputs",
     "tiny_flux",
     "tiny_mole_config",
     "tiny_text_encoders",
@@ -77,6 +78,28 @@ def tiny_mole_config(transformer=None, **overrides: Any) -> MoLEConfig:
     return MoLEConfig.for_flux(
         num_double=cfg["num_layers"], num_single=cfg["num_single_layers"], hidden_size=hidden, **defaults
     )
+
+
+def kontext_inputs(
+    text: torch.Tensor, pooled: torch.Tensor, size: int = 4, seed: int = 0, guidance: float = 2.5
+) -> dict:
+    """Packed target + reference latents with Kontext ids (reference index 1), as diffusers passes them."""
+    g = torch.Generator().manual_seed(seed)
+    n, b = size * size, text.shape[0]
+    rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    target = torch.stack([torch.zeros(n), rows.flatten().float(), cols.flatten().float()], -1)
+    reference = target.clone()
+    reference[:, 0] = 1
+    return {
+        "hidden_states": torch.randn(b, 2 * n, 64, generator=g),
+        "encoder_hidden_states": text,
+        "pooled_projections": pooled,
+        "timestep": torch.full((b,), 0.5),
+        "img_ids": torch.cat([target, reference]),
+        "txt_ids": torch.zeros(text.shape[1], 3),
+        "guidance": torch.full((b,), guidance),
+        "return_dict": False,
+    }
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import instructmole as im
-from instructmole.tiny import tiny_mole_config
+from instructmole.tiny import kontext_inputs, tiny_mole_config
 
 
 def randomize(adapter: im.Adapter, seed: int = 0, gate_std: float = 1.0, b_std: float = 0.1) -> im.Adapter:
@@ -19,23 +19,10 @@ def randomize(adapter: im.Adapter, seed: int = 0, gate_std: float = 1.0, b_std: 
 
 
 def flux_inputs(batch: int = 2, size: int = 4, text_len: int = 32, seed: int = 0) -> dict:
-    """Kontext-style inputs for ``tiny_flux``: target + reference tokens, ids with a reference index of 1."""
+    """Kontext-style inputs for ``tiny_flux`` with random text features: target + reference tokens."""
     g = torch.Generator().manual_seed(seed)
-    n = size * size
-    rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    target = torch.stack([torch.zeros(n), rows.flatten().float(), cols.flatten().float()], -1)
-    reference = target.clone()
-    reference[:, 0] = 1
-    return {
-        "hidden_states": torch.randn(batch, 2 * n, 64, generator=g),
-        "encoder_hidden_states": torch.randn(batch, text_len, 64, generator=g),
-        "pooled_projections": torch.randn(batch, 32, generator=g),
-        "timestep": torch.full((batch,), 0.5),
-        "img_ids": torch.cat([target, reference]),
-        "txt_ids": torch.zeros(text_len, 3),
-        "guidance": torch.full((batch,), 3.5),
-        "return_dict": False,
-    }
+    text, pooled = torch.randn(batch, text_len, 64, generator=g), torch.randn(batch, 32, generator=g)
+    return kontext_inputs(text, pooled, size=size, seed=seed, guidance=3.5)
 
 
 def random_adapter(transformer=None, seed: int = 1, **config) -> im.Adapter:
