@@ -199,14 +199,14 @@ def _check_lora(lora: dict[str, Tensor], where: str) -> None:
             raise AdapterError(f"{where}tensor {key!r} is neither an expert, the router nor a LoRA tensor")
 
 
-def read_header(path: str | os.PathLike) -> tuple[dict[str, str], list[str]]:
-    """``(metadata, tensor names)`` of a safetensors file, with errors a user can act on."""
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file, with errors a user can act on."""
     path = Path(path)
     if not path.is_file():
         raise AdapterError(f"adapter file '{path}' does not exist; put it in models/instructmole or models/loras")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {}), list(f.keys())
+            return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as err:
         raise AdapterError(
             f"'{path.name}' is not a readable .safetensors file (truncated or corrupt?): {err}; "
@@ -219,7 +219,7 @@ def load_adapter(
 ) -> Adapter:
     """Load and validate an adapter file. ``expect_base``: refuse adapters made for another model family."""
     path = Path(path)
-    meta, _names = read_header(path)
+    meta = read_metadata(path)
     if meta.get("format") != FORMAT:
         raise AdapterError(
             f"'{path.name}' is a safetensors file but not an InstructMoLE adapter (its metadata has no "
