@@ -10,7 +10,6 @@ restores the backups bit for bit. All routing state lives on the handle.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Literal
 
@@ -19,10 +18,9 @@ from torch import Tensor, nn
 
 from .adapter import Adapter
 from .council import Council
-from .experts import council_delta, token_delta, token_route
 from .fold import iter_fold
 from .overrides import scale
-from .routing import route_instances
+from .runtime import MoLERuntime, RoutingError
 
 __all__ = ["AttachedAdapter", "attach"]
 
@@ -50,14 +48,6 @@ def _linear(
     return module
 
 
-def _batch_inputs(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor]:
-    text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-    pooled = kwargs.get("pooled_projections", args[2] if len(args) > 2 else None)
-    if text is None or pooled is None:
-        raise AttachError("dynamic routing needs encoder_hidden_states and pooled_projections in the forward call")
-    return text, pooled
-
-
 class AttachedAdapter:
     """The handle ``attach`` returns; also a context manager that detaches on exit."""
 
@@ -70,63 +60,72 @@ class AttachedAdapter:
         *,
         expert_strength: float = 1.0,
         lora_strength: float = 1.0,
+        training: bool = False,
     ) -> None:
         if mode not in ("dynamic", "merged"):
             raise AttachError(f"mode {mode!r} is not one of 'dynamic', 'merged'")
+        if training and (mode != "dynamic" or adapter.lora):
+            raise AttachError(
+                "training=True routes the live adapter dynamically; train the plain LoRA part through peft, "
+                "not through attach"
+            )
         cfg = adapter.config
         self.transformer, self.adapter, self.mode = transformer, adapter, mode
-        self.expert_strength, self.lora_strength = expert_strength, lora_strength
-        self.last_council: Council | None = None  # what the latest forward routed (auto mode)
+        self.lora_strength = lora_strength
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._backup: dict[str, Tensor] = {}
-        self._active: dict[str, tuple[Tensor, Tensor]] | None = None
-        self._fixed: tuple[Council, Tensor, Tensor] | None = None  # a fixed council, compacted on the device
-        self._layer_terms: dict[str, list[Callable[[Tensor], Tensor]]] = {}
+        self._layer_terms: dict[str, list[Callable[[Tensor], Tensor | None]]] = {}
 
-        if council is not None:
-            council.check_adapter(cfg.instruction_layers, cfg.num_experts, adapter.adapter_id)
         if mode == "merged" and council is None and cfg.instruction_layers:
             raise AttachError("merged mode folds one council into the weights: pass council=adapter.route(...)")
-        self.council = council
-
         targets = {
             spec.name: _linear(transformer, spec.name, spec.in_features, spec.out_features) for spec in cfg.layers
         }
         lora = [(part, _linear(transformer, part.module)) for part in adapter.lora_parts()]
-        ref = next(iter(targets.values())).weight
-        device, dtype = ref.device, ref.dtype
-        # Per-handle copies on the transformer's device and dtype: two handles never share state.
-        self._router = copy.deepcopy(adapter.model.router).to(device, torch.float32).eval()
-        self._gates = adapter.model.gates().detach().to(device, torch.float32) if cfg.instruction_layers else None
         # Merged mode folds the instruction layers into the weights: only token-routed ones stay dynamic.
-        dynamic = [s.name for s in cfg.layers if mode == "dynamic" or s.routing == "token"]
-        self._experts = {
-            name: (
-                adapter.model.layer(name).A.detach().to(device, dtype),
-                adapter.model.layer(name).B.detach().to(device, dtype),
-            )
-            for name in dynamic
-        }
+        dynamic = {s.name for s in cfg.layers if mode == "dynamic" or s.routing == "token"}
+        self.runtime = MoLERuntime(
+            adapter.model,
+            council=council,
+            expert_strength=expert_strength,
+            training=training,
+            layers=dynamic,
+            adapter_id=adapter.adapter_id,
+        )
+        ref = next(iter(targets.values())).weight
         try:
             if mode == "merged":
-                self._merge(targets, lora, council)
+                self._merge(targets, lora, council, expert_strength)
             else:
                 for part, linear in lora:
-                    self._add_term(part.module, linear, self._lora_term(part, device, dtype))
-                self._hooks.append(transformer.register_forward_pre_hook(self._route, with_kwargs=True))
-                self._hooks.append(transformer.register_forward_hook(self._clear, always_call=True))
-                for name in cfg.instruction_layers:
-                    self._add_term(name, targets[name], self._council_term(name))
-            for spec in cfg.layers:
-                if spec.routing == "token":
-                    self._add_term(spec.name, targets[spec.name], self._token_term(spec.name))
+                    self._add_term(part.module, linear, self._lora_term(part, ref.device, ref.dtype))
+                self._hooks.append(transformer.register_forward_pre_hook(self._begin, with_kwargs=True))
+                self._hooks.append(transformer.register_forward_hook(self._end, always_call=True))
+            for name in sorted(dynamic):
+                self._add_term(name, targets[name], lambda x, name=name: self.runtime.delta(name, x))
         except BaseException:
             self.detach()
             raise
 
+    @property
+    def council(self) -> Council | None:
+        return self.runtime.council
+
+    @council.setter
+    def council(self, council: Council | None) -> None:
+        """Switch a dynamic handle between auto (None) and a fixed council without re-attaching."""
+        if self.mode == "merged":
+            raise AttachError("a merged council is folded into the weights: detach and attach again to change it")
+        self.runtime.council = council
+
+    @property
+    def last_council(self) -> Council | None:
+        """What the latest auto-routed forward chose (built on demand)."""
+        return self.runtime.last_council
+
     # ---- dynamic ------------------------------------------------------------------------------
 
-    def _add_term(self, name: str, linear: nn.Linear, term: Callable[[Tensor], Tensor]) -> None:
+    def _add_term(self, name: str, linear: nn.Linear, term: Callable[[Tensor], Tensor | None]) -> None:
         if name not in self._layer_terms:
             terms = self._layer_terms[name] = []
 
@@ -146,74 +145,34 @@ class AttachedAdapter:
         s = part.scale * self.lora_strength
         return lambda x: (x @ down.t()) @ up.t() * s
 
-    def _council_term(self, name: str) -> Callable[[Tensor], Tensor | None]:
-        A, B = self._experts[name]
-        scale = self.adapter.config.scale
-
-        def term(x: Tensor) -> Tensor | None:
-            if self._active is None:  # called outside a transformer forward
-                return None
-            indices, weights = self._active[name]
-            return council_delta(x, A, B, indices, weights, scale)
-
-        return term
-
-    def _token_term(self, name: str) -> Callable[[Tensor], Tensor]:
-        A, B = self._experts[name]
-        gate = self.adapter.model.layer(name).gate.weight.detach().to(A.device, A.dtype)
-        cfg = self.adapter.config
-
-        def term(x: Tensor) -> Tensor:
-            _, indices, weights = token_route(x, gate, cfg.top_k)
-            return token_delta(x, A, B, indices, weights * self.expert_strength, cfg.scale)
-
-        return term
-
     @torch.no_grad()
     def route(self, text: Tensor, pooled: Tensor) -> Council:
         """Councils for a batch, exactly as the attached model routes it."""
+        probs, indices, weights = self.runtime.route(text, pooled)
         return Council.from_topk(
-            self.adapter.config.instruction_layers,
-            *self._router_output(text, pooled),
-            adapter_id=self.adapter.adapter_id,
+            self.adapter.config.instruction_layers, probs, indices, weights, adapter_id=self.runtime.adapter_id
         )
 
-    def _router_output(self, text: Tensor, pooled: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        device = self._gates.device
-        signal = self._router(text.to(device, torch.float32), pooled.to(device, torch.float32))
-        return route_instances(signal, self._gates, self.adapter.config.top_k)
+    def _begin(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        pooled = kwargs.get("pooled_projections", args[2] if len(args) > 2 else None)
+        if self.runtime.council is None and (text is None or pooled is None):
+            raise AttachError("dynamic routing needs encoder_hidden_states and pooled_projections in the forward call")
+        try:
+            self.runtime.begin(text, pooled, rows=hidden.shape[0], device=hidden.device)
+        except RoutingError as err:
+            raise AttachError(str(err)) from None
 
-    def _route(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
-        layers = self.adapter.config.instruction_layers
-        if not layers:
-            return
-        if self.council is None:  # auto: the router's top-k as they are, no host sync
-            probs, indices, weights = self._router_output(*_batch_inputs(args, kwargs))
-            self.last_council = Council.from_topk(layers, probs, indices, weights, adapter_id=self.adapter.adapter_id)
-            weights = weights * self.expert_strength
-            shared = indices.shape[0] == 1
-        else:
-            if self._fixed is None or self._fixed[0] is not self.council:  # compact once per council
-                indices, weights = self.council.compact()
-                self._fixed = (self.council, indices.to(self._gates.device), weights.to(self._gates.device))
-            _, indices, weights = self._fixed
-            weights = weights * self.expert_strength
-            shared = indices.shape[0] == 1  # one council for every row: shared-matrix fast path
-            rows = (kwargs.get("hidden_states") if "hidden_states" in kwargs else args[0]).shape[0]
-            if not shared and indices.shape[0] != rows:
-                raise AttachError(f"the fixed council holds {indices.shape[0]} instances but the batch has {rows} rows")
-        self._active = {
-            name: (indices[0, row], weights[0, row]) if shared else (indices[:, row], weights[:, row])
-            for row, name in enumerate(layers)
-        }
-
-    def _clear(self, *_args) -> None:
-        self._active = None
+    def _end(self, *_args) -> None:
+        self.runtime.end()
 
     # ---- merged -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _merge(self, targets: dict[str, nn.Linear], lora: list, council: Council | None) -> None:
+    def _merge(
+        self, targets: dict[str, nn.Linear], lora: list, council: Council | None, expert_strength: float
+    ) -> None:
         """Add the folded council and the LoRA part to the weights, one layer at a time.
 
         Never more than one layer's ΔW exists at once, and the backups go to the CPU: at full size
@@ -223,7 +182,7 @@ class AttachedAdapter:
         for part, linear in lora:
             lora_by_module.setdefault(part.module, []).append(part)
             targets.setdefault(part.module, linear)
-        folded = iter_fold(self.adapter.model, scale(council, self.expert_strength)) if council is not None else ()
+        folded = iter_fold(self.adapter.model, scale(council, expert_strength)) if council is not None else ()
         done: set[str] = set()
         for name, delta in folded:
             self._add_to_weight(targets[name], name, delta, lora_by_module.get(name, []))
@@ -255,7 +214,7 @@ class AttachedAdapter:
             self.transformer.get_submodule(name).weight.copy_(original)
         self._backup.clear()
         self._layer_terms.clear()
-        self._active = None
+        self.runtime.end()
 
     def __enter__(self) -> AttachedAdapter:
         return self
@@ -272,13 +231,22 @@ def attach(
     *,
     expert_strength: float = 1.0,
     lora_strength: float = 1.0,
+    training: bool = False,
 ) -> AttachedAdapter:
     """Apply everything in ``adapter`` (experts, router, plain LoRA) to a diffusers Flux transformer.
 
     ``mode="dynamic"`` without ``council`` routes each row from its own conditioning (auto); with a
     council, that council serves every row (fixed). ``mode="merged"`` folds ``council`` and the LoRA
-    part into the weights: afterwards a forward costs exactly the base model's.
+    part into the weights: afterwards a forward costs exactly the base model's. ``training=True``
+    (dynamic, no plain-LoRA tensors) routes with the live adapter: gradients reach experts, gates
+    and router, and ``handle.runtime.aux_losses()`` gives the auxiliary losses of each forward.
     """
     return AttachedAdapter(
-        transformer, adapter, mode, council, expert_strength=expert_strength, lora_strength=lora_strength
+        transformer,
+        adapter,
+        mode,
+        council,
+        expert_strength=expert_strength,
+        lora_strength=lora_strength,
+        training=training,
     )

@@ -10,7 +10,8 @@ A bank holds A as one ``n × i × r`` tensor and B as one ``n × r × o`` tensor
   concatenated into one rank ``k·r`` product per row (the 1.03× path);
 * ``council_delta_with_projections`` — training: ``P = x [A_1..A_n]`` once, which feeds both the
   council output and the Gram-form orthogonality loss, never the ``n × t × o`` stack;
-* ``token_delta`` — per-token top-k routing for layers configured so;
+* ``token_delta`` — per-token top-k routing for layers configured so (``…_with_projections``
+  for training);
 * ``dense_delta`` — every expert materialised, weighted; the plain formula tests compare against.
 """
 
@@ -28,6 +29,7 @@ __all__ = [
     "council_delta_with_projections",
     "dense_delta",
     "token_delta",
+    "token_delta_with_projections",
     "token_route",
 ]
 
@@ -101,13 +103,20 @@ def token_delta(x: Tensor, A: Tensor, B: Tensor, indices: Tensor, weights: Tenso
     The per-expert projections ``x A_n`` are computed for all experts at once (one matmul of
     width ``n·r``), masked to each token's choice, then one matmul with the stacked B.
     """
+    return token_delta_with_projections(x, A, B, indices, weights, scale)[0]
+
+
+def token_delta_with_projections(
+    x: Tensor, A: Tensor, B: Tensor, indices: Tensor, weights: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
+    """``token_delta`` plus the projections ``P = x [A_1..A_n]`` (``[b, t, n, r]``) for the Gram loss."""
     xf, shape = _flat(x)
     n = A.shape[0]
     proj = rearrange(xf @ rearrange(A, "n i r -> i (n r)"), "b t (n r) -> b t n r", n=n)
     mix = torch.zeros(*indices.shape[:2], n, dtype=proj.dtype, device=proj.device)
-    mix.scatter_(-1, indices, (weights * scale).to(proj.dtype))
+    mix = mix.scatter(-1, indices, (weights * scale).to(proj.dtype))
     out = rearrange(proj * mix[..., None], "b t n r -> b t (n r)") @ rearrange(B, "n r o -> (n r) o")
-    return out.reshape(*shape[:-1], B.shape[-1])
+    return out.reshape(*shape[:-1], B.shape[-1]), proj
 
 
 class MoLELayer(nn.Module):

@@ -1,54 +1,86 @@
-"""Training losses: load balancing over instance councils, and output-space orthogonality.
+"""Training losses: load balancing over councils, and output-space orthogonality.
 
-The orthogonality loss is computed in Gram form: with ``P_i = X A_i`` (tokens × r),
-``vec(E_i) · vec(E_j) = Σ (P_iᵀ P_j) ⊙ (B_i B_jᵀ)``, so only ``X [A_1..A_n]`` is needed and the
-``n × tokens × out`` stack of expert outputs is never built. ``orthogonality_loss_reference`` is
-the materialised formula it is tested against.
+Both are written as functions of *sums over routed units* (instances or tokens) so that a
+multi-process run can add the sums of every process first and then apply the formula: the loss
+is then the loss of the global batch, exactly, instead of an average of per-process losses.
+
+Orthogonality in Gram form: with ``P = X [A_1..A_n]`` (tokens × n·r) and ``B`` stacked as
+``n·r × out``, ``vec(E_i) · vec(E_j) = Σ_rs (PᵀP)_{ir,js} (B Bᵀ)_{ir,js}``; ``PᵀP`` is a sum over
+tokens, and the ``n × tokens × out`` stack of expert outputs is never built.
+``orthogonality_loss_reference`` is the materialised formula the tests compare against.
 """
 
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
-__all__ = ["load_balancing_loss", "orthogonality_loss", "orthogonality_loss_reference"]
+__all__ = [
+    "balance_statistics",
+    "load_balancing_from_statistics",
+    "load_balancing_loss",
+    "orthogonality_from_gram",
+    "orthogonality_loss",
+    "orthogonality_loss_reference",
+    "projection_gram",
+]
 
 
-def load_balancing_loss(probs: Tensor, indices: Tensor) -> Tensor:
-    """``N · Σ_i f_i p_i``, averaged over layers.
+def balance_statistics(probs: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, int]:
+    """``(prob_sum [L, n], slot_counts [L, n], units)`` of one batch's routing.
 
-    ``probs``: router probabilities ``[b, n]`` or ``[b, layers, n]`` (tokens may stand in for
-    instances: any leading axes before the layer axis are routed units). ``indices``: the chosen
-    experts, same leading axes and ``k`` last. ``f_i`` is the share of the ``b·k`` routing slots
-    that went to expert ``i`` and ``p_i`` its mean probability, so a perfectly balanced router
-    scores exactly 1 and a collapsed one scores up to N.
+    ``probs``: ``[..., L, n]`` (any leading axes are routed units: instances, or instances × tokens);
+    ``indices``: the chosen experts, ``[..., L, k]``. ``[units, n]`` / ``[units, k]`` mean one layer.
     """
     if probs.ndim == 2:
         probs, indices = probs[:, None], indices[:, None]
-    n = probs.shape[-1]
-    probs = probs.reshape(-1, *probs.shape[-2:])  # [units, layers, n]
-    indices = indices.reshape(-1, *indices.shape[-2:])  # [units, layers, k]
+    probs = probs.reshape(-1, *probs.shape[-2:]).float()
+    indices = indices.reshape(-1, *indices.shape[-2:])
     counts = torch.zeros_like(probs).scatter_add_(-1, indices, torch.ones_like(indices, dtype=probs.dtype))
-    f = counts.sum(0) / (indices.shape[0] * indices.shape[-1])  # [layers, n]
-    p = probs.mean(0)  # [layers, n]
-    return n * (f * p).sum(-1).mean()
+    return probs.sum(0), counts.sum(0).detach(), probs.shape[0]
 
 
-def orthogonality_loss(proj: Tensor, B: Tensor, eps: float = 1e-12) -> Tensor:
-    """``1/(N(N-1)) Σ_{i≠j} cos²(vec E_i, vec E_j)`` from ``proj = X A`` (``[..., n, r]``) and ``B [n, r, o]``.
+def load_balancing_from_statistics(prob_sum: Tensor, counts: Tensor, units: int | Tensor, top_k: int) -> Tensor:
+    """Per layer ``N · Σ_i f_i p_i`` (``[L]``): ``f_i`` the share of the ``units·k`` routing slots that
+    went to expert ``i``, ``p_i`` its mean probability. Balanced scores 1; collapsed scores up to N."""
+    n = prob_sum.shape[-1]
+    f = counts / (units * top_k)
+    p = prob_sum / units
+    return n * (f * p).sum(-1)
+
+
+def load_balancing_loss(probs: Tensor, indices: Tensor) -> Tensor:
+    """``N · Σ_i f_i p_i`` of one batch, averaged over layers (see ``balance_statistics`` for shapes)."""
+    prob_sum, counts, units = balance_statistics(probs, indices)
+    return load_balancing_from_statistics(prob_sum, counts, units, indices.shape[-1]).mean()
+
+
+def projection_gram(proj: Tensor) -> Tensor:
+    """``PᵀP`` (``[n·r, n·r]``, fp32) of the expert projections ``proj = X A`` (``[..., n, r]``)."""
+    p = rearrange(proj, "... n r -> (...) (n r)").float()
+    with torch.autocast(p.device.type, enabled=False):
+        return p.t() @ p
+
+
+def orthogonality_from_gram(gram: Tensor, B: Tensor, eps: float = 1e-12) -> Tensor:
+    """``1/(N(N-1)) Σ_{i≠j} cos²(vec E_i, vec E_j)`` from ``projection_gram`` and ``B [n, r, o]``.
 
     The LoRA scale multiplies every expert alike and cancels in the cosine, so it is left out.
     """
-    n, r = proj.shape[-2:]
-    p = proj.reshape(-1, n, r).float()
-    b = B.float()
-    ptp = torch.einsum("tir,tjs->ijrs", p, p)
-    bbt = torch.einsum("iro,jso->ijrs", b, b)
-    gram = (ptp * bbt).sum((-2, -1))  # [n, n]
-    norms = gram.diagonal().clamp_min(eps).sqrt()  # clamp: B starts at 0, sqrt'(0) would be inf
-    cos = gram / (norms[:, None] * norms[None, :])
-    off = cos.pow(2).sum() - cos.diagonal().pow(2).sum()
+    n, r, _ = B.shape
+    with torch.autocast(gram.device.type, enabled=False):
+        b = rearrange(B.float(), "n r o -> (n r) o")
+        inner = rearrange(gram.float() * (b @ b.t()), "(i r) (j s) -> i j r s", r=r, s=r).sum((-2, -1))
+        norms = inner.diagonal().clamp_min(eps).sqrt()  # clamp: B starts at 0, sqrt'(0) would be inf
+        cos = inner / (norms[:, None] * norms[None, :])
+        off = cos.pow(2).sum() - cos.diagonal().pow(2).sum()
     return off / (n * (n - 1))
+
+
+def orthogonality_loss(proj: Tensor, B: Tensor, eps: float = 1e-12) -> Tensor:
+    """Orthogonality of one batch from ``proj = X A`` (``[..., n, r]``) and ``B [n, r, o]``."""
+    return orthogonality_from_gram(projection_gram(proj), B, eps)
 
 
 def orthogonality_loss_reference(x: Tensor, A: Tensor, B: Tensor) -> Tensor:

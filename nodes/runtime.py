@@ -10,13 +10,13 @@ a module, so other LoRAs, fp8 weights and low-VRAM offloading keep working on th
   and clears the routing state in ``finally``;
 * merged councils and the plain-LoRA part are ordinary ComfyUI weight patches.
 
-The routing state lives on one ``MoLERuntime`` per patched MODEL (an attachment of the patcher),
-never on a module or class, so two adapters on two clones in one graph never share it.
+The routing state lives on one core ``MoLERuntime`` per patched MODEL (held by the ``ComfyRuntime``
+attachment of the patcher), never on a module or class, so two adapters on two clones in one graph
+never share it; the diffusers ``attach`` and the trainer install the same core object.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import uuid
 from dataclasses import dataclass
@@ -26,11 +26,10 @@ import torch
 from torch import Tensor
 
 from ..instructmole import Adapter, Council
-from ..instructmole.experts import council_delta, token_delta, token_route
 from ..instructmole.fold import fold_council
 from ..instructmole.layers import to_bfl
 from ..instructmole.overrides import scale as scale_council
-from ..instructmole.routing import route_instances
+from ..instructmole.runtime import DeviceCache, MoLERuntime
 from .signal import POOLED_KEY, T5_KEY, unpack
 
 ATTACHMENT = "instructmole"
@@ -81,33 +80,13 @@ def place(adapter: Adapter, patcher: Any) -> list[Placement]:
     return placements
 
 
-class _DeviceCache:
-    """Adapter tensors cast to where the model runs, made once per device and dtype."""
+class ComfyRuntime:
+    """The core ``MoLERuntime`` of one adapter on one MODEL clone, fed from ComfyUI's forward.
 
-    def __init__(self, adapter: Adapter) -> None:
-        self.adapter = adapter
-        self._experts: dict[tuple, dict[str, tuple[Tensor, Tensor]]] = {}
-        self._router: dict[torch.device, tuple[Any, Tensor | None]] = {}
-
-    def experts(self, name: str, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        bank = self._experts.setdefault((device, dtype), {})
-        if name not in bank:
-            if len(self._experts) > 1:  # the model moved: drop copies on the old device or dtype
-                self._experts = {(device, dtype): bank}
-            layer = self.adapter.model.layer(name)
-            bank[name] = (layer.A.detach().to(device, dtype), layer.B.detach().to(device, dtype))
-        return bank[name]
-
-    def router(self, device: torch.device) -> tuple[Any, Tensor]:
-        if device not in self._router:
-            router = copy.deepcopy(self.adapter.model.router).to(device, torch.float32).eval()
-            gates = self.adapter.model.gates().detach().to(device, torch.float32)
-            self._router = {device: (router, gates)}
-        return self._router[device]
-
-
-class MoLERuntime:
-    """Routing state and device caches of one adapter on one MODEL clone."""
+    What is ComfyUI's own lives here: where the routing signal comes from (the exact signal an
+    InstructMoLE Text Encode put in the conditioning, or ComfyUI's T5 features), merged weight
+    patches, and deriving clones; the routing state and the expert term are the core's.
+    """
 
     def __init__(
         self,
@@ -117,41 +96,48 @@ class MoLERuntime:
         expert_strength: float = 1.0,
         council: Council | None = None,
         merged: bool = False,
-        cache: _DeviceCache | None = None,
+        cache: DeviceCache | None = None,
     ) -> None:
-        self.adapter, self.placements = adapter, placements
-        self.expert_strength, self.council, self.merged = expert_strength, council, merged
-        self.cache = cache or _DeviceCache(adapter)
+        self.adapter, self.placements, self.merged = adapter, placements, merged
+        token = {s.name for s in adapter.config.layers if s.routing == "token"}
+        self.core = MoLERuntime(
+            adapter.model,
+            council=council,
+            expert_strength=expert_strength,
+            layers=token if merged else None,  # merged: only token-routed layers keep a dynamic term
+            adapter_id=adapter.adapter_id,
+            cache=cache,
+        )
         self.last_exact: bool | None = None  # whether the latest councils came from the exact signal
-        self._last: tuple[Tensor, Tensor, Tensor] | None = None  # router output, left on the device
-        self._fixed: dict[torch.device, dict[str, tuple[Tensor, Tensor]]] = {}
-        self._active: dict[str, tuple[Tensor, Tensor]] | None = None
         self._warned = False
         self.merged_patches: list = []  # the weight-patch keys this runtime merged (to undo on replace)
-        self._token_layers = {s.name for s in adapter.config.layers if s.routing == "token"}
+
+    @property
+    def expert_strength(self) -> float:
+        return self.core.expert_strength
+
+    @property
+    def council(self) -> Council | None:
+        return self.core.council
 
     @property
     def last_council(self) -> Council | None:
         """The councils of the latest auto-routed forward (built on demand: no device sync per step)."""
-        if self._last is None:
-            return None
-        probs, indices, weights = (t.cpu() for t in self._last)
-        cfg = self.adapter.config
-        return Council.from_topk(cfg.instruction_layers, probs, indices, weights, adapter_id=self.adapter.adapter_id)
+        return self.core.last_council
 
     @property
     def mode(self) -> str:
         return "merged" if self.merged else ("fixed" if self.council is not None else "auto")
 
-    def derive(self, council: Council | None, merged: bool) -> MoLERuntime:
+    def derive(self, council: Council | None, merged: bool) -> ComfyRuntime:
         """A runtime for a clone with another council/mode, sharing the device caches."""
-        return MoLERuntime(
+        return ComfyRuntime(
             self.adapter,
             self.placements,
             expert_strength=self.expert_strength,
             council=council,
             merged=merged,
-            cache=self.cache,
+            cache=self.core.cache,
         )
 
     # ---- per forward (the DIFFUSION_MODEL wrapper) --------------------------------------------
@@ -159,18 +145,9 @@ class MoLERuntime:
     @torch.no_grad()
     def begin(self, x: Tensor, context: Tensor, y: Tensor | None, kwargs: dict) -> None:
         cfg = self.adapter.config
-        if self.merged or not cfg.instruction_layers:
-            self._active = None
+        if self.merged or self.council is not None or not cfg.instruction_layers:
+            self.core.begin(None, None, rows=x.shape[0], device=x.device)
             return
-        device = x.device
-        if self.council is not None:
-            if device not in self._fixed:  # compact and move once, not every step
-                indices, weights = self.council.compact()
-                indices, weights = indices[0].to(device), (weights[0] * self.expert_strength).to(device)
-                self._fixed = {device: {n: (indices[r], weights[r]) for r, n in enumerate(self.council.layers)}}
-            self._active = self._fixed[device]
-            return
-        router, gates = self.cache.router(device)
         if T5_KEY in kwargs and POOLED_KEY in kwargs:
             text, pooled, exact = unpack(kwargs[T5_KEY]), unpack(kwargs[POOLED_KEY]), True
         else:
@@ -186,14 +163,11 @@ class MoLERuntime:
                     cfg.text_length,
                 )
                 self._warned = True
-        signal = router(text.to(device, torch.float32), pooled.to(device, torch.float32))
-        probs, indices, weights = route_instances(signal, gates, cfg.top_k)
-        self._last, self.last_exact = (probs, indices, weights), exact
-        weights = weights * self.expert_strength
-        self._active = {n: (indices[:, r], weights[:, r]) for r, n in enumerate(cfg.instruction_layers)}
+        self.core.begin(text.to(x.device), pooled.to(x.device), rows=x.shape[0])
+        self.last_exact = exact
 
     def end(self) -> None:
-        self._active = None
+        self.core.end()
 
     def wrapper(
         self,
@@ -214,18 +188,10 @@ class MoLERuntime:
     # ---- per Linear (the object-patched forwards) ---------------------------------------------
 
     def delta(self, name: str, x: Tensor) -> Tensor | None:
-        A, B = self.cache.experts(name, x.device, x.dtype)
-        if name in self._token_layers:
-            gate = self.adapter.model.layer(name).gate.weight
-            _, indices, weights = token_route(x, gate.to(x.device, x.dtype), self.adapter.config.top_k)
-            return token_delta(x, A, B, indices, weights * self.expert_strength, self.adapter.config.scale)
-        if self._active is None:
-            return None
-        indices, weights = self._active[name]
-        return council_delta(x, A, B, indices, weights, self.adapter.config.scale)
+        return self.core.delta(name, x)
 
 
-def _patched_forward(runtime: MoLERuntime, place_: Placement, module: Any, base: Any) -> Any:
+def _patched_forward(runtime: ComfyRuntime, place_: Placement, module: Any, base: Any) -> Any:
     """A bound-forward replacement: the original forward (through ComfyUI's casting) plus the term."""
     call = base if base is not None else type(module).forward.__get__(module)
     name, rows = place_.name, place_.rows
@@ -245,12 +211,12 @@ def _patched_forward(runtime: MoLERuntime, place_: Placement, module: Any, base:
     return forward
 
 
-def _install(m: Any, runtime: MoLERuntime) -> None:
+def _install(m: Any, runtime: ComfyRuntime) -> None:
     """Install ``runtime`` on the clone ``m``: object patches, wrapper, merged weight patches."""
     from comfy.patcher_extension import WrappersMP
     from comfy.weight_adapter import LoRAAdapter
 
-    previous: MoLERuntime | None = m.get_attachment(ATTACHMENT)
+    previous: ComfyRuntime | None = m.get_attachment(ATTACHMENT)
     # Undo what an earlier InstructMoLE runtime merged on this chain, then merge ours.
     if previous is not None and previous.merged_patches:
         for key in previous.merged_patches:
@@ -313,11 +279,11 @@ def apply_adapter(model: Any, adapter: Adapter, *, expert_strength: float = 1.0,
         if unused:
             raise ModelMismatchError(f"the adapter's LoRA tensor {unused[0]!r} matches no layer of this model")
         m.add_patches(loaded, lora_strength)
-    _install(m, MoLERuntime(adapter, placements, expert_strength=expert_strength))
+    _install(m, ComfyRuntime(adapter, placements, expert_strength=expert_strength))
     return m
 
 
-def runtime_of(model: Any) -> MoLERuntime:
+def runtime_of(model: Any) -> ComfyRuntime:
     runtime = model.get_attachment(ATTACHMENT)
     if runtime is None:
         raise ModelMismatchError(

@@ -1,0 +1,319 @@
+"""One routing mechanism for every host: the per-forward routing state and the per-layer term.
+
+Three hosts run InstructMoLE layers: the diffusers ``attach`` (forward hooks), the ComfyUI
+runtime (object-patched Linear forwards and a model wrapper) and the trainer (``attach`` with
+``training=True``). Each host does only the plumbing of its framework; all of them install one
+``MoLERuntime`` and call, per transformer forward::
+
+    runtime.begin(text, pooled, rows=...)   # route every row once (or take a fixed council)
+    runtime.delta(layer_name, x)            # per target Linear: the expert term to add (or None)
+    runtime.end()                           # forget the routing (inference only, see below)
+
+Inference (``training=False``): the router and the experts are copied once per device and dtype
+(``DeviceCache``) and run without gradients; nothing waits on the device per step.
+
+Training (``training=True``): the live parameters are used, so council weights carry gradients
+into the gates and the router; gate noise and router dropout follow the module's ``train()``
+mode; every layer records what the auxiliary losses need (``aux_losses``). The routing state is
+*not* cleared at the end of a training forward: with gradient checkpointing the blocks run again
+during backward, and they must see the very councils of the first pass (a cleared state would
+drop the expert term from the recomputed forward: torch's checkpoint check fails on it, or with
+that check off, the gradients silently change). The next ``begin`` replaces it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from .council import Council
+from .experts import (
+    council_delta,
+    council_delta_with_projections,
+    token_delta,
+    token_delta_with_projections,
+    token_route,
+)
+from .losses import balance_statistics, load_balancing_from_statistics, orthogonality_from_gram, projection_gram
+from .model import InstructMoLE
+from .routing import route_instances
+
+__all__ = ["AuxLosses", "DeviceCache", "MoLERuntime", "RoutingError"]
+
+Reduce = Literal["sum", "mean"]
+
+
+class RoutingError(ValueError):
+    """A forward asked the runtime for something its mode cannot give (e.g. a council/batch mismatch)."""
+
+
+class DeviceCache:
+    """Adapter tensors cast to where the model runs, made once per device and dtype (inference)."""
+
+    def __init__(self, model: InstructMoLE) -> None:
+        self.model = model
+        self._experts: dict[tuple, dict[str, tuple[Tensor, Tensor]]] = {}
+        self._router: dict[torch.device, tuple[Any, Tensor | None]] = {}
+        self._gates: dict[tuple, Tensor] = {}
+
+    def experts(self, name: str, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        bank = self._experts.setdefault((device, dtype), {})
+        if name not in bank:
+            if len(self._experts) > 1:  # the model moved: drop copies on the old device or dtype
+                self._experts = {(device, dtype): bank}
+            layer = self.model.layer(name)
+            bank[name] = (layer.A.detach().to(device, dtype), layer.B.detach().to(device, dtype))
+        return bank[name]
+
+    def token_gate(self, name: str, device: torch.device, dtype: torch.dtype) -> Tensor:
+        key = (name, device, dtype)
+        if key not in self._gates:
+            self._gates[key] = self.model.layer(name).gate.weight.detach().to(device, dtype)
+        return self._gates[key]
+
+    def router(self, device: torch.device) -> tuple[Any, Tensor | None]:
+        """A fp32 eval copy of the router and the stacked instruction gates on ``device``."""
+        if device not in self._router:
+            router = copy.deepcopy(self.model.router).to(device, torch.float32).eval()
+            layers = self.model.config.instruction_layers
+            gates = self.model.gates().detach().to(device, torch.float32) if layers else None
+            self._router = {device: (router, gates)}
+        return self._router[device]
+
+
+@dataclass
+class AuxLosses:
+    """The auxiliary losses of one training forward (0-d tensors, already reduced over layers)."""
+
+    load_balance: Tensor  # instruction-routed layers (units = instances)
+    load_balance_token: Tensor  # token-routed layers (units = tokens); 0 when there are none
+    orthogonality: Tensor  # every MoLE layer
+
+    def as_floats(self) -> dict[str, float]:
+        return {k: float(v.detach()) for k, v in vars(self).items()}
+
+
+class MoLERuntime:
+    """Routing state and the expert term of one adapter on one host model.
+
+    ``layers``: the canonical names this runtime adds a term to (default: every MoLE layer; a
+    merged host passes only the token-routed ones, whose term cannot be folded). ``council``:
+    route nothing and serve this council to every row (``fixed``). State lives on the instance,
+    never on a module or class, so two runtimes on two models never share it.
+    """
+
+    def __init__(
+        self,
+        model: InstructMoLE,
+        *,
+        council: Council | None = None,
+        expert_strength: float = 1.0,
+        training: bool = False,
+        layers: set[str] | None = None,
+        adapter_id: str | None = None,
+        cache: DeviceCache | None = None,
+    ) -> None:
+        self.model, self.config = model, model.config
+        self.expert_strength = expert_strength
+        self.training = training
+        self.adapter_id = adapter_id if adapter_id is not None else model.fingerprint()
+        self.layers = set(self.config.layer_names) if layers is None else set(layers)
+        self.cache = cache or DeviceCache(model)
+        self._token_layers = {s.name for s in self.config.layers if s.routing == "token"}
+        self._council: Council | None = None
+        self._fixed: dict[torch.device, tuple[Tensor, Tensor]] = {}  # compacted fixed council per device
+        self._active: dict[str, tuple[Tensor, Tensor]] | None = None
+        self._last: tuple[Tensor, Tensor, Tensor] | None = None  # router output, left on the device
+        self._records: dict[str, Any] = {}  # training: what the aux losses need, per forward
+        self.council = council
+
+    # ---- configuration ------------------------------------------------------------------------
+
+    @property
+    def council(self) -> Council | None:
+        return self._council
+
+    @council.setter
+    def council(self, council: Council | None) -> None:
+        if council is not None:
+            council.check_adapter(self.config.instruction_layers, self.config.num_experts, self.adapter_id)
+        self._council, self._fixed = council, {}
+
+    @property
+    def last_council(self) -> Council | None:
+        """The councils of the latest auto-routed forward (built on demand: no device sync per step)."""
+        if self._last is None:
+            return None
+        probs, indices, weights = (t.detach().cpu() for t in self._last)
+        return Council.from_topk(self.config.instruction_layers, probs, indices, weights, adapter_id=self.adapter_id)
+
+    # ---- per forward --------------------------------------------------------------------------
+
+    def route(self, text: Tensor, pooled: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The router's ``(probs, indices, weights)`` for a batch: ``[b, L, n]``, ``[b, L, k]``, ``[b, L, k]``.
+
+        Inference uses the cached fp32 eval copy without gradients; training the live module (its
+        ``train()`` mode decides gate noise and dropout) in fp32 with autocast off, so that a
+        mixed-precision run picks the councils inference will pick.
+        """
+        cfg = self.config
+        if not self.training:
+            with torch.no_grad():
+                router, gates = self.cache.router(text.device)
+                signal = router(text.to(torch.float32), pooled.to(text.device, torch.float32))
+                return route_instances(signal, gates, cfg.top_k)
+        with torch.autocast(text.device.type, enabled=False):
+            signal = self.model.signal(text.float(), pooled.float())
+            return route_instances(signal, self.model.gates(), cfg.top_k, self.model.gate_noise_std)
+
+    def begin(
+        self,
+        text: Tensor | None,
+        pooled: Tensor | None,
+        *,
+        rows: int | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        """Route the batch of one transformer forward of ``rows`` rows on ``device`` (default: the
+        text's). ``text``/``pooled`` may be None when nothing is routed (fixed council, merged)."""
+        layers = self.config.instruction_layers
+        self._records = {"grams": {}, "token": {}}
+        if not layers or not self.layers.intersection(layers):
+            self._active = None
+            return
+        if self._council is not None:
+            where = device if device is not None else text.device if text is not None else torch.device("cpu")
+            indices, weights = self._fixed_on(where)
+            if rows is not None and indices.shape[0] not in (1, rows):
+                raise RoutingError(
+                    f"the fixed council holds {indices.shape[0]} instances but the batch has {rows} rows"
+                )
+        else:
+            if text is None or pooled is None:
+                raise RoutingError("auto routing needs the instruction's T5 features and CLIP pooled vector")
+            probs, indices, weights = self.route(text, pooled)
+            self._last = (probs, indices, weights)
+            if self.training:
+                self._records["instruction"] = (probs, indices)
+            if self.expert_strength != 1.0:
+                weights = weights * self.expert_strength
+        shared = indices.shape[0] == 1  # one council for every row: the shared-matrix fast path
+        self._active = {
+            name: (indices[0, row], weights[0, row]) if shared else (indices[:, row], weights[:, row])
+            for row, name in enumerate(layers)
+        }
+
+    def _fixed_on(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The fixed council compacted to ``[b, L, K]`` and moved to ``device`` once, not every step."""
+        if device not in self._fixed:
+            indices, weights = self._council.compact()
+            self._fixed = {device: (indices.to(device), (weights * self.expert_strength).to(device))}
+        return self._fixed[device]
+
+    def end(self) -> None:
+        """Inference: forget the routing. Training keeps it for recomputation (module docstring)."""
+        if not self.training:
+            self._active = None
+
+    # ---- per layer ----------------------------------------------------------------------------
+
+    def delta(self, name: str, x: Tensor) -> Tensor | None:
+        """The expert term of layer ``name`` for its input ``x`` (``None``: nothing to add)."""
+        if name not in self.layers:
+            return None
+        cfg = self.config
+        if self.training:
+            layer = self.model.layer(name)
+            A, B = layer.A.to(x.dtype), layer.B.to(x.dtype)
+        else:
+            A, B = self.cache.experts(name, x.device, x.dtype)
+        if name in self._token_layers:
+            return self._token_delta(name, x, A, B)
+        if self._active is None:
+            return None
+        indices, weights = self._active[name]
+        if not self.training:
+            return council_delta(x, A, B, indices, weights, cfg.scale)
+        if indices.ndim == 1:  # a fixed council while training (evaluation): one council for all rows
+            indices, weights = indices.expand(x.shape[0], -1), weights.expand(x.shape[0], -1)
+        out, proj = council_delta_with_projections(x, A, B, indices, weights, cfg.scale)
+        self._records["grams"][name] = projection_gram(proj)
+        return out
+
+    def _token_delta(self, name: str, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
+        cfg = self.config
+        if not self.training:
+            gate = self.cache.token_gate(name, x.device, x.dtype)
+            _, indices, weights = token_route(x, gate, cfg.top_k)
+            return token_delta(x, A, B, indices, weights * self.expert_strength, cfg.scale)
+        gate = self.model.layer(name).gate.weight
+        with torch.autocast(x.device.type, enabled=False):
+            probs, indices, weights = token_route(x.float(), gate.float(), cfg.top_k, self.model.gate_noise_std)
+        out, proj = token_delta_with_projections(x, A, B, indices, weights.to(x.dtype), cfg.scale)
+        self._records["grams"][name] = projection_gram(proj)
+        self._records["token"][name] = (probs, indices)
+        return out
+
+    # ---- training losses ----------------------------------------------------------------------
+
+    def aux_losses(self, reduce: Reduce = "sum", *, distributed: bool = False) -> AuxLosses:
+        """Load balancing and orthogonality of the latest forward, reduced over layers.
+
+        ``reduce="sum"`` adds the layers' losses (the reference recipe's weights were tuned so);
+        ``"mean"`` averages them. ``distributed=True`` (several processes in one
+        ``torch.distributed`` group) first adds every process's routing and Gram sums, so each
+        process computes the loss of the global batch; with DDP's gradient averaging this gives
+        exactly the gradients of a single process running the whole batch.
+        """
+        if not self.training:
+            raise RoutingError("aux_losses needs a runtime created with training=True")
+        agg = torch.sum if reduce == "sum" else torch.mean
+        zero = next(self.model.parameters()).new_zeros(())
+        k = self.config.top_k
+
+        def balance(probs: Tensor, indices: Tensor) -> Tensor:
+            prob_sum, counts, units = balance_statistics(probs, indices)
+            if distributed:
+                prob_sum, counts, units = _all_sum(prob_sum), _all_sum(counts, grad=False), _all_sum_int(units)
+            return load_balancing_from_statistics(prob_sum, counts, units, k)
+
+        lb = zero
+        if "instruction" in self._records:
+            lb = agg(balance(*self._records["instruction"]))
+        token = [balance(p[..., None, :], i[..., None, :]) for p, i in self._records["token"].values()]
+        lb_token = agg(torch.cat(token)) if token else zero
+        grams = self._records["grams"]
+        ortho = zero
+        if grams:
+            names = list(grams)
+            stacked = torch.stack([grams[n] for n in names])
+            if distributed:
+                stacked = _all_sum(stacked)
+            layers = [orthogonality_from_gram(g, self.model.layer(n).B) for n, g in zip(names, stacked, strict=True)]
+            ortho = agg(torch.stack(layers))
+        return AuxLosses(lb, lb_token, ortho)
+
+
+def _all_sum(t: Tensor, grad: bool = True) -> Tensor:
+    """Sum over processes; differentiable (its backward sums the gradients back) when ``grad``."""
+    import torch.distributed as dist
+
+    if grad:
+        from torch.distributed.nn.functional import all_reduce
+
+        return all_reduce(t, op=dist.ReduceOp.SUM)
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _all_sum_int(value: int) -> Tensor:
+    import torch.distributed as dist
+
+    t = torch.tensor(float(value), device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t

@@ -1,0 +1,134 @@
+"""The core runtime in training mode: gradients, auxiliary losses, gradient checkpointing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.checkpoint import CheckpointError
+
+import instructmole as im
+from instructmole.losses import load_balancing_loss, orthogonality_loss_reference
+from instructmole.runtime import RoutingError
+from instructmole.tiny import tiny_flux
+from tests.helpers import flux_inputs, random_adapter
+
+TOKEN_LAYER = "single_transformer_blocks.1.proj_out"
+
+
+def train_adapter(**config) -> im.Adapter:
+    adapter = random_adapter(tiny_flux(0), seed=2, token_routed=(TOKEN_LAYER,), **config)
+    adapter.model.train()
+    return adapter
+
+
+def step(transformer, adapter, inputs, *, checkpointing: bool, seed: int = 0, clear_after_forward: bool = False):
+    """One training forward + backward; returns (loss parts, {param name: grad})."""
+    transformer.train()
+    if checkpointing:
+        transformer.enable_gradient_checkpointing()
+    else:
+        transformer.disable_gradient_checkpointing()
+    adapter.model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # gate noise and router dropout draw from the global generator
+    with im.attach(transformer, adapter, training=True) as handle:
+        if clear_after_forward:  # the bug the runtime avoids: forget the councils when the forward ends
+            transformer.register_forward_hook(lambda *_: setattr(handle.runtime, "_active", None))
+        out = transformer(**inputs)[0]
+        aux = handle.runtime.aux_losses()
+        loss = out.square().mean() + 0.1 * aux.load_balance + 0.01 * aux.load_balance_token + 0.01 * aux.orthogonality
+        loss.backward()
+    transformer._forward_hooks.clear()
+    grads = {n: p.grad.clone() for n, p in adapter.model.named_parameters() if p.grad is not None}
+    return aux, grads
+
+
+def test_routing_gradients_reach_gates_router_and_experts():
+    transformer, adapter = tiny_flux(0), train_adapter()
+    _, grads = step(transformer, adapter, flux_inputs(batch=2), checkpointing=False)
+    names = set(grads)
+    for name, layer in adapter.model.named_layers():
+        key = name.replace(".", "/")
+        assert {f"experts.{key}.A", f"experts.{key}.B", f"experts.{key}.gate.weight"} <= names
+        assert grads[f"experts.{key}.gate.weight"].abs().sum() > 0, name
+        assert layer.A.requires_grad
+    router = [n for n in names if n.startswith("router.")]
+    assert {"router.latents", "router.proj_in.weight", "router.proj_out.weight"} <= set(router)
+    assert all(grads[n].abs().sum() > 0 for n in ("router.latents", "router.proj_in.weight"))
+    assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_flow_gradient_reaches_gates_through_council_weights():
+    """With the aux losses off, the gates learn only because the council weights carry gradients."""
+    transformer, adapter = tiny_flux(0), train_adapter()
+    adapter.model.eval()  # no noise/dropout: the gradient below is the flow term's alone
+    inputs = flux_inputs(batch=2)
+    with im.attach(transformer, adapter, training=True):
+        transformer(**inputs)[0].square().mean().backward()
+    gate = adapter.model.layer("transformer_blocks.0.ff.net.2").gate.weight
+    assert gate.grad is not None and gate.grad.abs().sum() > 0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    transformer, adapter = tiny_flux(0), train_adapter()
+    inputs = flux_inputs(batch=2)
+    aux_plain, plain = step(transformer, adapter, inputs, checkpointing=False)
+    aux_ckpt, ckpt = step(transformer, adapter, inputs, checkpointing=True)
+    assert plain.keys() == ckpt.keys()
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert aux_plain.as_floats() == pytest.approx(aux_ckpt.as_floats(), rel=1e-6)
+    # A runtime that forgot its councils when the forward ended would recompute another forward.
+    with pytest.raises(CheckpointError, match="different number of tensors"):
+        step(transformer, adapter, inputs, checkpointing=True, clear_after_forward=True)
+
+
+def test_aux_losses_equal_their_formulas():
+    transformer, adapter = tiny_flux(0), train_adapter()
+    adapter.model.eval()  # deterministic routing, so the formulas can be evaluated on the same councils
+    inputs = flux_inputs(batch=3)
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [
+        transformer.get_submodule(name).register_forward_hook(lambda _m, i, _o, name=name: seen.__setitem__(name, i[0]))
+        for name in adapter.config.layer_names
+    ]
+    with torch.no_grad(), im.attach(transformer, adapter, training=True) as handle:
+        transformer(**inputs)
+        summed, mean = handle.runtime.aux_losses("sum"), handle.runtime.aux_losses("mean")
+        probs, indices, _ = handle.runtime.route(inputs["encoder_hidden_states"], inputs["pooled_projections"])
+    for h in hooks:
+        h.remove()
+    cfg = adapter.config
+    lb = [load_balancing_loss(probs[:, row], indices[:, row]) for row in range(len(cfg.instruction_layers))]
+    torch.testing.assert_close(summed.load_balance, torch.stack(lb).sum())
+    torch.testing.assert_close(mean.load_balance, torch.stack(lb).mean())
+    layer = adapter.model.layer(TOKEN_LAYER)
+    token_probs = (seen[TOKEN_LAYER] @ layer.gate.weight.t()).softmax(-1)
+    token_idx = token_probs.topk(cfg.top_k, dim=-1).indices
+    n = cfg.num_experts  # every token of every row is one routed unit
+    lb_token = load_balancing_loss(token_probs.reshape(-1, n), token_idx.reshape(-1, cfg.top_k))
+    torch.testing.assert_close(summed.load_balance_token, lb_token)
+    ortho = [orthogonality_loss_reference(seen[n], adapter.model.layer(n).A, adapter.model.layer(n).B) for n in seen]
+    torch.testing.assert_close(summed.orthogonality, torch.stack(ortho).sum(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(mean.orthogonality, torch.stack(ortho).mean(), rtol=1e-5, atol=1e-7)
+
+
+def test_training_output_equals_inference_output_in_eval_mode():
+    """The training path (P = X A once, gathered) computes the same forward as inference."""
+    transformer, adapter = tiny_flux(0), train_adapter()
+    adapter.model.eval()
+    inputs = flux_inputs(batch=2)
+    with torch.no_grad():
+        with im.attach(transformer, adapter, training=True):
+            trained = transformer(**inputs)[0]
+        with im.attach(transformer, adapter):
+            inferred = transformer(**inputs)[0]
+    torch.testing.assert_close(trained, inferred, atol=1e-5, rtol=1e-5)
+
+
+def test_training_refuses_merged_and_plain_lora():
+    transformer, adapter = tiny_flux(0), train_adapter()
+    council = adapter.route(*[flux_inputs(batch=1)[k] for k in ("encoder_hidden_states", "pooled_projections")])
+    with pytest.raises(im.AttachError, match="peft"):
+        im.attach(transformer, adapter, mode="merged", council=council, training=True)
+    with pytest.raises(RoutingError, match="training=True"):
+        im.attach(transformer, adapter).runtime.aux_losses()
