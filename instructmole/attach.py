@@ -72,6 +72,7 @@ class AttachedAdapter:
         cfg = adapter.config
         self.transformer, self.adapter, self.mode = transformer, adapter, mode
         self.lora_strength = lora_strength
+        self.seeds: Tensor | None = None  # training: per-row seeds of the next forward's random draws
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._backup: dict[str, Tensor] = {}
         self._layer_terms: dict[str, list[Callable[[Tensor], Tensor | None]]] = {}
@@ -160,7 +161,7 @@ class AttachedAdapter:
         if self.runtime.council is None and (text is None or pooled is None):
             raise AttachError("dynamic routing needs encoder_hidden_states and pooled_projections in the forward call")
         try:
-            self.runtime.begin(text, pooled, rows=hidden.shape[0], device=hidden.device)
+            self.runtime.begin(text, pooled, rows=hidden.shape[0], device=hidden.device, seeds=self.seeds)
         except RoutingError as err:
             raise AttachError(str(err)) from None
 

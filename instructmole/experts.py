@@ -86,12 +86,18 @@ def dense_delta(x: Tensor, A: Tensor, B: Tensor, weights: Tensor, scale: float) 
     return out.reshape(*shape[:-1], B.shape[-1])
 
 
-def token_route(x: Tensor, gate: Tensor, top_k: int, noise_std: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-token gates: ``(probs [b, t, n], indices [b, t, k], weights [b, t, k])``, unnormalised top-k."""
+def token_route(
+    x: Tensor, gate: Tensor, top_k: int, noise_std: float = 0.0, noise: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token gates: ``(probs [b, t, n], indices [b, t, k], weights [b, t, k])``, unnormalised top-k.
+
+    ``noise`` (standard normal, ``[b, t, n]``): the draw to scale by ``noise_std`` instead of drawing one.
+    """
     xf, _ = _flat(x)
     logits = (xf @ gate.t().to(xf.dtype)).float()
     if noise_std > 0:
-        logits = logits + torch.randn_like(logits) * noise_std
+        draw = torch.randn_like(logits) if noise is None else noise.to(logits)
+        logits = logits + draw * noise_std
     probs = logits.softmax(-1)
     weights, indices = probs.topk(top_k, dim=-1)
     return probs, indices, weights

@@ -65,10 +65,11 @@ class InstructMoLE(nn.Module):
         """Stacked instruction gates ``[L, n, d]`` in council row order."""
         return torch.stack([self.layer(name).gate.weight for name in self.config.instruction_layers])
 
-    def signal(self, text: Tensor, pooled: Tensor) -> Tensor:
-        """Z_global ``[b, d]`` from T5 features ``[b, t, text_dim]`` and CLIP pooled ``[b, d]``."""
+    def signal(self, text: Tensor, pooled: Tensor, keep: Tensor | None = None) -> Tensor:
+        """Z_global ``[b, d]`` from T5 features ``[b, t, text_dim]`` and CLIP pooled ``[b, d]``
+        (``keep``: a given router-dropout mask, see ``PerceiverResampler.forward``)."""
         p = next(self.router.parameters())
-        return self.router(text.to(p.device, p.dtype), pooled.to(p.device, p.dtype))
+        return self.router(text.to(p.device, p.dtype), pooled.to(p.device, p.dtype), keep)
 
     def route_signal(self, signal: Tensor, labels: Sequence[str] = ()) -> tuple[Council, Tensor, Tensor]:
         """Councils from Z_global; also returns ``(probs, indices)`` for the load-balancing loss."""

@@ -77,26 +77,39 @@ class PerceiverResampler(nn.Module):
         self.norm_out = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, text: Tensor, pooled: Tensor) -> Tensor:
-        """``text [b, t, text_dim]`` (T5 features), ``pooled [b, d]`` (CLIP-L pooled) -> ``Z [b, d]``."""
+    def forward(self, text: Tensor, pooled: Tensor, keep: Tensor | None = None) -> Tensor:
+        """``text [b, t, text_dim]`` (T5 features), ``pooled [b, d]`` (CLIP-L pooled) -> ``Z [b, d]``.
+
+        ``keep [b, d]`` (0/1), in training only: the dropout mask to use instead of drawing one, so
+        that a trainer can make every random draw a function of the sample (exact resume, and
+        the same result on one process or many).
+        """
         x = self.proj_in(text)
         latents = repeat(self.latents, "1 l d -> b l d", b=x.shape[0])
         for attn, ff in self.layers:
             latents = latents + attn(x, latents)
             latents = latents + ff(latents)
-        z = self.dropout(self.norm_out(self.proj_out(latents)))
-        return z[:, 0] + pooled.to(z.dtype)
+        z = self.norm_out(self.proj_out(latents))[:, 0]
+        if keep is not None and self.training and self.dropout.p > 0:
+            z = z * keep.to(z.dtype) / (1 - self.dropout.p)
+        else:
+            z = self.dropout(z)
+        return z + pooled.to(z.dtype)
 
 
-def route_instances(signal: Tensor, gates: Tensor, top_k: int, noise_std: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+def route_instances(
+    signal: Tensor, gates: Tensor, top_k: int, noise_std: float = 0.0, noise: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """All layers' councils at once: ``(probs [b, L, n], indices [b, L, k], weights [b, L, k])``.
 
     ``gates``: the stacked per-layer gate weights ``[L, n, d]``. Weights are the top-k
-    probabilities themselves, not renormalised (as trained).
+    probabilities themselves, not renormalised (as trained). ``noise`` (standard normal,
+    ``[b, L, n]``): the draw to scale by ``noise_std`` instead of drawing one.
     """
     logits = torch.einsum("bd,lnd->bln", signal.float(), gates.float())
     if noise_std > 0:
-        logits = logits + torch.randn_like(logits) * noise_std
+        draw = torch.randn_like(logits) if noise is None else noise.to(logits)
+        logits = logits + draw * noise_std
     probs = logits.softmax(-1)
     weights, indices = probs.topk(top_k, dim=-1)
     return probs, indices, weights

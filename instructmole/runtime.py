@@ -129,6 +129,7 @@ class MoLERuntime:
         self._active: dict[str, tuple[Tensor, Tensor]] | None = None
         self._last: tuple[Tensor, Tensor, Tensor] | None = None  # router output, left on the device
         self._records: dict[str, Any] = {}  # training: what the aux losses need, per forward
+        self._seeds: Tensor | None = None  # training: per-row seeds of the current forward
         self.council = council
 
     # ---- configuration ------------------------------------------------------------------------
@@ -153,12 +154,14 @@ class MoLERuntime:
 
     # ---- per forward --------------------------------------------------------------------------
 
-    def route(self, text: Tensor, pooled: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def route(self, text: Tensor, pooled: Tensor, seeds: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """The router's ``(probs, indices, weights)`` for a batch: ``[b, L, n]``, ``[b, L, k]``, ``[b, L, k]``.
 
         Inference uses the cached fp32 eval copy without gradients; training the live module (its
         ``train()`` mode decides gate noise and dropout) in fp32 with autocast off, so that a
-        mixed-precision run picks the councils inference will pick.
+        mixed-precision run picks the councils inference will pick. ``seeds`` (one integer per
+        row, training): draw each row's gate noise and dropout mask from its own seed instead of
+        the global generator, so a row routes the same on one process or many, and after a resume.
         """
         cfg = self.config
         if not self.training:
@@ -166,9 +169,33 @@ class MoLERuntime:
                 router, gates = self.cache.router(text.device)
                 signal = router(text.to(torch.float32), pooled.to(text.device, torch.float32))
                 return route_instances(signal, gates, cfg.top_k)
+        noise = keep = None
+        if seeds is not None and self.model.training:
+            noise, keep = self._row_draws(seeds, text.device)
         with torch.autocast(text.device.type, enabled=False):
-            signal = self.model.signal(text.float(), pooled.float())
-            return route_instances(signal, self.model.gates(), cfg.top_k, self.model.gate_noise_std)
+            signal = self.model.signal(text.float(), pooled.float(), keep)
+            return route_instances(signal, self.model.gates(), cfg.top_k, self.model.gate_noise_std, noise)
+
+    def _row_draws(self, seeds: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Per row: gate noise ``[L, n]`` and a router-dropout keep mask ``[d]`` from its seed."""
+        cfg = self.config
+        noise, keep = [], []
+        for seed in seeds.tolist():
+            g = torch.Generator().manual_seed(int(seed))
+            noise.append(torch.randn(len(cfg.instruction_layers), cfg.num_experts, generator=g))
+            keep.append(torch.rand(cfg.router_dim, generator=g) >= cfg.router_dropout)
+        return torch.stack(noise).to(device), torch.stack(keep).to(device)
+
+    def _token_noise(self, name: str, shape: torch.Size, device: torch.device) -> Tensor | None:
+        """Per row, the token gate noise of layer ``name`` from the row's seed (None: draw globally)."""
+        if self._seeds is None:
+            return None
+        offset = self.config.layer_names.index(name) + 1
+        rows = [
+            torch.randn(shape[1:], generator=torch.Generator().manual_seed(int(seed) * 1000 + offset))
+            for seed in self._seeds.tolist()
+        ]
+        return torch.stack(rows).to(device)
 
     def begin(
         self,
@@ -177,11 +204,14 @@ class MoLERuntime:
         *,
         rows: int | None = None,
         device: torch.device | None = None,
+        seeds: Tensor | None = None,
     ) -> None:
         """Route the batch of one transformer forward of ``rows`` rows on ``device`` (default: the
-        text's). ``text``/``pooled`` may be None when nothing is routed (fixed council, merged)."""
+        text's). ``text``/``pooled`` may be None when nothing is routed (fixed council, merged).
+        ``seeds``: per-row seeds for training's random draws (see ``route``)."""
         layers = self.config.instruction_layers
         self._records = {"grams": {}, "token": {}}
+        self._seeds = seeds if self.training else None
         if not layers or not self.layers.intersection(layers):
             self._active = None
             return
@@ -195,7 +225,7 @@ class MoLERuntime:
         else:
             if text is None or pooled is None:
                 raise RoutingError("auto routing needs the instruction's T5 features and CLIP pooled vector")
-            probs, indices, weights = self.route(text, pooled)
+            probs, indices, weights = self.route(text, pooled, self._seeds)
             self._last = (probs, indices, weights)
             if self.training:
                 self._records["instruction"] = (probs, indices)
@@ -251,8 +281,10 @@ class MoLERuntime:
             _, indices, weights = token_route(x, gate, cfg.top_k)
             return token_delta(x, A, B, indices, weights * self.expert_strength, cfg.scale)
         gate = self.model.layer(name).gate.weight
+        std = self.model.gate_noise_std
+        noise = self._token_noise(name, (x.shape[0], x[0].numel() // x.shape[-1], cfg.num_experts), x.device)
         with torch.autocast(x.device.type, enabled=False):
-            probs, indices, weights = token_route(x.float(), gate.float(), cfg.top_k, self.model.gate_noise_std)
+            probs, indices, weights = token_route(x.float(), gate.float(), cfg.top_k, std, noise if std else None)
         out, proj = token_delta_with_projections(x, A, B, indices, weights.to(x.dtype), cfg.scale)
         self._records["grams"][name] = projection_gram(proj)
         self._records["token"][name] = (probs, indices)

@@ -132,3 +132,20 @@ def test_training_refuses_merged_and_plain_lora():
         im.attach(transformer, adapter, mode="merged", council=council, training=True)
     with pytest.raises(RoutingError, match="training=True"):
         im.attach(transformer, adapter).runtime.aux_losses()
+
+
+def test_seeded_rows_draw_the_same_noise_alone_or_in_a_batch():
+    """Per-row seeds make a training forward of a batch equal to its rows run one by one."""
+    transformer, adapter = tiny_flux(0), train_adapter()
+    inputs = flux_inputs(batch=3)
+    seeds = torch.tensor([11, 22, 33])
+    per_row = {"hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance"}
+    with torch.no_grad(), im.attach(transformer, adapter, training=True) as handle:
+        handle.seeds = seeds
+        together = transformer(**inputs)[0]
+        for b in range(3):
+            handle.seeds = seeds[b : b + 1]
+            alone = transformer(**{k: v[b : b + 1] if k in per_row else v for k, v in inputs.items()})[0]
+            torch.testing.assert_close(alone[0], together[b], atol=1e-5, rtol=1e-5)
+        handle.seeds = torch.tensor([11, 22, 34])
+        assert not torch.allclose(transformer(**inputs)[0][2], together[2], atol=1e-4)  # the seed matters
