@@ -16,11 +16,14 @@ from .config import MoLEConfig
 
 __all__ = [
     "TINY_FLUX",
+    "TINY_VAE",
     "TinyTextEncoders",
     "kontext_inputs",
+    "save_tiny_kontext",
     "tiny_flux",
     "tiny_mole_config",
     "tiny_text_encoders",
+    "tiny_vae",
 ]
 
 # A Flux with 2 double + 2 single blocks, 2 heads of 16 (hidden 32), T5 width 64, CLIP pooled 32.
@@ -185,3 +188,85 @@ def tiny_text_encoders(
             )
         ).eval()
     return TinyTextEncoders(t5, t5_tok, clip, clip_tok, text_length)
+
+
+# A FLUX-like VAE: 16 latent channels, 8x down (4 blocks), no quant convs, FLUX scale/shift; tiny widths.
+TINY_VAE: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (8, 8, 16, 16),
+    "layers_per_block": 1,
+    "act_fn": "silu",
+    "latent_channels": 16,
+    "norm_num_groups": 4,
+    "sample_size": 32,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "mid_block_add_attention": True,
+}
+
+# FLUX.1 [dev] / Kontext scheduler settings (resolution-dependent shift mu from 0.5 to 1.15).
+_FLUX_SCHEDULER: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+
+
+def tiny_vae(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A random diffusers ``AutoencoderKL`` shaped like the FLUX VAE, with a near-deterministic encoder.
+
+    The encoder's log-variance channels (the second half of ``conv_out``) have zero weights and a
+    bias of -12, so ``latent_dist.sample()`` differs from the mean by noise of std exp(-6) ~ 0.0025.
+    """
+    from diffusers import AutoencoderKL
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(**TINY_VAE)
+    latent = TINY_VAE["latent_channels"]
+    with torch.no_grad():
+        vae.encoder.conv_out.weight[latent:].zero_()
+        vae.encoder.conv_out.bias[latent:].fill_(-12.0)
+    if dtype != torch.float32:
+        vae = vae.to(dtype)
+    return vae.eval()
+
+
+def save_tiny_kontext(folder: Any, seed: int = 0, text_length: int = 512):
+    """Write a complete diffusers-layout FLUX.1 Kontext pipeline folder of tiny random parts.
+
+    ``model_index.json`` names ``FluxKontextPipeline``; the parts are ``tiny_flux(seed)``,
+    ``tiny_vae(seed)``, the tiny CLIP / T5 of ``tiny_text_encoders(seed=seed)`` with their tokenizers
+    (the CLIP tokenizer's ``model_max_length`` set to its 16 positions, the T5 one's to
+    ``text_length``) and a FLUX [dev] flow-matching scheduler. Loads offline with
+    ``FluxKontextPipeline.from_pretrained(folder)``. Returns the folder as a ``Path``.
+    """
+    from pathlib import Path
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    text = tiny_text_encoders(text_length=text_length, seed=seed)
+    text.clip_tokenizer.model_max_length = text.clip.config.max_position_embeddings
+    text.t5_tokenizer.model_max_length = text_length
+    pipe = FluxKontextPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**_FLUX_SCHEDULER),
+        vae=tiny_vae(seed),
+        text_encoder=text.clip,
+        tokenizer=text.clip_tokenizer,
+        text_encoder_2=text.t5,
+        tokenizer_2=text.t5_tokenizer,
+        transformer=tiny_flux(seed),
+    )
+    pipe.save_pretrained(str(folder))
+    return folder
