@@ -110,8 +110,10 @@ class Adapter:
         out.update({k: v.detach() for k, v in self.lora.items()})
         return {k: v.contiguous() for k, v in out.items()}
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write atomically: temp file in the same folder, fsync, rename over ``path``."""
+    def save(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+        """Write atomically: temp file in the same folder, fsync, rename over ``path``.
+
+        ``dtype``: store the floating tensors in it (e.g. bf16 for a trainer's fp32 weights)."""
         path = Path(path)
         meta = {
             **self.metadata,
@@ -124,7 +126,10 @@ class Adapter:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
-            save_file(self.tensors(), tmp, metadata=meta)
+            tensors = self.tensors()
+            if dtype is not None:
+                tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+            save_file(tensors, tmp, metadata=meta)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)

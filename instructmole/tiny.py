@@ -7,6 +7,7 @@ trained in-process, and a matching MoLE config. diffusers/transformers are impor
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,24 +144,30 @@ _CORPUS = [
 ]
 
 
-def _tokenizer(vocab: int, specials: list[str], pad: str, eos: str | None):
+def _tokenizer(vocab: int, specials: list[str], pad: str, eos: str | None, corpus: Sequence[str] = _CORPUS):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(_CORPUS, trainers.WordLevelTrainer(vocab_size=vocab, special_tokens=specials))
+    tok.train_from_iterator(list(corpus), trainers.WordLevelTrainer(vocab_size=vocab, special_tokens=specials))
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, unk_token="<unk>", eos_token=eos)
 
 
 def tiny_text_encoders(
-    text_dim: int = 64, pooled_dim: int = 32, text_length: int = 512, seed: int = 0
+    text_dim: int = 64, pooled_dim: int = 32, text_length: int = 512, seed: int = 0, corpus: Sequence[str] = ()
 ) -> TinyTextEncoders:
-    """Random tiny T5 + CLIP text encoders whose widths match ``tiny_flux``."""
+    """Random tiny T5 + CLIP text encoders whose widths match ``tiny_flux``.
+
+    ``corpus``: texts whose words the word-level tokenizers must know (default: a few instructions;
+    a word outside the corpus becomes ``<unk>``, so a demo passes its own phrasings).
+    """
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    t5_tok = _tokenizer(128, ["<pad>", "</s>", "<unk>"], "<pad>", "</s>")
-    clip_tok = _tokenizer(128, ["<|endoftext|>", "<unk>"], "<|endoftext|>", "<|endoftext|>")
+    words = list(corpus) or _CORPUS
+    vocab = 128 if not corpus else 1024
+    t5_tok = _tokenizer(vocab, ["<pad>", "</s>", "<unk>"], "<pad>", "</s>", words)
+    clip_tok = _tokenizer(vocab, ["<|endoftext|>", "<unk>"], "<|endoftext|>", "<|endoftext|>", words)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         t5 = T5EncoderModel(
@@ -226,29 +233,41 @@ def tiny_vae(seed: int = 0, dtype: torch.dtype = torch.float32):
 
     The encoder's log-variance channels (the second half of ``conv_out``) have zero weights and a
     bias of -12, so ``latent_dist.sample()`` differs from the mean by noise of std exp(-6) ~ 0.0025.
+    Its mean channels are rescaled so that, on smooth random images, the latents normalised with
+    FLUX's constants (``(z - 0.1159) · 0.3611``) have mean 0 and std 1, as a trained FLUX VAE's do:
+    a random encoder's latents are ~10x smaller, and a flow-matching target would then be almost
+    all noise, with the image (and an edit) a rounding error of the loss.
     """
     from diffusers import AutoencoderKL
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = AutoencoderKL(**TINY_VAE)
+        size = TINY_VAE["sample_size"]
+        calibration = torch.nn.functional.interpolate(torch.rand(16, 3, 4, 4) * 2 - 1, size=size, mode="bilinear")
     latent = TINY_VAE["latent_channels"]
     with torch.no_grad():
-        vae.encoder.conv_out.weight[latent:].zero_()
-        vae.encoder.conv_out.bias[latent:].fill_(-12.0)
+        conv = vae.encoder.conv_out
+        conv.weight[latent:].zero_()
+        conv.bias[latent:].fill_(-12.0)
+        z = vae.encode(calibration).latent_dist.mean
+        a = 1.0 / (TINY_VAE["scaling_factor"] * float(z.std()))  # z -> a·z + b: normalised std 1, mean 0
+        b = TINY_VAE["shift_factor"] - a * float(z.mean())
+        conv.weight[:latent].mul_(a)
+        conv.bias[:latent].mul_(a).add_(b)
     if dtype != torch.float32:
         vae = vae.to(dtype)
     return vae.eval()
 
 
-def save_tiny_kontext(folder: Any, seed: int = 0, text_length: int = 512):
+def save_tiny_kontext(folder: Any, seed: int = 0, text_length: int = 512, corpus: Sequence[str] = ()):
     """Write a complete diffusers-layout FLUX.1 Kontext pipeline folder of tiny random parts.
 
     ``model_index.json`` names ``FluxKontextPipeline``; the parts are ``tiny_flux(seed)``,
     ``tiny_vae(seed)``, the tiny CLIP / T5 of ``tiny_text_encoders(seed=seed)`` with their tokenizers
     (the CLIP tokenizer's ``model_max_length`` set to its 16 positions, the T5 one's to
-    ``text_length``) and a FLUX [dev] flow-matching scheduler. Loads offline with
-    ``FluxKontextPipeline.from_pretrained(folder)``. Returns the folder as a ``Path``.
+    ``text_length``; ``corpus`` as in ``tiny_text_encoders``) and a FLUX [dev] flow-matching
+    scheduler. Loads offline with ``FluxKontextPipeline.from_pretrained(folder)``. Returns the folder.
     """
     from pathlib import Path
 
@@ -256,7 +275,7 @@ def save_tiny_kontext(folder: Any, seed: int = 0, text_length: int = 512):
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    text = tiny_text_encoders(text_length=text_length, seed=seed)
+    text = tiny_text_encoders(text_length=text_length, seed=seed, corpus=corpus)
     text.clip_tokenizer.model_max_length = text.clip.config.max_position_embeddings
     text.t5_tokenizer.model_max_length = text_length
     pipe = FluxKontextPipeline(

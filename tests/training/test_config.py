@@ -1,0 +1,94 @@
+"""Config validation: every kind of mistake names the key, the value and the way out."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from training.config import REFERENCE_LORA_TARGETS, load_config
+from training.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> list[str]:
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("")
+    model = tmp_path / "model"
+    model.mkdir()
+    return [f"data.manifest={manifest}", f"model.pretrained={model}"]
+
+
+def test_shipped_configs_hold_the_reference_recipe(base):
+    cfg = load_config(ROOT / "training/configs/kontext.yaml", base)
+    a, t = cfg.adapter, cfg.train
+    assert (a.num_experts, a.top_k, a.rank, a.alpha, a.targets) == (8, 4, 32, 32.0, ["reference"])
+    assert (a.lora.rank, a.lora.alpha, a.lora.targets) == (256, 256.0, REFERENCE_LORA_TARGETS)
+    assert (t.lr, t.gate_lr, t.load_balance, t.orthogonality, t.aux_reduction) == (1e-4, 5e-5, 0.1, 0.01, "sum")
+    assert (t.batch_size, t.seed, t.guidance, t.max_grad_norm, t.weight_decay) == (4, 3407, 1.0, 1.0, 1e-4)
+    assert (cfg.data.instruction_dropout, cfg.data.reference_dropout, a.text_length) == (0.1, 0.05, 512)
+    tiny = load_config(ROOT / "training/configs/tiny_demo.yaml", base)
+    assert (tiny.adapter.num_experts, tiny.adapter.top_k, tiny.adapter.rank) == (4, 2, 4)
+
+
+def test_overrides_are_typed_and_yaml_style_numbers_parse(base):
+    cfg = load_config(None, [*base, "train.lr=3e-4", "adapter.token_routed=[transformer_blocks.0.ff.net.2]"])
+    assert cfg.train.lr == 3e-4 and cfg.adapter.token_routed == ["transformer_blocks.0.ff.net.2"]
+    assert cfg.cache_dir == Path(base[0].split("=", 1)[1]).parent / ".instructmole-cache"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.learning_rate=1e-4", "unknown config key 'train.learning_rate'; did you mean 'train.lr'?"),
+        ("trian.lr=1", "unknown config key 'trian'; did you mean 'train'?"),
+        ("adapter.num_expert=8", "did you mean 'adapter.num_experts'?"),
+        ("train.lr=fast", "train.lr = 'fast' must be a number"),
+        ("train.lr=-1", "train.lr = -1.0 is not allowed; it must be greater than 0"),
+        ("train.lr=.inf", "train.lr = inf must be a finite number"),
+        ("train.max_steps=1.5", "train.max_steps = 1.5 must be a whole number"),
+        ("train.mixed_precision=bf32", "train.mixed_precision = 'bf32' is not allowed; choose one of: bf16, fp16, no"),
+        ("model.fp8_base=yes please", "model.fp8_base = 'yes please' must be true or false"),
+        ("train.betas=[0.9]", "train.betas = [0.9] must hold exactly 2 values"),
+        ("adapter.top_k=9", "adapter.top_k = 9 cannot exceed adapter.num_experts = 8"),
+        ("data.reference_dropout=2", "data.reference_dropout = 2.0 is not allowed; it must be at most 1"),
+        ("train.gradient_accumulation=3", "must be a multiple of train.gradient_accumulation = 3"),
+        ("model.vae=nope.safetensors", "model.vae: 'nope.safetensors' does not exist"),
+        ("train=5", "train must be a mapping of keys, got 5"),
+        ("train", "override 'train' is not of the form section.key=value"),
+    ],
+)
+def test_every_mistake_names_key_value_and_way_out(base, override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [*base, override])
+    assert message in str(err.value)
+
+
+def test_model_source_rules(tmp_path, base):
+    manifest = base[0]
+    with pytest.raises(ConfigError, match=re.escape("no model to train on: set model.pretrained")):
+        load_config(None, [manifest])
+    f = tmp_path / "x.safetensors"
+    f.write_bytes(b"")
+    with pytest.raises(ConfigError, match=re.escape("model.pretrained and model.t5 are both set")):
+        load_config(None, [*base, f"model.t5={f}"])
+    with pytest.raises(ConfigError, match=re.escape("model.diffusion_model is set but model.t5 is not")):
+        load_config(None, [manifest, f"model.diffusion_model={f}"])
+    with pytest.raises(ConfigError, match=re.escape("config key 'data.manifest' is required")):
+        load_config(None, [base[1]])
+
+
+def test_config_file_errors(tmp_path, base):
+    with pytest.raises(ConfigError, match=r"config file '.*nope\.yaml' does not exist"):
+        load_config(tmp_path / "nope.yaml", base)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(bad, base)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping of sections, not a list"):
+        load_config(listed, base)

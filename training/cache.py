@@ -1,0 +1,195 @@
+"""Latents and text features, computed once and kept on disk for every later step, process and run.
+
+An entry's key is a hash of what determines it: the image's *content* (not its path) with the VAE's
+identity and the bucket size, or the instruction text with the text encoders' identities and the
+T5 padding length. A renamed image still hits, an edited one misses, and another VAE never reads
+a stale latent. Each entry is one small ``.safetensors`` file written to a temp name and renamed,
+so a run killed mid-way leaves only whole entries behind.
+
+Under accelerate every process reads the same cache; the missing entries are split between the
+processes (each entry is encoded exactly once), and everybody waits until all are on disk.
+
+Latents are kept as the VAE posterior (mean and std), not as one sample: the trainer draws a fresh
+sample per step from the sample's own seed, as the recipe's ``latent_dist.sample()`` does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .buckets import load_image
+from .data import content_hash
+
+__all__ = ["FeatureCache", "ImageJob", "encode_latents", "encode_texts"]
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One image at one bucket size."""
+
+    path: Path
+    digest: str  # content hash
+    size: tuple[int, int]  # (width, height)
+
+
+class FeatureCache:
+    """The on-disk cache of one encoder set: key derivation, reads (with a small memory LRU), writes."""
+
+    def __init__(self, root: Path, identity: dict[str, str], text_length: int, memory_bytes: int = 1 << 30) -> None:
+        self.root = Path(root)
+        self.identity = identity
+        self.text_length = text_length
+        self._memory: OrderedDict[str, dict[str, Tensor]] = OrderedDict()
+        self._memory_bytes, self._memory_limit = 0, memory_bytes
+
+    # ---- keys ---------------------------------------------------------------------------------
+
+    def text_key(self, instruction: str) -> str:
+        ids = f"{self.identity.get('t5', '')}|{self.identity.get('clip', '')}|{self.text_length}"
+        return _digest("text", ids, instruction)
+
+    def latent_key(self, digest: str, size: tuple[int, int]) -> str:
+        return _digest("latent", self.identity.get("vae", ""), digest, f"{size[0]}x{size[1]}")
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.safetensors"
+
+    def has(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    # ---- read / write -------------------------------------------------------------------------
+
+    def read(self, key: str) -> dict[str, Tensor]:
+        """The tensors of one entry (kept in a bounded LRU: small data sets never touch the disk twice)."""
+        hit = self._memory.get(key)
+        if hit is not None:
+            self._memory.move_to_end(key)
+            return hit
+        tensors = load_file(self.path(key))
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        if size <= self._memory_limit // 8:
+            self._memory[key] = tensors
+            self._memory_bytes += size
+            while self._memory_bytes > self._memory_limit:
+                _, old = self._memory.popitem(last=False)
+                self._memory_bytes -= sum(t.numel() * t.element_size() for t in old.values())
+        return tensors
+
+    def write(self, key: str, tensors: dict[str, Tensor]) -> None:
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    # ---- content hashes, remembered by (path, size, mtime) --------------------------------------
+
+    def content_hashes(self, paths: Iterable[Path], workers: int = 8) -> dict[Path, str]:
+        """sha256 of every file, re-read only for files whose size or mtime changed since last time."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        index_path = self.root / "content-hashes.json"
+        try:
+            known = json.loads(index_path.read_text())
+        except (OSError, ValueError):
+            known = {}
+        paths = sorted(set(paths))
+        stamps = {p: _stamp(p) for p in paths}
+        todo = [p for p in paths if known.get(str(p), {}).get("stamp") != stamps[p]]
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for p, digest in zip(todo, pool.map(content_hash, todo), strict=True):
+                known[str(p)] = {"stamp": stamps[p], "sha256": digest}
+        if todo:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".content-hashes.", suffix=".tmp", dir=self.root)
+            with os.fdopen(fd, "w") as f:
+                json.dump(known, f)
+            os.replace(tmp, index_path)
+        return {p: known[str(p)]["sha256"] for p in paths}
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+# ---- encoding -------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_texts(
+    instructions: Sequence[str],
+    *,
+    t5,
+    t5_tokenizer,
+    clip,
+    clip_tokenizer,
+    text_length: int,
+    batch_size: int,
+    write: Callable[[str, dict[str, Tensor]], None],
+    progress: Callable[[int], None] = lambda n: None,
+) -> None:
+    """T5 features padded to ``text_length`` (no attention mask, as trained) and CLIP-L pooled.
+
+    This is what FLUX.1 Kontext's pipeline computes (``max_sequence_length=text_length``) and what
+    the InstructMoLE Text Encode node gives the router in ComfyUI.
+    """
+    clip_length = min(clip_tokenizer.model_max_length, clip.config.max_position_embeddings)
+    device = next(t5.parameters()).device
+    for start in range(0, len(instructions), batch_size):
+        chunk = list(instructions[start : start + batch_size])
+        t5_ids = t5_tokenizer(
+            chunk, padding="max_length", max_length=text_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        clip_ids = clip_tokenizer(
+            chunk, padding="max_length", max_length=clip_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        features = t5(input_ids=t5_ids.to(device)).last_hidden_state
+        pooled = clip(input_ids=clip_ids.to(clip.device)).pooler_output
+        for i, text in enumerate(chunk):
+            write(text, {"t5": features[i], "pooled": pooled[i].float()})
+        progress(len(chunk))
+
+
+@torch.no_grad()
+def encode_latents(
+    jobs: Sequence[ImageJob],
+    *,
+    vae,
+    batch_size: int,
+    write: Callable[[ImageJob, dict[str, Tensor]], None],
+    progress: Callable[[int], None] = lambda n: None,
+) -> None:
+    """The VAE posterior (mean, std) of every image at its bucket size, batched by size."""
+    device, dtype = vae.device, vae.dtype
+    by_size: dict[tuple[int, int], list[ImageJob]] = {}
+    for job in jobs:
+        by_size.setdefault(job.size, []).append(job)
+    for size, group in by_size.items():
+        for start in range(0, len(group), batch_size):
+            chunk = group[start : start + batch_size]
+            pixels = torch.stack([load_image(job.path, size) for job in chunk]).to(device, dtype)
+            dist = vae.encode(pixels).latent_dist
+            for i, job in enumerate(chunk):
+                write(job, {"mean": dist.mean[i].float(), "std": dist.std[i].float()})
+            progress(len(chunk))

@@ -1,0 +1,410 @@
+"""The training config: a YAML file with sections, ``key=value`` overrides, strict validation.
+
+Everything is checked before any model loads, because a typo found after an hour of caching or on
+the first checkpoint costs a night: an unknown key names the key and the nearest valid one, a bad
+value names the key, the value and what is allowed, a missing path names the path. Relative paths
+are read against the current directory (as a shell user expects of paths given on the command
+line); ``data.cache_dir`` defaults to a folder beside the manifest so that later runs reuse it.
+
+Sections: ``model`` (what to load), ``adapter`` (experts, router, optional plain LoRA), ``data``,
+``train`` (optimisation and the recipe), ``save`` (checkpoints, adapters, routing reports),
+``sample`` (images rendered at checkpoints) and ``log``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from .errors import ConfigError
+
+__all__ = [
+    "REFERENCE_LORA_TARGETS",
+    "AdapterSection",
+    "DataSection",
+    "LogSection",
+    "LoraSection",
+    "ModelSection",
+    "SampleItem",
+    "SampleSection",
+    "SaveSection",
+    "TrainConfig",
+    "TrainSection",
+    "load_config",
+]
+
+# The reference recipe's plain-LoRA targets (module-name suffixes inside the Flux blocks, plus the
+# image embedder): peft matches a module when its name ends with one of them.
+REFERENCE_LORA_TARGETS = [
+    "x_embedder",
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "norm1.linear",
+    "norm.linear",
+    "ff.net.0.proj",
+    "proj_mlp",
+]
+
+
+def _meta(help: str, **checks: Any) -> dict[str, Any]:
+    return {"help": help, **checks}
+
+
+def _f(default: Any, help: str, **checks: Any) -> Any:
+    """A dataclass field with its help text and value checks (read by ``_value``)."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=_meta(help, **checks))
+    return field(default=default, metadata=_meta(help, **checks))
+
+
+@dataclass
+class ModelSection:
+    pretrained: str | None = _f(None, "a local diffusers folder of FLUX.1 Kontext [dev]", path="dir")
+    comfyui_path: str | None = _f(None, "a ComfyUI folder: its tokenizers are used with the split files", path="dir")
+    diffusion_model: str | None = _f(None, "ComfyUI split files: the Kontext diffusion model", path="file")
+    t5: str | None = _f(None, "ComfyUI split files: T5-XXL (models/text_encoders)", path="file")
+    clip: str | None = _f(None, "ComfyUI split files: CLIP-L (models/text_encoders)", path="file")
+    vae: str | None = _f(None, "ComfyUI split files: the FLUX VAE (models/vae)", path="file")
+    dtype: Literal["bf16", "fp16", "fp32"] = _f("bf16", "storage and compute dtype of the frozen base")
+    fp8_base: bool = _f(False, "store frozen base Linears in fp8, upcast per layer (never adapter-carrying ones)")
+    gradient_checkpointing: bool = _f(True, "recompute each block in backward: less memory, ~30% more time")
+
+
+@dataclass
+class LoraSection:
+    rank: int = _f(0, "plain-LoRA rank; 0 turns the plain LoRA off (the reference uses 256)", min=0)
+    alpha: float | None = _f(None, "plain-LoRA alpha (default: the rank, scale 1)", gt=0)
+    init: Literal["gaussian", "kaiming"] = _f("gaussian", "initialisation of lora_A (lora_B starts at zero)")
+    targets: list[str] = _f(REFERENCE_LORA_TARGETS, "module-name suffixes that get the plain LoRA")
+
+
+@dataclass
+class AdapterSection:
+    num_experts: int = _f(8, "experts per MoLE layer", min=2, max=256)
+    top_k: int = _f(4, "experts in each council", min=1)
+    rank: int = _f(32, "rank of every expert", min=1, max=4096)
+    alpha: float = _f(32.0, "expert LoRA alpha (scale = alpha / rank)", gt=0)
+    targets: list[str] = _f(
+        ["reference"],
+        "MoLE layers: 'reference' (every double block's ff.net.2 and single block's proj_out) or canonical names",
+    )
+    token_routed: list[str] = _f([], "layers whose gate routes each token instead of the instruction")
+    router_depth: int = _f(2, "Perceiver layers", min=1, max=64)
+    router_heads: int = _f(12, "Perceiver attention heads", min=1, max=256)
+    router_head_dim: int = _f(64, "Perceiver head width", min=1, max=1024)
+    router_ff_mult: int = _f(4, "Perceiver feed-forward width multiplier", min=1, max=64)
+    router_dropout: float = _f(0.1, "dropout on the router signal, training only", min=0, lt=1)
+    gate_noise: bool = _f(True, "Gaussian gate-logit noise of std 1/N, training only")
+    text_length: int = _f(512, "T5 padding length of the routing signal (recorded in the adapter)", min=1)
+    lora: LoraSection = field(default_factory=LoraSection)
+
+
+@dataclass
+class DataSection:
+    manifest: str = _f(None, "a JSONL manifest or a folder with target/ and control/", path="any", required=True)
+    resolution: int = _f(512, "pixel budget per image: buckets hold about resolution² pixels", min=16, max=4096)
+    min_side: int = _f(256, "rows whose shorter image side is below this are bad rows", min=1)
+    max_references: int = _f(4, "rows with more references are bad rows", min=0, max=16)
+    on_error: Literal["fail", "skip"] = _f("fail", "a bad row stops the run, or is skipped and counted")
+    cache_dir: str | None = _f(None, "latent/text cache (default: .instructmole-cache beside the manifest)")
+    instruction_dropout: float = _f(0.1, "share of samples trained with the empty instruction", min=0, max=1)
+    reference_dropout: float = _f(0.05, "share of batches trained without their reference tokens", min=0, max=1)
+    latent_sample: bool = _f(True, "draw latents from the VAE posterior each step (else its mean)")
+    workers: int = _f(2, "data-loading worker processes per training process", min=0, max=64)
+    encode_batch_size: int = _f(8, "batch size while caching latents and text features", min=1)
+
+
+@dataclass
+class TrainSection:
+    output_dir: str = _f("runs/instructmole", "checkpoints, adapters, reports and metrics go here")
+    seed: int = _f(3407, "seed of every random draw (data order, noise, timesteps, dropout)", min=0)
+    max_steps: int = _f(100_000, "optimizer steps", min=1)
+    batch_size: int = _f(4, "samples per optimizer step, over all processes", min=1)
+    gradient_accumulation: int = _f(1, "micro-batches per optimizer step", min=1)
+    lr: float = _f(1e-4, "learning rate of router, experts and plain LoRA", gt=0, max=1)
+    gate_lr: float = _f(5e-5, "learning rate of the gates", gt=0, max=1)
+    betas: list[float] = _f([0.9, 0.999], "AdamW betas", length=2, min=0, lt=1)
+    weight_decay: float = _f(1e-4, "AdamW weight decay", min=0)
+    max_grad_norm: float = _f(1.0, "gradient-norm clip (0: none)", min=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = _f("constant", "learning-rate schedule after warm-up")
+    warmup_steps: int = _f(0, "linear warm-up steps", min=0)
+    mixed_precision: Literal["bf16", "fp16", "no"] = _f("bf16", "autocast; trainable weights stay fp32")
+    timesteps: Literal["uniform", "logit_normal"] = _f("uniform", "how sigma is drawn")
+    logit_mean: float = _f(0.0, "logit-normal mean")
+    logit_std: float = _f(1.0, "logit-normal std", gt=0)
+    guidance: float = _f(1.0, "Kontext guidance embedding value while training", min=0)
+    load_balance: float = _f(0.1, "weight of the instruction gates' load-balancing loss", min=0)
+    load_balance_token: float = _f(0.01, "weight of token-routed gates' load-balancing loss", min=0)
+    orthogonality: float = _f(0.01, "weight of the expert-output orthogonality loss", min=0)
+    aux_reduction: Literal["sum", "mean"] = _f("sum", "aux losses of the MoLE layers: summed (reference) or averaged")
+    aux_decay_steps: int | None = _f(
+        None, "cosine decay of the aux weights to ~0 over this many steps (default: max_steps)", min=1
+    )
+
+
+@dataclass
+class SaveSection:
+    every: int = _f(5000, "checkpoint (state, adapter, report) every this many steps", min=1)
+    keep: int = _f(3, "keep the last this many checkpoints", min=1)
+    name: str = _f("instructmole", "adapter file name prefix")
+    dtype: Literal["bf16", "fp16", "fp32"] = _f("bf16", "dtype of exported adapter tensors")
+    report: bool = _f(True, "write a routing report with each checkpoint")
+    report_rows: int = _f(64, "at most this many held-out rows for the report's flow losses", min=1)
+
+
+@dataclass
+class SampleItem:
+    instruction: str = _f(None, "the edit instruction", required=True)
+    references: list[str] = _f([], "reference images", path="file")
+
+
+@dataclass
+class SampleSection:
+    items: list[SampleItem] = _f([], "instruction/reference pairs rendered at each checkpoint (empty: none)")
+    steps: int = _f(28, "sampling steps", min=1, max=1000)
+    guidance: float = _f(2.5, "guidance embedding value", min=0)
+    seed: int = _f(0, "noise seed of the samples", min=0)
+
+
+@dataclass
+class LogSection:
+    every: int = _f(10, "metrics line every this many steps", min=1)
+    trackers: list[Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"]] | None = _f(
+        None, "accelerate trackers (default: TensorBoard when it is installed)"
+    )
+    progress: bool = _f(True, "show a progress bar")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    adapter: AdapterSection = field(default_factory=AdapterSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    save: SaveSection = field(default_factory=SaveSection)
+    sample: SampleSection = field(default_factory=SampleSection)
+    log: LogSection = field(default_factory=LogSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def cache_dir(self) -> Path:
+        if self.data.cache_dir:
+            return Path(self.data.cache_dir)
+        return Path(self.data.manifest).parent / ".instructmole-cache"
+
+
+# ---- loading and validation ---------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read ``path`` (YAML), apply ``key=value`` overrides, validate everything; raise ``ConfigError``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {_one_line(err)}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of sections, not a {type(data).__name__}")
+    for item in overrides:
+        _apply_override(data, item)
+    config = _build(TrainConfig, data, "")
+    _check_together(config)
+    return config
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.lr=3e-4)")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    parts = key.strip().split(".")
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: '{'.'.join(parts[: depth + 1])}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'the config'} must be a mapping of keys, got {_show(data)}")
+    known = {f.name: f for f in fields(cls)}
+    for key in data:
+        if key not in known:
+            full = f"{where}.{key}" if where else str(key)
+            near = [_ALIASES[key]] if _ALIASES.get(key) in known else []
+            near = near or difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.5)
+            hint = f"; did you mean '{where + '.' if where else ''}{near[0]}'?" if near else ""
+            valid = ", ".join(known)
+            raise ConfigError(f"unknown config key '{full}'{hint} (valid here: {valid})")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, f in known.items():
+        full = f"{where}.{name}" if where else name
+        if name in data:
+            values[name] = _value(hints[name], data[name], full, f.metadata)
+        elif f.metadata.get("required"):
+            raise ConfigError(f"config key '{full}' is required: {f.metadata['help']}")
+        elif is_dataclass(hints[name]):
+            values[name] = _build(hints[name], {}, full)
+    return cls(**values)
+
+
+# Names other trainers use for our keys: a typo-distance match would not find them.
+_ALIASES = {
+    "learning_rate": "lr",
+    "gate_learning_rate": "gate_lr",
+    "lr_scheduler": "lr_schedule",
+    "train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "gradient_accumulation",
+    "max_train_steps": "max_steps",
+    "steps": "max_steps",
+    "checkpointing_steps": "every",
+    "checkpoints_total_limit": "keep",
+    "lora_rank": "rank",
+    "experts": "num_experts",
+    "k": "top_k",
+    "dataset": "manifest",
+    "pretrained_model_name_or_path": "pretrained",
+}
+
+
+def _value(tp: Any, value: Any, where: str, meta: dict[str, Any]) -> Any:
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        return _value(rest[0], value, where, meta)
+    if is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where} = {_show(value)} is not allowed; choose one of: {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if isinstance(value, str | int | float | dict):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} = {_show(value)} must be a list")
+        if "length" in meta and len(value) != meta["length"]:
+            raise ConfigError(f"{where} = {_show(value)} must hold exactly {meta['length']} values")
+        return [_value(args[0], v, f"{where}[{i}]", meta) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} = {_show(value)} must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} = {_show(value)} must be a whole number")
+        return _in_range(value, where, meta)
+    if tp is float:
+        number = _number(value, where)
+        return _in_range(number, where, meta)
+    if tp is str:
+        if value is None:
+            raise ConfigError(f"{where} must not be empty")
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ConfigError(f"{where} = {_show(value)} must be text")
+        text = str(value)
+        if meta.get("path") and not Path(text).exists():
+            raise ConfigError(f"{where}: '{text}' does not exist (looked at {Path(text).resolve()})")
+        if meta.get("path") == "file" and not Path(text).is_file():
+            raise ConfigError(f"{where}: '{text}' is not a file")
+        if meta.get("path") == "dir" and not Path(text).is_dir():
+            raise ConfigError(f"{where}: '{text}' is not a folder")
+        return text
+    raise AssertionError(f"unsupported config type {tp!r} at {where}")  # a bug in this file, not user input
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{where} = {_show(value)} must be a number")
+    if isinstance(value, str):  # YAML reads 1e-4 (no dot) as text
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{where} = {_show(value)} must be a number") from None
+    if not isinstance(value, int | float):
+        raise ConfigError(f"{where} = {_show(value)} must be a number")
+    if not math.isfinite(value):
+        raise ConfigError(f"{where} = {_show(value)} must be a finite number")
+    return float(value)
+
+
+def _in_range(value: float, where: str, meta: dict[str, Any]) -> Any:
+    checks = [("min", lambda v, b: v >= b, "at least"), ("max", lambda v, b: v <= b, "at most")]
+    checks += [("gt", lambda v, b: v > b, "greater than"), ("lt", lambda v, b: v < b, "less than")]
+    for key, ok, words in checks:
+        if key in meta and not ok(value, meta[key]):
+            raise ConfigError(f"{where} = {value!r} is not allowed; it must be {words} {meta[key]}")
+    return value
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+def _check_together(config: TrainConfig) -> None:
+    """Rules that span keys."""
+    m = config.model
+    split = {"diffusion_model": m.diffusion_model, "t5": m.t5, "clip": m.clip, "vae": m.vae}
+    if m.pretrained and any(split.values()):
+        given = next(k for k, v in split.items() if v)
+        raise ConfigError(
+            f"model.pretrained and model.{given} are both set; use a diffusers folder or ComfyUI split files, not both"
+        )
+    if not m.pretrained:
+        if not m.diffusion_model:
+            raise ConfigError(
+                "no model to train on: set model.pretrained (a diffusers FLUX.1 Kontext folder) or "
+                "model.diffusion_model, model.t5, model.clip, model.vae and model.comfyui_path (ComfyUI's files)"
+            )
+        missing = [k for k in ("t5", "clip", "vae", "comfyui_path") if not getattr(m, k)]
+        if missing:
+            raise ConfigError(
+                f"model.diffusion_model is set but model.{missing[0]} is not; ComfyUI split files need the "
+                "diffusion model, T5-XXL, CLIP-L, the VAE and the ComfyUI folder (for the tokenizers)"
+            )
+    a = config.adapter
+    if a.top_k > a.num_experts:
+        raise ConfigError(f"adapter.top_k = {a.top_k} cannot exceed adapter.num_experts = {a.num_experts}")
+    t = config.train
+    if t.batch_size % t.gradient_accumulation:
+        raise ConfigError(
+            f"train.batch_size = {t.batch_size} must be a multiple of train.gradient_accumulation = "
+            f"{t.gradient_accumulation} (each micro-batch is batch_size / gradient_accumulation samples)"
+        )
+    for i, item in enumerate(config.sample.items):
+        if not item.references:
+            raise ConfigError(f"sample.items[{i}] has no references; a Kontext edit sample needs at least one image")

@@ -1,0 +1,533 @@
+"""The training run: data checks, feature cache, model set-up, the accelerate loop, checkpoints.
+
+``train(config)`` is the importable entry point (``python -m training`` is a thin CLI over it).
+It works the same on one CPU, one GPU, and N processes under ``accelerate launch`` or
+``torchrun``: ``train.batch_size`` is the global batch, each process takes an equal contiguous
+share of every global micro-batch, and every random draw is a function of (seed, step, sample).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from instructmole import InstructMoLE
+
+from .buckets import BucketBatches, buckets_for, nearest_bucket
+from .cache import FeatureCache, ImageJob, encode_latents, encode_texts
+from .checkpoint import TrainState, install_state_hooks, read_marker, resolve_resume, save_checkpoint
+from .config import TrainConfig
+from .data import Row, check_rows, image_size, read_rows
+from .errors import CheckpointError, DataError, TrainingError
+from .evaluate import Evaluator, model_inputs, render_samples
+from .loading import SHIPPED_CONFIGS, KontextParts, load_comfyui_files, load_diffusers_folder
+from .modules import DTYPES, TrainingModel, build_mole_config, setup_transformer
+from .recipe import LatentNorm, MicroBatches, aux_weight
+
+__all__ = ["RunResult", "train"]
+
+
+@dataclass
+class RunResult:
+    adapter: Path  # the final adapter file
+    steps: int
+    output_dir: Path
+    model: TrainingModel  # the trained module (this process's copy), for programmatic use
+    cache_entries_written: int  # by this process: 0 when every feature came from the cache
+
+
+def _say(accelerator: Any, message: str) -> None:
+    if accelerator.is_main_process:
+        print(message, file=sys.stderr, flush=True)
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dataset:
+    rows: list[Row]
+    sizes: list[tuple[int, int]]  # bucket (width, height) per row
+    digests: dict[Path, str]  # content hash per image path
+    train: list[int]
+    holdout: list[int]
+    problems: list[str]
+
+    def fingerprint(self) -> str:
+        """A hash of what was trained on (instructions, splits and image contents), for the adapter."""
+        h = hashlib.sha256()
+        for r in self.rows:
+            h.update(json.dumps([r.instruction, r.split, r.task, self.digests[r.target]]).encode())
+            h.update(json.dumps([self.digests[p] for p in r.references]).encode())
+        return h.hexdigest()[:16]
+
+
+def _prepare_data(config: TrainConfig, cache: FeatureCache) -> Dataset:
+    d = config.data
+    rows = read_rows(d.manifest)
+    checked = check_rows(rows, min_side=d.min_side, max_references=d.max_references, on_error=d.on_error)
+    rows = checked.rows
+    buckets = buckets_for(d.resolution * d.resolution)
+    sizes = [nearest_bucket(*image_size(r.target), buckets) for r in rows]
+    images = {p for r in rows for p in (r.target, *r.references)}
+    digests = cache.content_hashes(images)
+    train = [i for i, r in enumerate(rows) if r.split == "train"]
+    holdout = [i for i, r in enumerate(rows) if r.split == "holdout"]
+    if not train:
+        raise DataError(f"{d.manifest} has no rows with split=train (all {len(rows)} are held out)")
+    return Dataset(rows, sizes, digests, train, holdout, checked.problems)
+
+
+def _broadcast(accelerator: Any, make: Any) -> Any:
+    """``make()`` on the main process, the result on every process (one set of file reads)."""
+    from accelerate.utils import broadcast_object_list
+
+    box = [None]
+    if accelerator.is_main_process:
+        try:
+            box[0] = ("ok", make())
+        except TrainingError as err:
+            box[0] = ("error", err)
+    if accelerator.num_processes > 1:
+        broadcast_object_list(box)
+    status, value = box[0]
+    if status == "error":
+        raise value
+    return value
+
+
+# ---- models -----------------------------------------------------------------------------------
+
+
+def _load(config: TrainConfig, parts: tuple[str, ...], dtype: torch.dtype) -> KontextParts:
+    m = config.model
+    if m.pretrained:
+        return load_diffusers_folder(m.pretrained, dtype=dtype, parts=parts)
+    return load_comfyui_files(
+        transformer=m.diffusion_model,
+        t5=m.t5,
+        clip=m.clip,
+        vae=m.vae,
+        comfyui_path=m.comfyui_path,
+        dtype=dtype,
+        parts=parts,
+    )
+
+
+def _latent_norm(config: TrainConfig) -> LatentNorm:
+    folder = Path(config.model.pretrained) if config.model.pretrained else SHIPPED_CONFIGS
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    return LatentNorm(shift=float(vae.get("shift_factor") or 0.0), scale=float(vae["scaling_factor"]))
+
+
+def _build_cache(
+    accelerator: Any, config: TrainConfig, cache: FeatureCache, data: Dataset, samples: dict[Path, tuple[str, tuple]]
+) -> int:
+    """Encode what the cache lacks, split between the processes; encoders are freed afterwards.
+
+    ``samples``: the sample items' references (content hash, bucket); their instructions are cached too.
+    """
+    extra = {item.instruction for item in config.sample.items}
+    texts = sorted({r.instruction for r in data.rows} | {""} | extra)
+    images = {
+        ImageJob(path, data.digests[path], data.sizes[i])
+        for i, row in enumerate(data.rows)
+        for path in (row.target, *row.references)
+    }
+    images |= {ImageJob(path, digest, size) for path, (digest, size) in samples.items()}
+    jobs = sorted(images, key=lambda j: (j.digest, j.size))
+    texts = [t for t in texts if not cache.has(cache.text_key(t))]
+    jobs = [j for j in jobs if not cache.has(cache.latent_key(j.digest, j.size))]
+    rank, world = accelerator.process_index, accelerator.num_processes
+    my_texts, my_jobs = texts[rank::world], jobs[rank::world]
+    written = 0
+    if texts or jobs:
+        _say(accelerator, f"caching {len(texts)} instructions and {len(jobs)} images in {cache.root}")
+    if my_texts or my_jobs:
+        need = (("t5", "clip") if my_texts else ()) + (("vae",) if my_jobs else ())
+        parts = _load(config, need, DTYPES[config.model.dtype])
+        device = accelerator.device
+        bar = _bar(accelerator, len(texts) + len(jobs), "caching", config.log.progress)
+        if my_texts:
+            parts.t5.to(device).eval()
+            parts.clip.to(device).eval()
+
+            def write_text(text, tensors):
+                cache.write(cache.text_key(text), tensors)
+
+            encode_texts(
+                my_texts,
+                t5=parts.t5,
+                t5_tokenizer=parts.t5_tokenizer,
+                clip=parts.clip,
+                clip_tokenizer=parts.clip_tokenizer,
+                text_length=config.adapter.text_length,
+                batch_size=config.data.encode_batch_size,
+                write=write_text,
+                progress=lambda n: bar.update(n * world),
+            )
+        if my_jobs:
+            parts.vae.to(device).eval()
+            encode_latents(
+                my_jobs,
+                vae=parts.vae,
+                batch_size=config.data.encode_batch_size,
+                write=lambda job, tensors: cache.write(cache.latent_key(job.digest, job.size), tensors),
+                progress=lambda n: bar.update(n * world),
+            )
+        bar.close()
+        written = len(my_texts) + len(my_jobs)
+        del parts  # the encoders leave memory before the transformer arrives
+        _free(device)
+    accelerator.wait_for_everyone()
+    return written
+
+
+def _sample_references(config: TrainConfig, cache: FeatureCache) -> dict[Path, tuple[str, tuple[int, int]]]:
+    """Each sample reference's content hash and bucket (its own aspect ratio, the data's pixel budget)."""
+    paths = sorted({Path(p) for item in config.sample.items for p in item.references})
+    if not paths:
+        return {}
+    buckets = buckets_for(config.data.resolution * config.data.resolution)
+    digests = cache.content_hashes(paths)
+    return {p: (digests[p], nearest_bucket(*image_size(p), buckets)) for p in paths}
+
+
+def _free(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _bar(accelerator: Any, total: int, desc: str, enabled: bool, initial: int = 0):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        disable=not (enabled and accelerator.is_main_process),
+        dynamic_ncols=True,
+        smoothing=0.05,
+    )
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+
+def _accelerator(config: TrainConfig) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+    t = config.train
+    out = Path(t.output_dir)
+    trackers = config.log.trackers
+    if trackers is None:
+        try:
+            import tensorboard  # noqa: F401
+
+            trackers = ["tensorboard"]
+        except ImportError:
+            trackers = []
+    return Accelerator(
+        mixed_precision=t.mixed_precision,
+        gradient_accumulation_steps=t.gradient_accumulation,
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        step_scheduler_with_optimizer=False,  # one scheduler step per optimizer step, whatever the process count
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+
+
+def _marker(config: TrainConfig, data: Dataset) -> dict[str, Any]:
+    """What a checkpoint must share with the run that resumes it (else the resume is not exact)."""
+    return {
+        "adapter": config.to_dict()["adapter"],
+        "seed": config.train.seed,
+        "batch_size": config.train.batch_size,
+        "gradient_accumulation": config.train.gradient_accumulation,
+        "data": data.fingerprint(),
+    }
+
+
+def _check_resumable(path: Path, marker: dict[str, Any]) -> int:
+    saved = read_marker(path)
+    for key, value in marker.items():
+        if saved.get(key) != value:
+            what = {"data": "the data set (rows or images)", "adapter": "the adapter section"}.get(key, f"train.{key}")
+            raise CheckpointError(
+                f"{path} was trained with another {what}; resume with the same config and data, or start a new "
+                "train.output_dir"
+            )
+    return int(saved["step"])
+
+
+def train(config: TrainConfig, *, resume: str | None = None) -> RunResult:
+    """Train an adapter as ``config`` says; ``resume``: ``"latest"`` or a checkpoint folder."""
+    accelerator = _accelerator(config)
+    t = config.train
+    out = Path(t.output_dir)
+    if accelerator.device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)  # its SDPA backward failed on our H100s
+    world = accelerator.num_processes
+    micro_global = t.batch_size // t.gradient_accumulation
+    if micro_global % world:
+        raise TrainingError(
+            f"train.batch_size / train.gradient_accumulation = {micro_global} samples per micro-batch do not divide "
+            f"among {world} processes; make it a multiple of {world}"
+        )
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config.to_yaml())
+
+    # 1. data and cache
+    identity = _load_identity(config)
+    cache = FeatureCache(config.cache_dir, identity, config.adapter.text_length)
+    data = _broadcast(accelerator, lambda: _prepare_data(config, cache))
+    if data.problems:
+        _say(accelerator, f"skipped {len(data.problems)} bad rows (data.on_error=skip); first: {data.problems[0]}")
+    samples = _broadcast(accelerator, lambda: _sample_references(config, cache))
+    written = _build_cache(accelerator, config, cache, data, samples)
+    vae = None
+    if config.sample.items and accelerator.is_main_process:  # decodes the samples at each checkpoint
+        vae = _load(config, ("vae",), DTYPES[config.model.dtype]).vae.to(accelerator.device).eval()
+    batches = BucketBatches([(data.sizes[i], len(data.rows[i].references)) for i in data.train], micro_global, t.seed)
+    norm = _latent_norm(config)
+
+    # 2. model
+    dtype = DTYPES[config.model.dtype]
+    transformer = _load(config, ("transformer",), dtype).transformer
+    mole_config = build_mole_config(config, transformer)
+    lora_modules = setup_transformer(transformer, config, mole_config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(t.seed)
+        mole = InstructMoLE(mole_config)  # fp32, the same on every process
+    lora = config.adapter.lora
+    model = TrainingModel(transformer, mole, lora_modules, lora.alpha if lora.alpha is not None else lora.rank)
+    model.train()
+    groups = model.parameter_groups(t.lr, t.gate_lr, t.weight_decay)
+    optimizer = torch.optim.AdamW(groups, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    from diffusers.optimization import get_scheduler
+
+    scheduler = get_scheduler(t.lr_schedule, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)
+    if world > 1:  # the frozen base is the same file on every process: never broadcast or reduce it
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    install_state_hooks(accelerator, accelerator.unwrap_model)
+    inner: TrainingModel = accelerator.unwrap_model(model)
+    marker = _marker(config, data)
+
+    start = resolve_resume(out, resume)
+    if start is not None:
+        step = _check_resumable(start, marker)
+        accelerator.load_state(str(start))
+        _say(accelerator, f"resumed from {start} (step {state.step})")
+        if state.step != step:
+            raise CheckpointError(f"{start}: its state says step {state.step} but its marker says {step}")
+    elif resume == "latest":
+        _say(accelerator, f"no checkpoint in {out / 'checkpoints'} yet: starting from step 0")
+
+    # 3. loop
+    mb_data = MicroBatches(
+        config, data.rows, data.sizes, data.digests, _TrainView(batches, data.train), cache, norm,
+        rank=accelerator.process_index, world=world,
+    )
+    input_dtype = torch.float32 if t.mixed_precision != "no" else dtype
+    evaluator = Evaluator(
+        inner, mb_data, data.train, data.holdout, config.save.report_rows, max(micro_global // world, 1),
+        accelerator.device, input_dtype, t.mixed_precision, vae,
+    )
+    metrics_path = out / "metrics.jsonl"
+    if accelerator.is_main_process:
+        _trim_metrics(metrics_path, state.step)
+        if config.save.report and state.step == 0:
+            _write_report(evaluator, 0, (out / "reports", "step-0000000"))
+    accelerator.wait_for_everyone()
+    if accelerator.log_with:
+        accelerator.init_trackers("instructmole", config=_flat_hparams(config))
+
+    loader = torch.utils.data.DataLoader(
+        mb_data,
+        batch_size=None,
+        sampler=range(state.step * t.gradient_accumulation, t.max_steps * t.gradient_accumulation),
+        num_workers=config.data.workers,
+        persistent_workers=False,
+        prefetch_factor=2 if config.data.workers else None,
+    )
+    decay = t.aux_decay_steps or t.max_steps
+    bar = _bar(accelerator, t.max_steps, "training", config.log.progress, initial=state.step)
+    sums: dict[str, float] = {}
+    count, tick = 0, time.perf_counter()
+    final_adapter = None
+    params = [p for p in model.parameters() if p.requires_grad]
+    for mb in loader:
+        with accelerator.accumulate(model):
+            outputs = model(
+                **model_inputs(mb, accelerator.device, input_dtype, t.guidance),
+                aux_reduction=t.aux_reduction,
+                distributed=world > 1,
+            )
+            w = aux_weight(state.step, decay)
+            flow = outputs["flow"].mean()
+            aux = (
+                t.load_balance * outputs["load_balance"]
+                + t.load_balance_token * outputs["load_balance_token"]
+                + t.orthogonality * outputs["orthogonality"]
+            )
+            loss = flow + w * aux
+            _check_finite(
+                accelerator, loss, outputs, state.step,
+                lambda: _save(accelerator, config, out, state, inner, evaluator, marker, data, samples),
+            )
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and t.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, t.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        for key in ("flow", "load_balance", "load_balance_token", "orthogonality"):
+            sums[key] = sums.get(key, 0.0) + float(outputs[key].detach().mean())
+        count += 1
+        if not accelerator.sync_gradients:
+            continue
+        scheduler.step()
+        state.step += 1
+        bar.update(1)
+        if state.step % config.log.every == 0 or state.step == t.max_steps:
+            line = _log_line(accelerator, sums, count, state.step, w, optimizer, time.perf_counter() - tick)
+            bar.set_postfix({k: f"{line[k]:.4f}" for k in ("flow", "load_balance", "orthogonality")}, refresh=False)
+            if accelerator.is_main_process:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(line) + "\n")
+            accelerator.log(line, step=state.step)
+            sums, count, tick = {}, 0, time.perf_counter()
+        if state.step % config.save.every == 0 or state.step == t.max_steps:
+            final_adapter = _save(accelerator, config, out, state, inner, evaluator, marker, data, samples)
+    bar.close()
+    if final_adapter is None:  # resumed at the end: nothing left to train
+        final_adapter = _adapter_path(out / "checkpoints" / f"step-{state.step:07d}", config, state.step)
+    result = out / f"{config.save.name}.safetensors"
+    if accelerator.is_main_process and final_adapter.is_file():
+        tmp = result.with_name(f".{result.name}.tmp")
+        tmp.write_bytes(final_adapter.read_bytes())
+        os.replace(tmp, result)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return RunResult(result, state.step, out, inner, written)
+
+
+class _TrainView:
+    """``BucketBatches`` over the training rows, speaking manifest row numbers."""
+
+    def __init__(self, batches: BucketBatches, train: list[int]) -> None:
+        self.inner, self.train = batches, train
+
+    def position(self, micro: int) -> tuple[int, int]:
+        return self.inner.position(micro)
+
+    def epoch(self, e: int) -> list[list[int]]:
+        return [[self.train[i] for i in batch] for batch in self.inner.epoch(e)]
+
+    def shard(self, batch: list[int], rank: int, world: int) -> list[int]:
+        return self.inner.shard(batch, rank, world)
+
+
+def _load_identity(config: TrainConfig) -> dict[str, str]:
+    return _load(config, (), DTYPES[config.model.dtype]).identity
+
+
+def _adapter_path(folder: Path, config: TrainConfig, step: int) -> Path:
+    return folder / f"{config.save.name}-step{step:07d}.safetensors"
+
+
+def _save(accelerator, config, out, state, inner, evaluator, marker, data, samples) -> Path:
+    step = state.step
+
+    def extras(folder: Path) -> None:
+        meta = {
+            "source": "instructmole trainer",
+            "training": json.dumps(
+                {"steps": step, "data": data.fingerprint(), "rows": len(data.train), "config": config.to_dict()}
+            ),
+        }
+        inner.export(meta).save(_adapter_path(folder, config, step), dtype=DTYPES[config.save.dtype])
+        if config.save.report:  # in the checkpoint, and in reports/ (kept when checkpoints are pruned)
+            _write_report(evaluator, step, (folder, "report"), (out / "reports", f"step-{step:07d}"))
+        if config.sample.items:
+            s = config.sample
+            sheet = render_samples(
+                inner, evaluator.vae, evaluator.data.cache, s.items, samples, evaluator.data.norm,
+                steps=s.steps, guidance=s.guidance, seed=s.seed,
+            )
+            sheet.save(folder / "samples.png")
+            (out / "samples").mkdir(exist_ok=True)
+            sheet.save(out / "samples" / f"step-{step:07d}.png")
+
+    final = save_checkpoint(accelerator, out, step, config.save.keep, {**marker, "step": step}, extras)
+    _say(accelerator, f"checkpoint {final}")
+    return _adapter_path(final, config, step)
+
+
+def _write_report(evaluator: Evaluator, step: int, *places: tuple[Path, str]) -> dict:
+    """The routing report at ``step``, written to every ``(folder, name)`` given."""
+    from .report import write_report
+
+    data, picture = evaluator.report(step)
+    for folder, name in places:
+        write_report(folder, name, data, picture)
+    return data
+
+
+def _check_finite(accelerator, loss, outputs, step, save) -> None:
+    bad = torch.tensor(0.0 if bool(torch.isfinite(loss.detach())) else 1.0, device=loss.device)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, "sum")
+    if float(bad) == 0:
+        return
+    parts = ", ".join(f"{k} {float(v.detach().float().mean()):.4g}" for k, v in outputs.items())
+    path = save()
+    raise TrainingError(
+        f"the loss became non-finite at step {step + 1} ({parts}); the state before this step is saved "
+        f"({path.parent}); lower train.lr, check the data, or use train.mixed_precision=bf16 instead of fp16"
+    )
+
+
+def _log_line(accelerator, sums, count, step, w, optimizer, seconds) -> dict[str, float]:
+    values = torch.tensor([sums[k] / max(count, 1) for k in sorted(sums)], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        values = accelerator.reduce(values, "mean")
+    line = dict(zip(sorted(sums), values.tolist(), strict=True))
+    line.update(step=step, aux_weight=w, seconds=round(seconds, 3))
+    for group in optimizer.param_groups:
+        line[f"lr_{group.get('name', 'group')}"] = group["lr"]
+    return line
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """A resumed run rewrites the metrics after its checkpoint (the killed run's lines are gone)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _flat_hparams(config: TrainConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for section, values in config.to_dict().items():
+        for key, value in values.items():
+            if isinstance(value, int | float | str | bool):
+                out[f"{section}.{key}"] = value
+    return out
+

@@ -1,0 +1,223 @@
+"""What is trained, and how the frozen FLUX transformer is set up around it.
+
+The base transformer is frozen; the trainable parts are the InstructMoLE module (router, gates,
+experts) and, optionally, a plain LoRA injected by peft. Trainable weights are kept in fp32 even
+when the base runs in bf16 under autocast: the reference trains them in pure bf16, where an
+update smaller than 2⁻⁸ of a weight is rounded away, and at lr 1e-4 with Adam most updates of
+a well-trained expert are that small. fp32 masters cost 4 bytes per adapter parameter (about
+1 GB for the reference adapter with its r=256 LoRA) and keep every step's update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from instructmole import Adapter, InstructMoLE, LayerSpec, MoLEConfig, attach
+from instructmole.layers import reference_targets
+
+from .config import TrainConfig
+from .errors import ConfigError, ModelLoadError
+
+__all__ = ["TrainingModel", "build_mole_config", "setup_transformer"]
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def build_mole_config(config: TrainConfig, transformer: nn.Module) -> MoLEConfig:
+    """The adapter's ``MoLEConfig``: targets resolved against the transformer, widths read from it."""
+    a, tc = config.adapter, transformer.config
+    names: list[str] = []
+    for target in a.targets:
+        names += reference_targets(tc.num_layers, tc.num_single_layers) if target == "reference" else [target]
+    specs = []
+    for name in dict.fromkeys(names):  # keep order, drop repeats
+        try:
+            module = transformer.get_submodule(name)
+        except AttributeError:
+            raise ConfigError(f"adapter.targets: the transformer has no layer '{name}'") from None
+        if not isinstance(module, nn.Linear):
+            raise ConfigError(f"adapter.targets: '{name}' is a {type(module).__name__}, not a Linear")
+        routing = "token" if name in a.token_routed else "instruction"
+        specs.append(LayerSpec(name, module.in_features, module.out_features, routing))
+    unknown = sorted(set(a.token_routed) - set(names))
+    if unknown:
+        raise ConfigError(f"adapter.token_routed: '{unknown[0]}' is not one of adapter.targets")
+    return MoLEConfig(
+        layers=tuple(specs),
+        num_experts=a.num_experts,
+        top_k=a.top_k,
+        rank=a.rank,
+        alpha=a.alpha,
+        text_dim=tc.joint_attention_dim,
+        router_dim=tc.pooled_projection_dim,
+        router_heads=a.router_heads,
+        router_head_dim=a.router_head_dim,
+        router_depth=a.router_depth,
+        router_ff_mult=a.router_ff_mult,
+        router_dropout=a.router_dropout,
+        gate_noise=a.gate_noise,
+        text_length=a.text_length,
+    )
+
+
+def _lora_modules(transformer: nn.Module, suffixes: list[str]) -> list[str]:
+    """Names of the Linears peft will wrap: those whose name is or ends with ``.<suffix>``."""
+    return [
+        name
+        for name, module in transformer.named_modules()
+        if isinstance(module, nn.Linear) and any(name == s or name.endswith("." + s) for s in suffixes)
+    ]
+
+
+def setup_transformer(transformer: nn.Module, config: TrainConfig, mole: MoLEConfig) -> list[str]:
+    """Freeze the base, add the plain LoRA (peft), the memory savers; returns the LoRA's module names."""
+    transformer.requires_grad_(False)
+    lora = config.adapter.lora
+    lora_modules: list[str] = []
+    if lora.rank > 0:
+        lora_modules = _lora_modules(transformer, lora.targets)
+        if not lora_modules:
+            raise ConfigError(f"adapter.lora.targets {lora.targets} match no Linear of the transformer")
+        overlap = sorted(set(lora_modules) & set(mole.layer_names))
+        if overlap:
+            raise ConfigError(
+                f"'{overlap[0]}' is both a MoLE layer (adapter.targets) and a plain-LoRA target "
+                "(adapter.lora.targets); remove it from one of them"
+            )
+        try:
+            from peft import LoraConfig
+        except ImportError:
+            raise ModelLoadError("adapter.lora.rank > 0 needs peft: pip install 'peft>=0.13'") from None
+        transformer.add_adapter(
+            LoraConfig(
+                r=lora.rank,
+                lora_alpha=lora.alpha if lora.alpha is not None else lora.rank,
+                init_lora_weights="gaussian" if lora.init == "gaussian" else True,
+                target_modules=lora_modules,  # full names: peft matches them exactly
+            )
+        )
+        for name, p in transformer.named_parameters():  # fp32 masters (module docstring)
+            if "lora_" in name:
+                p.data = p.data.float()
+                p.requires_grad_(True)
+    if config.model.fp8_base:
+        keep = [*mole.layer_names, *lora_modules]
+        patterns = ("pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$")
+        patterns += tuple(rf"^{re.escape(name)}(\.|$)" for name in keep)
+        transformer.enable_layerwise_casting(
+            storage_dtype=torch.float8_e4m3fn, compute_dtype=DTYPES[config.model.dtype], skip_modules_pattern=patterns
+        )
+    if config.model.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return lora_modules
+
+
+class TrainingModel(nn.Module):
+    """What accelerate prepares (and DDP wraps): the frozen transformer carrying the trainable parts.
+
+    Its forward is one training forward: the adapter routes every row from its instruction
+    (through the core runtime's hooks), the transformer predicts, and the per-sample flow loss on
+    the target tokens and the auxiliary losses come back.
+    """
+
+    def __init__(self, transformer: nn.Module, mole: InstructMoLE, lora_modules: list[str], lora_alpha: float) -> None:
+        super().__init__()
+        self.transformer, self.mole = transformer, mole
+        self.lora_modules, self.lora_alpha = lora_modules, lora_alpha
+        self.handle = attach(transformer, Adapter(mole), training=True)
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        text: Tensor,
+        pooled: Tensor,
+        sigma: Tensor,
+        img_ids: Tensor,
+        txt_ids: Tensor,
+        guidance: Tensor,
+        target: Tensor,
+        seeds: Tensor,
+        aux_reduction: str = "sum",
+        distributed: bool = False,
+    ) -> dict[str, Tensor]:
+        self.handle.seeds = seeds
+        out = self.transformer(
+            hidden_states=hidden_states,
+            encoder_hidden_states=text,
+            pooled_projections=pooled,
+            timestep=sigma,
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            guidance=guidance,
+            return_dict=False,
+        )[0]
+        pred = out[:, : target.shape[1]].float()
+        flow = (pred - target.float()).pow(2).mean(dim=(1, 2))
+        aux = self.handle.runtime.aux_losses(aux_reduction, distributed=distributed)
+        return {"flow": flow, **vars(aux)}
+
+    def runtime_layers(self, layers: set[str] | None) -> None:
+        """Which MoLE layers add their term (None: all; an empty set: the base model, for evaluation)."""
+        self.handle.runtime.layers = set(self.mole.config.layer_names) if layers is None else set(layers)
+
+    @contextlib.contextmanager
+    def lora_disabled(self) -> Iterator[None]:
+        """The plain LoRA off for the block (evaluation of the base model)."""
+        if not self.lora_modules:
+            yield
+            return
+        self.transformer.disable_adapters()
+        try:
+            yield
+        finally:
+            self.transformer.enable_adapters()
+
+    # ---- trainable state ----------------------------------------------------------------------
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, state: dict[str, Tensor]) -> None:
+        own = dict(self.named_parameters())
+        expected = {n for n, p in own.items() if p.requires_grad}
+        if set(state) != expected:
+            missing = sorted(expected - set(state)) or sorted(set(state) - expected)
+            raise ModelLoadError(
+                f"the checkpoint's trainable weights do not match this run's adapter (first difference: "
+                f"'{missing[0]}'); resume with the config the checkpoint was made with"
+            )
+        with torch.no_grad():
+            for name, value in state.items():
+                own[name].copy_(value)
+
+    def parameter_groups(self, lr: float, gate_lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """Two groups: the gates at their own learning rate, everything else trainable at ``lr``."""
+        gates, rest = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (gates if name.startswith("mole.experts.") and name.endswith(".gate.weight") else rest).append(p)
+        return [
+            {"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "adapter"},
+            {"params": gates, "lr": gate_lr, "weight_decay": weight_decay, "name": "gates"},
+        ]
+
+    def lora_tensors(self) -> dict[str, Tensor]:
+        """The plain LoRA in the adapter file's key names (``transformer.<module>.lora_A.weight``, …)."""
+        if not self.lora_modules:
+            return {}
+        from peft.utils import get_peft_model_state_dict
+
+        out = {f"transformer.{k}": v.detach() for k, v in get_peft_model_state_dict(self.transformer).items()}
+        for name in self.lora_modules:
+            out[f"transformer.{name}.alpha"] = torch.tensor(float(self.lora_alpha))
+        return out
+
+    def export(self, metadata: dict[str, str]) -> Adapter:
+        """An ``Adapter`` of the current weights (shares the tensors; save it with a dtype)."""
+        return Adapter(self.mole, self.lora_tensors(), metadata)

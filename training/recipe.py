@@ -1,0 +1,188 @@
+"""The training recipe as data: from cached features to one process's micro-batch of model inputs.
+
+Every random draw of a sample (timestep, noise, latent sample, instruction dropout, the router's
+gate noise and dropout) comes from a generator seeded by ``(seed, micro-batch, position in the
+global batch)``; the reference dropout of a batch from ``(seed, micro-batch)``. Nothing depends on
+the global RNG, the process count or how often the run was interrupted, which is what makes a
+resumed run end with the weights of an uninterrupted one, and two processes with those of one.
+
+Flow matching (rectified flow, as FLUX was trained): ``x_t = (1 − σ)·x0 + σ·ε``, the model
+predicts ``ε − x0`` from ``x_t`` with timestep input ``σ``; the loss is the MSE on the target's
+tokens only (reference tokens are context), averaged per sample, then over the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from instructmole.kontext import pack, token_ids
+
+from .buckets import BucketBatches
+from .cache import FeatureCache
+from .config import TrainConfig
+from .data import Row
+
+__all__ = ["LatentNorm", "MicroBatch", "MicroBatches", "aux_weight", "draw_sigma", "sample_seed"]
+
+
+def sample_seed(seed: int, *parts: int | str) -> int:
+    """A 63-bit seed for ``parts`` under ``seed``: nearby inputs give unrelated seeds."""
+    digest = hashlib.sha256(":".join(map(str, (seed, *parts))).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def aux_weight(step: int, decay_steps: int) -> float:
+    """The auxiliary losses' weight factor: cosine from 1 at step 0 to 1e-5 at ``decay_steps`` (then flat)."""
+    progress = min(step, decay_steps) / decay_steps
+    return 1e-5 + 0.5 * (1 - 1e-5) * (1 + math.cos(math.pi * progress))
+
+
+def draw_sigma(generator: torch.Generator, mode: str, mean: float = 0.0, std: float = 1.0) -> float:
+    """σ ∈ (0, 1]: uniform over the scheduler's 1000 training sigmas (k/1000, the reference's
+    FlowMatchEulerDiscreteScheduler with shift 1), or logit-normal."""
+    if mode == "uniform":
+        return int(torch.randint(1, 1001, (), generator=generator)) / 1000
+    return float(torch.sigmoid(torch.randn((), generator=generator) * std + mean))
+
+
+@dataclass(frozen=True)
+class LatentNorm:
+    """The VAE's latent normalisation: ``z ↦ (z − shift) · scale``."""
+
+    shift: float
+    scale: float
+
+
+@dataclass
+class MicroBatch:
+    """One process's share of one global micro-batch, ready for the transformer (CPU tensors)."""
+
+    hidden_states: Tensor  # [b, target + reference tokens, 64]
+    text: Tensor  # [b, text_length, text_dim]
+    pooled: Tensor  # [b, pooled_dim]
+    sigma: Tensor  # [b]
+    img_ids: Tensor  # [tokens, 3]
+    txt_ids: Tensor  # [text_length, 3]
+    target: Tensor  # [b, target tokens, 64]  (ε − x0)
+    seeds: Tensor  # [b] int64: the router's per-row seeds
+    rows: list[int]  # manifest rows
+    dropped: Tensor  # [b] bool: trained with the empty instruction
+    without_references: bool
+
+    @property
+    def target_tokens(self) -> int:
+        return self.target.shape[1]
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Item ``i``: this process's share of global micro-batch ``i`` (a pure function of ``i``).
+
+    A map-style data set indexed by the micro-batch number, so a resumed run starts its
+    ``DataLoader`` at the exact micro-batch where it stopped, with worker prefetching intact.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        rows: Sequence[Row],
+        sizes: Sequence[tuple[int, int]],
+        digests: dict,
+        batches: BucketBatches,
+        cache: FeatureCache,
+        norm: LatentNorm,
+        *,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
+        self.config, self.rows, self.sizes, self.digests = config, rows, sizes, digests
+        self.batches, self.cache, self.norm = batches, cache, norm
+        self.rank, self.world = rank, world
+        self._epoch: tuple[int, list[list[int]]] | None = None
+
+    def __len__(self) -> int:
+        return self.config.train.max_steps * self.config.train.gradient_accumulation
+
+    def global_batch(self, micro: int) -> list[int]:
+        epoch, position = self.batches.position(micro)
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, self.batches.epoch(epoch))
+        return self._epoch[1][position]
+
+    def __getitem__(self, micro: int) -> MicroBatch:
+        cfg = self.config
+        batch = self.global_batch(micro)
+        local = self.batches.shard(batch, self.rank, self.world)
+        first = batch.index(local[0])  # position of this process's first row in the global batch
+        drop_refs = torch.rand((), generator=_gen(cfg.train.seed, micro, "references")) < cfg.data.reference_dropout
+        seeds = [sample_seed(cfg.train.seed, micro, first + j) for j in range(len(local))]
+        return self.assemble(local, seeds, bool(drop_refs))
+
+    def assemble(
+        self,
+        rows: Sequence[int],
+        seeds: Sequence[int],
+        drop_refs: bool = False,
+        sigmas: Sequence[float] | None = None,
+        dropout: bool = True,
+    ) -> MicroBatch:
+        """Inputs for ``rows`` with the draws of ``seeds``. For evaluation: ``sigmas`` fixes the
+        timesteps, ``dropout=False`` keeps every instruction (the draws stay the same)."""
+        cfg, d = self.config, self.config.data
+        width, height = self.sizes[rows[0]]
+        lat_hw = (height // 8, width // 8)
+        texts, pooled, x_t, targets, refs, route, dropped, sig = [], [], [], [], [], [], [], []
+        for j, (row_index, seed) in enumerate(zip(rows, seeds, strict=True)):
+            row = self.rows[row_index]
+            g = torch.Generator().manual_seed(seed)
+            sigma = draw_sigma(g, cfg.train.timesteps, cfg.train.logit_mean, cfg.train.logit_std)
+            if sigmas is not None:
+                sigma = sigmas[j]
+            drop = bool(torch.rand((), generator=g) < d.instruction_dropout) and dropout
+            instruction = "" if drop else row.instruction
+            text = self.cache.read(self.cache.text_key(instruction))
+            x0 = self._latent(row.target, (width, height), g)
+            noise = torch.randn(x0.shape, generator=g)
+            ref_latents = [self._latent(p, (width, height), g) for p in row.references]
+            x_t.append(pack(((1 - sigma) * x0 + sigma * noise)[None])[0])
+            targets.append(pack((noise - x0)[None])[0])
+            refs.append([pack(z[None])[0] for z in ref_latents])
+            texts.append(text["t5"])
+            pooled.append(text["pooled"])
+            route.append(int(torch.randint(0, 1 << 62, (), generator=g)))
+            dropped.append(drop)
+            sig.append(sigma)
+        n_refs = 0 if drop_refs else len(refs[0])
+        hidden = torch.stack([torch.cat([x, *r[:n_refs]]) for x, r in zip(x_t, refs, strict=True)])
+        text_length = texts[0].shape[0]
+        return MicroBatch(
+            hidden_states=hidden,
+            text=torch.stack(texts),
+            pooled=torch.stack(pooled),
+            sigma=torch.tensor(sig, dtype=torch.float32),
+            img_ids=token_ids(lat_hw, [lat_hw] * n_refs),
+            txt_ids=torch.zeros(text_length, 3),
+            target=torch.stack(targets),
+            seeds=torch.tensor(route, dtype=torch.int64),
+            rows=list(rows),
+            dropped=torch.tensor(dropped),
+            without_references=drop_refs,
+        )
+
+    def _latent(self, path, size: tuple[int, int], g: torch.Generator) -> Tensor:
+        """A normalised latent: the cached posterior, sampled with this sample's generator."""
+        entry = self.cache.read(self.cache.latent_key(self.digests[path], size))
+        z = entry["mean"]
+        if self.config.data.latent_sample:
+            z = z + entry["std"] * torch.randn(z.shape, generator=g)
+        return (z - self.norm.shift) * self.norm.scale
+
+
+def _gen(*parts: int | str) -> torch.Generator:
+    return torch.Generator().manual_seed(sample_seed(*parts))
+
