@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 import instructmole as im
-from tests.comfyui.bootstrap import bootstrap_comfy, load_pack
+from tests.comfyui.bootstrap import bootstrap_comfy, load_pack, with_installed_flux_fields
 
 from .common import (
     Variant,
@@ -96,23 +96,25 @@ def comfy_unet_config(cfg: BenchConfig) -> dict[str, Any]:
     """
     if cfg.in_channels != LATENT_CHANNELS * 4:
         raise ValueError(f"config {cfg.name}: expected {LATENT_CHANNELS * 4} packed input channels")
-    return {
-        "image_model": "flux",
-        "in_channels": LATENT_CHANNELS,
-        "out_channels": LATENT_CHANNELS,
-        "vec_in_dim": cfg.pooled_dim,
-        "context_in_dim": cfg.text_dim,
-        "hidden_size": cfg.hidden,
-        "mlp_ratio": 4.0,
-        "num_heads": cfg.heads,
-        "depth": cfg.num_double,
-        "depth_single_blocks": cfg.num_single,
-        "axes_dim": list(cfg.axes_dims_rope),
-        "theta": 10000,
-        "patch_size": 2,
-        "qkv_bias": True,
-        "guidance_embed": True,
-    }
+    return with_installed_flux_fields(
+        {
+            "image_model": "flux",
+            "in_channels": LATENT_CHANNELS,
+            "out_channels": LATENT_CHANNELS,
+            "vec_in_dim": cfg.pooled_dim,
+            "context_in_dim": cfg.text_dim,
+            "hidden_size": cfg.hidden,
+            "mlp_ratio": 4.0,
+            "num_heads": cfg.heads,
+            "depth": cfg.num_double,
+            "depth_single_blocks": cfg.num_single,
+            "axes_dim": list(cfg.axes_dims_rope),
+            "theta": 10000,
+            "patch_size": 2,
+            "qkv_bias": True,
+            "guidance_embed": True,
+        }
+    )
 
 
 @torch.no_grad()

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: a tiny synthetic Kontext model and a random adapter, no
-# downloads. Sets up .venv if needed. Writes the adapter and council heat maps to out/demo/.
+# The main job on the embedded default, no downloads: build a tiny random Kontext-shaped pipeline and a
+# synthetic six-task edit data set, train an InstructMoLE adapter on them with the bundled trainer
+# (python -m training), then load the adapter as the nodes do and edit with held-out instructions.
+# Sets up .venv if needed. Writes everything to out/demo/ (the report picture, the edit strip).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 ensure_venv
-exec .venv/bin/python -m instructmole.demo "$@"
+exec .venv/bin/python -m training.demo "$@"

@@ -97,7 +97,9 @@ def read_rows(path: str | Path) -> list[Row]:
     """Read a manifest (.jsonl) or a folder in the target/control layout; structural mistakes raise."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise DataError(f"data path {path} does not exist; point data.path at a .jsonl manifest or a dataset folder")
+        raise DataError(
+            f"data path {path} does not exist; point data.manifest at a .jsonl manifest or a dataset folder"
+        )
     rows = _read_folder(path) if path.is_dir() else _read_manifest(path)
     if not rows:
         raise DataError(f"{path} describes no edit pairs; add rows (one JSON object per line) or images under target/")

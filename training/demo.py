@@ -3,8 +3,9 @@
 ``bash scripts/demo.sh`` (``python -m training.demo``) runs, with no download, on a CPU:
 
 1. a tiny random Kontext-shaped pipeline saved in diffusers layout (transformer, VAE, T5 and CLIP
-   with tokenizers made in-process; the VAE decoder is fitted for a few seconds to the procedural
-   images so that edits can be looked at; the encoder stays random);
+   with tokenizers made in-process), whose VAE and transformer are then taught for a few seconds
+   what the real ones can do and a random one cannot: the VAE to keep colour, the transformer to
+   give back its reference image (``fit_vae``, ``teach_copy``);
 2. a synthetic edit data set written to disk as a real manifest (six tonal tasks, ten phrasings
    each, four held out);
 3. training through the entry point users call (``python -m training``, here in-process);
@@ -45,16 +46,87 @@ def build(out: Path) -> tuple[Path, Path]:
 
     model, data = out / "tiny-kontext", out / "data"
     if not (model / "model_index.json").is_file():
+        started = time.perf_counter()
         save_tiny_kontext(model, seed=0, text_length=32, corpus=all_phrasings())
-        fit_decoder(model / "vae")
+        fit_vae(model / "vae")
+        teach_copy(model)
+        print(f"built the tiny pipeline in {time.perf_counter() - started:.0f} s", flush=True)
     manifest = data / "manifest.jsonl"
     if not manifest.is_file():
         write_dataset(data)
     return model, manifest
 
 
-def fit_decoder(folder: Path, steps: int = 300, seed: int = 0) -> None:
-    """Teach the tiny VAE's decoder to invert its (random, frozen) encoder on procedural images."""
+def _procedural_latents(vae, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images [count, 3, 32, 32] in [-1, 1], their VAE posterior means)``."""
+    import numpy as np
+
+    from .synthetic import procedural_image
+
+    rng = np.random.default_rng(seed)
+    pixels = [np.asarray(procedural_image(rng), dtype=np.float32) for _ in range(count)]
+    images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2) / 127.5 - 1
+    with torch.no_grad():
+        return images, vae.encode(images).latent_dist.mean
+
+
+def teach_copy(folder: Path, steps: int = 1000, batch: int = 32, seed: int = 0) -> None:
+    """Teach the tiny random transformer what FLUX.1 Kontext does with an empty instruction: give back
+    its reference. A random base never looks at the reference tokens (measured: shuffling them changed
+    nothing), and an adapter on top of it learns only task-blind denoising; a real Kontext base reads
+    its references, and this gives the tiny one that ability before any adapter sees it."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+    from instructmole.kontext import pack, token_ids
+
+    transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer")
+    vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
+    length = AutoTokenizer.from_pretrained(folder / "tokenizer_2").model_max_length
+    with torch.no_grad():  # the empty instruction's features
+        ids = AutoTokenizer.from_pretrained(folder / "tokenizer_2")([""], padding="max_length", max_length=length)
+        text = T5EncoderModel.from_pretrained(folder / "text_encoder_2")(torch.tensor(ids.input_ids)).last_hidden_state
+        clip_tok = AutoTokenizer.from_pretrained(folder / "tokenizer")
+        clip_ids = clip_tok([""], padding="max_length", max_length=clip_tok.model_max_length).input_ids
+        pooled = CLIPTextModel.from_pretrained(folder / "text_encoder")(torch.tensor(clip_ids)).pooler_output
+    _, latents = _procedural_latents(vae, 512, seed + 7)
+    latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+    h, w = latents.shape[-2:]
+    positions = token_ids((h, w), [(h, w)])
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(seed)
+    transformer.train()
+    for _ in range(steps):
+        x0 = latents[torch.randint(0, len(latents), (batch,), generator=g)]
+        sigma = torch.rand(batch, generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        x_t = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
+        out = transformer(
+            hidden_states=torch.cat([pack(x_t), pack(x0)], dim=1),
+            encoder_hidden_states=text.expand(batch, -1, -1),
+            pooled_projections=pooled.expand(batch, -1),
+            timestep=sigma,
+            img_ids=positions,
+            txt_ids=torch.zeros(text.shape[1], 3),
+            guidance=torch.ones(batch),
+            return_dict=False,
+        )[0]
+        loss = (out[:, : (h // 2) * (w // 2)] - pack(noise - x0)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    transformer.eval().save_pretrained(folder / "transformer")
+
+
+def fit_vae(folder: Path, steps: int = 800, batch: int = 32, seed: int = 0) -> None:
+    """Teach the tiny VAE to be an autoencoder of the procedural images (and their tonal edits).
+
+    A random encoder ends in a GroupNorm that normalises away an image's overall colour and
+    brightness, which are exactly what tonal edits change: in its latents a darkened image looks
+    like the original. A trained FLUX VAE keeps colour; a few seconds of training give the tiny
+    one that property. Afterwards its latents are rescaled (decoder compensated) so that FLUX's
+    normalisation constants map them to mean 0 and std 1, as they do for the real VAE.
+    """
     import numpy as np
     from diffusers import AutoencoderKL
 
@@ -63,25 +135,31 @@ def fit_decoder(folder: Path, steps: int = 300, seed: int = 0) -> None:
     vae = AutoencoderKL.from_pretrained(folder)
     rng = np.random.default_rng(seed + 1)
     pictures = []
-    for _ in range(64):
+    for _ in range(96):
         image = procedural_image(rng)
-        for task in (None, *TASKS):
-            pixels = np.asarray(image if task is None else edit(image, task), dtype=np.float32)
-            pictures.append(torch.from_numpy(pixels).permute(2, 0, 1) / 127.5 - 1)
-    images = torch.stack(pictures)
-    with torch.no_grad():
-        latents = vae.encode(images).latent_dist.mean
-    params = [*vae.decoder.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=3e-3)
+        pictures += [np.asarray(image if t is None else edit(image, t), dtype=np.float32) for t in (None, *TASKS)]
+    images = torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2) / 127.5 - 1
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(seed)
     vae.train()
     for _ in range(steps):
-        pick = torch.randint(0, len(images), (32,), generator=g)
-        loss = (vae.decode(latents[pick]).sample - images[pick]).abs().mean()
+        x = images[torch.randint(0, len(images), (batch,), generator=g)]
+        loss = (vae.decode(vae.encode(x).latent_dist.mean).sample - x).abs().mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    vae.eval().save_pretrained(folder)
+    vae.eval()
+    with torch.no_grad():
+        latent = vae.config.latent_channels
+        z = vae.encode(images).latent_dist.mean
+        a = 1.0 / (vae.config.scaling_factor * float(z.std()))  # z -> a·z + b
+        b = vae.config.shift_factor - a * float(z.mean())
+        out, into = vae.encoder.conv_out, vae.decoder.conv_in
+        out.weight[:latent].mul_(a)
+        out.bias[:latent].mul_(a).add_(b)
+        into.bias.sub_((b / a) * into.weight.sum(dim=(1, 2, 3)))  # conv_in(z) unchanged for z = (z' - b) / a
+        into.weight.div_(a)
+    vae.save_pretrained(folder)
 
 
 def edit_strip(model_dir: Path, adapter_path: Path, manifest: Path, out: Path) -> Path:

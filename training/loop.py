@@ -219,6 +219,7 @@ def _bar(accelerator: Any, total: int, desc: str, enabled: bool, initial: int = 
         disable=not (enabled and accelerator.is_main_process),
         dynamic_ncols=True,
         smoothing=0.05,
+        mininterval=0.5 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s, not every step
     )
 
 
@@ -239,7 +240,12 @@ def _accelerator(config: TrainConfig) -> Any:
             trackers = ["tensorboard"]
         except ImportError:
             trackers = []
+    # torchrun on a machine without CUDA: accelerate runs the processes as one gloo group (MULTI_CPU)
+    # only when told to use the CPU; otherwise every process would train alone on the whole batch.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = launched and not torch.cuda.is_available()
     return Accelerator(
+        cpu=cpu,
         mixed_precision=t.mixed_precision,
         gradient_accumulation_steps=t.gradient_accumulation,
         log_with=trackers or None,
@@ -280,6 +286,12 @@ def train(config: TrainConfig, *, resume: str | None = None) -> RunResult:
     if accelerator.device.type == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)  # its SDPA backward failed on our H100s
     world = accelerator.num_processes
+    if int(os.environ.get("WORLD_SIZE", "1")) != world:
+        raise TrainingError(
+            f"{os.environ['WORLD_SIZE']} processes were launched but accelerate formed a group of {world}; "
+            "check the launcher's environment (MASTER_ADDR, RANK) or run accelerate config"
+        )
+    _say(accelerator, f"{world} process(es) on {accelerator.device} ({accelerator.distributed_type})")
     micro_global = t.batch_size // t.gradient_accumulation
     if micro_global % world:
         raise TrainingError(

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .bootstrap import with_installed_flux_fields
+
 if TYPE_CHECKING:
     from comfy.model_base import Flux as ComfyFluxModel
     from comfy.model_patcher import ModelPatcher
@@ -47,12 +49,17 @@ def comfy_unet_config(transformer: Any) -> dict[str, Any]:
     diffusers packs 2x2 latent patches before ``x_embedder`` (in_channels 64, patch_size 1); ComfyUI
     patchifies itself (in_channels 16, patch_size 2). mlp_ratio 4 and theta 10000 are hard-coded in
     diffusers' Flux blocks and rope.
+
+    ``txt_ids_dims`` (the rope axes text ids fill; a required ``FluxParams`` field in newer ComfyUI,
+    e.g. 0.8.0) is ``[]`` for FLUX.1, as ComfyUI's detection sets it. It is given only when the
+    installed ComfyUI's ``FluxParams`` has the field (``_flux_param_names``): older ComfyUI (0.3.64)
+    builds ``FluxParams(**unet_config)`` and rejects unknown keys (``with_installed_flux_fields``).
     """
     c = transformer.config
     if c.patch_size != 1 or c.in_channels != LATENT_CHANNELS * 4:
         raise ValueError("expected a Flux with patch_size 1 and 64 (2x2-packed) input channels")
     out_channels = c.out_channels or c.in_channels
-    return {
+    config = {
         "image_model": "flux",
         "in_channels": LATENT_CHANNELS,
         "out_channels": out_channels // 4,
@@ -69,6 +76,7 @@ def comfy_unet_config(transformer: Any) -> dict[str, Any]:
         "qkv_bias": True,
         "guidance_embed": bool(c.guidance_embeds),
     }
+    return with_installed_flux_fields(config)
 
 
 def diffusers_to_comfy_state_dict(transformer: Any, unet_config: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -4,8 +4,8 @@ Why a subprocess and not the in-process import: the server path is what users ru
 discovery in ``<base>/custom_nodes``, V1/V3 registration, ``/object_info`` serialisation, prompt
 validation and the execution queue -- and none of it is exercised by calling node classes directly.
 
-``--base-directory`` covers models, input, output, temp, user and custom_nodes at this ComfyUI
-version (0.3.64), so the checkout is never written to; ``--database-url sqlite:///:memory:`` keeps
+``--base-directory`` covers models, input, output, temp, user and custom_nodes (ComfyUI 0.3.64
+through 0.8.0 at least), so the checkout is never written to; ``--database-url sqlite:///:memory:`` keeps
 the asset database off disk. Only the standard library is used (websocket-client is not a ComfyUI
 requirement): completion is detected by polling ``/history/<id>``.
 """
