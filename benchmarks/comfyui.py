@@ -52,7 +52,8 @@ import torch
 from torch import Tensor, nn
 
 import instructmole as im
-from tests.comfyui.bootstrap import bootstrap_comfy, load_pack, with_installed_flux_fields
+from tests.comfyui.bootstrap import bootstrap_comfy, load_pack
+from tests.comfyui.comfy_tiny import with_installed_flux_fields
 
 from .common import (
     Variant,

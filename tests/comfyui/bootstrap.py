@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["REPO_ROOT", "bootstrap_comfy", "load_pack", "pack_module_name", "with_installed_flux_fields"]
+__all__ = ["REPO_ROOT", "bootstrap_comfy", "load_pack", "pack_module_name"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -96,17 +96,3 @@ def load_pack(pack_root: Path = REPO_ROOT) -> ModuleType:
         raise RuntimeError("ComfyUI failed to load the pack; see the log above")
     return sys.modules[name]
 
-
-def with_installed_flux_fields(unet_config: dict) -> dict:
-    """A hand-made FLUX.1 ``unet_config`` completed for the installed ComfyUI's ``FluxParams``.
-
-    Newer ComfyUI (0.8.0) requires ``txt_ids_dims`` (``[]`` for FLUX.1, as its detection sets it);
-    older ComfyUI (0.3.64) builds ``FluxParams(**unet_config)`` and rejects the unknown key. The
-    dataclass itself says which it is, not a version string. Call after ``bootstrap_comfy``.
-    """
-    import dataclasses
-
-    from comfy.ldm.flux.model import FluxParams
-
-    names = {f.name for f in dataclasses.fields(FluxParams)}
-    return {**unet_config, "txt_ids_dims": []} if "txt_ids_dims" in names else dict(unet_config)

@@ -24,8 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .bootstrap import with_installed_flux_fields
-
 if TYPE_CHECKING:
     from comfy.model_base import Flux as ComfyFluxModel
     from comfy.model_patcher import ModelPatcher
@@ -38,6 +36,7 @@ __all__ = [
     "run_comfy",
     "run_diffusers",
     "unpack_latents",
+    "with_installed_flux_fields",
 ]
 
 LATENT_CHANNELS = 16  # Flux VAE latent channels; the diffusers twin sees 16 * 2 * 2 = 64 per token.
@@ -276,3 +275,19 @@ def run_diffusers(
     )[0]
     v = unpack_latents(v[:, : (h // 2) * (w // 2)].float(), h, w)
     return latents - sig.reshape(b, 1, 1, 1) * v
+
+
+def with_installed_flux_fields(unet_config: dict) -> dict:
+    """A hand-made FLUX.1 ``unet_config`` completed for the installed ComfyUI's ``FluxParams``.
+
+    Newer ComfyUI (0.8.0) requires ``txt_ids_dims`` (``[]`` for FLUX.1, as its detection sets it);
+    older ComfyUI (0.3.64) builds ``FluxParams(**unet_config)`` and rejects the unknown key. The
+    dataclass itself says which it is, not a version string. Call after ComfyUI is imported (the
+    test pack loads this file by path, so it imports nothing else of this folder).
+    """
+    import dataclasses
+
+    from comfy.ldm.flux.model import FluxParams
+
+    names = {f.name for f in dataclasses.fields(FluxParams)}
+    return {**unet_config, "txt_ids_dims": []} if "txt_ids_dims" in names else dict(unet_config)
