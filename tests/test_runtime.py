@@ -149,3 +149,18 @@ def test_seeded_rows_draw_the_same_noise_alone_or_in_a_batch():
             torch.testing.assert_close(alone[0], together[b], atol=1e-5, rtol=1e-5)
         handle.seeds = torch.tensor([11, 22, 34])
         assert not torch.allclose(transformer(**inputs)[0][2], together[2], atol=1e-4)  # the seed matters
+
+
+def test_recomputed_blocks_do_not_replace_the_first_pass_records():
+    """With checkpointing, blocks run again in backward; what they compute again must not be kept
+    (it would hold the recomputed activations until the next forward)."""
+    transformer, adapter = tiny_flux(0), train_adapter()
+    transformer.train()
+    transformer.enable_gradient_checkpointing()
+    with im.attach(transformer, adapter, training=True) as handle:
+        out = transformer(**flux_inputs(batch=2))[0]
+        aux = handle.runtime.aux_losses()
+        first = {kind: {n: id(v) for n, v in handle.runtime._records[kind].items()} for kind in ("grams", "token")}
+        (out.square().mean() + aux.orthogonality + aux.load_balance_token).backward()
+        after = {kind: {n: id(v) for n, v in handle.runtime._records[kind].items()} for kind in ("grams", "token")}
+    assert first == after and len(first["grams"]) == len(adapter.config.layers) and first["token"]
