@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from torch import Tensor
 
 from .config import ConfigError, MoLEConfig
 from .council import Council
+from .files import atomic_path
 from .model import InstructMoLE
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "Adapter", "AdapterError", "LoraPart", "load_adapter"]
@@ -122,20 +122,11 @@ class Adapter:
             "config": self.config.to_json(),
             "base_model": self.config.base_model,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            tensors = self.tensors()
-            if dtype is not None:
-                tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-            save_file(tensors, tmp, metadata=meta)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        tensors = self.tensors()
+        if dtype is not None:
+            tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
         return path
 
     @classmethod

@@ -205,3 +205,17 @@ def test_config_validation_quotes_bad_values():
     cfg = im.MoLEConfig.for_flux(2, 3, 64, token_routed=("single_transformer_blocks.2.proj_out",))
     assert im.MoLEConfig.from_json(cfg.to_json()) == cfg
     assert cfg.instruction_layers[-1] == "single_transformer_blocks.1.proj_out" and FORMAT_VERSION == 1
+
+
+def test_saved_files_get_the_ordinary_mode_not_the_temp_files(tmp_path, adapter):
+    """The atomic save goes through a private temp file; the adapter itself must be readable by
+    others as any new file (a ComfyUI running as another user loads it)."""
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        path = adapter.save(tmp_path / "a.safetensors")
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]  # no temp file left behind

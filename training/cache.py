@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -27,6 +25,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from instructmole.files import atomic_path
 
 from .buckets import load_image
 from .data import content_hash
@@ -87,16 +87,8 @@ class FeatureCache:
         return tensors
 
     def write(self, key: str, tensors: dict[str, Tensor]) -> None:
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(self.path(key)) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
 
     # ---- content hashes, remembered by (path, size, mtime) --------------------------------------
 
@@ -116,11 +108,8 @@ class FeatureCache:
             for p, digest in zip(todo, pool.map(content_hash, todo), strict=True):
                 known[str(p)] = {"stamp": stamps[p], "sha256": digest}
         if todo:
-            self.root.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".content-hashes.", suffix=".tmp", dir=self.root)
-            with os.fdopen(fd, "w") as f:
-                json.dump(known, f)
-            os.replace(tmp, index_path)
+            with atomic_path(index_path) as tmp:
+                tmp.write_text(json.dumps(known))
         return {p: known[str(p)]["sha256"] for p in paths}
 
 

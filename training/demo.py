@@ -70,7 +70,7 @@ def _procedural_latents(vae, count: int, seed: int) -> tuple[torch.Tensor, torch
         return images, vae.encode(images).latent_dist.mean
 
 
-def teach_copy(folder: Path, steps: int = 1000, batch: int = 32, seed: int = 0) -> None:
+def teach_copy(folder: Path, steps: int = 3000, batch: int = 32, seed: int = 0) -> None:
     """Teach the tiny random transformer what FLUX.1 Kontext does with an empty instruction: give back
     its reference. A random base never looks at the reference tokens (measured: shuffling them changed
     nothing), and an adapter on top of it learns only task-blind denoising; a real Kontext base reads
@@ -124,8 +124,8 @@ def fit_vae(folder: Path, steps: int = 800, batch: int = 32, seed: int = 0) -> N
     A random encoder ends in a GroupNorm that normalises away an image's overall colour and
     brightness, which are exactly what tonal edits change: in its latents a darkened image looks
     like the original. A trained FLUX VAE keeps colour; a few seconds of training give the tiny
-    one that property. Afterwards its latents are rescaled (decoder compensated) so that FLUX's
-    normalisation constants map them to mean 0 and std 1, as they do for the real VAE.
+    one that property. Its config then gets its own ``shift_factor``/``scaling_factor`` (as FLUX's
+    have for the real VAE): normalised latents of these images have mean 0 and std 1.
     """
     import numpy as np
     from diffusers import AutoencoderKL
@@ -150,20 +150,14 @@ def fit_vae(folder: Path, steps: int = 800, batch: int = 32, seed: int = 0) -> N
         optimizer.step()
     vae.eval()
     with torch.no_grad():
-        latent = vae.config.latent_channels
         z = vae.encode(images).latent_dist.mean
-        a = 1.0 / (vae.config.scaling_factor * float(z.std()))  # z -> a·z + b
-        b = vae.config.shift_factor - a * float(z.mean())
-        out, into = vae.encoder.conv_out, vae.decoder.conv_in
-        out.weight[:latent].mul_(a)
-        out.bias[:latent].mul_(a).add_(b)
-        into.bias.sub_((b / a) * into.weight.sum(dim=(1, 2, 3)))  # conv_in(z) unchanged for z = (z' - b) / a
-        into.weight.div_(a)
+    vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=1.0 / float(z.std()))
     vae.save_pretrained(folder)
 
 
 def edit_strip(model_dir: Path, adapter_path: Path, manifest: Path, out: Path) -> Path:
-    """Per task, a held-out phrasing on a held-out image: source | wanted | base model | with adapter."""
+    """Per task, a held-out phrasing on a held-out image (a different one per task): source | wanted |
+    base model | with the adapter."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
@@ -185,11 +179,13 @@ def edit_strip(model_dir: Path, adapter_path: Path, manifest: Path, out: Path) -
         "clip_tokenizer": AutoTokenizer.from_pretrained(model_dir / "tokenizer"),
     }
     adapter = im.load_adapter(adapter_path)  # exactly what the Load InstructMoLE Adapter node does
-    rows, seen = [], set()
+    rows, seen_tasks, seen_images = [], set(), set()
     for line in manifest.read_text().splitlines():
         row = json.loads(line)
-        if row["split"] == "holdout" and row["task"] not in seen:
-            seen.add(row["task"])
+        image = row["references"][0]
+        if row["split"] == "holdout" and row["task"] not in seen_tasks and image not in seen_images:
+            seen_tasks.add(row["task"])
+            seen_images.add(image)
             rows.append(row)
     features = {}
     encode_texts(

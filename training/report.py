@@ -25,8 +25,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -36,6 +34,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from instructmole.files import atomic_path
 from instructmole.viz import _RAMP, _colour, _font, _short
 
 __all__ = [
@@ -455,14 +454,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        write(fh)
 
 
 def write_report(folder: Path | str, name: str, data: Mapping[str, Any], image: Image.Image) -> tuple[Path, Path]:
