@@ -87,6 +87,7 @@ class Evaluator:
         ``councils``: a fixed council per row instead of the row's own routing.
         """
         out = {}
+        self._orthogonality = []
         for batch in self._batches(rows):
             total = torch.zeros(len(batch))
             for k, sigma in enumerate(EVAL_SIGMAS):
@@ -102,7 +103,9 @@ class Evaluator:
 
     def _flow(self, mb: MicroBatch) -> Tensor:
         with torch.autocast(self.device.type, dtype=_AUTOCAST.get(self.autocast), enabled=self.autocast != "no"):
-            return self.model(**model_inputs(mb, self.device, self.dtype, guidance=1.0))["flow"].float()
+            outputs = self.model(**model_inputs(mb, self.device, self.dtype, guidance=1.0), aux_reduction="mean")
+        self._orthogonality.append(float(outputs["orthogonality"]))  # mean cos² of expert outputs, per layer
+        return outputs["flow"].float()
 
     # ---- the report ---------------------------------------------------------------------------
 
@@ -124,6 +127,7 @@ class Evaluator:
             modal = {}
             if held and len(set(train_tasks)) >= 1:
                 own = self.flow_losses(held)
+                orthogonality = sum(self._orthogonality) / len(self._orthogonality)
                 swapped = self.flow_losses(held, self._swapped_councils(held, phrasings, train_idx, train_w))
                 modal, metrics = routing_metrics(
                     train_idx, train_tasks, held_idx, held_tasks, cfg.num_experts, own, swapped
@@ -135,6 +139,7 @@ class Evaluator:
                 metrics["heldout_flow"] = float(own.mean())
                 metrics["base_flow"] = float(base.mean())
                 metrics["flow_vs_base"] = float(own.mean() / base.mean() - 1)
+                metrics["orthogonality"] = orthogonality
             names, means = task_mean_weights(_dense(train_idx, train_w, cfg.num_experts), train_tasks)
             data["metrics"] = metrics
             data["modal_councils"] = {t: [sorted(s) for s in sets] for t, sets in modal.items()}
@@ -171,7 +176,7 @@ class Evaluator:
         return {r: typical[other[rows[r].task]] for r in held}
 
 
-_SHOWN = ("distinctness", "decode_accuracy", "swap_gap", "agreement", "balance", "flow_vs_base")
+_SHOWN = ("distinctness", "decode_accuracy", "swap_gap", "agreement", "balance", "orthogonality", "flow_vs_base")
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -210,3 +210,38 @@ def test_flow_loss_is_the_mse_on_target_tokens(tiny_kontext):
         )
     want = (pred[0][:, :4] - target).pow(2).mean(dim=(1, 2))
     torch.testing.assert_close(got["flow"], want)
+
+
+def test_a_nan_loss_stops_with_a_clear_error_and_the_state_before_it_saved(tiny_kontext, tmp_path, monkeypatch):
+    from training.errors import TrainingError
+    from training.modules import TrainingModel
+
+    forward, calls = TrainingModel.forward, []
+
+    def poisoned(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3 and self.training:  # the third training step
+            out["flow"] = out["flow"] * float("nan")
+        return out
+
+    monkeypatch.setattr(TrainingModel, "forward", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(TrainingError, match=r"the loss became non-finite at step 3 \(flow nan") as err:
+        run(tiny_kontext, out, "save.report=false", steps=10, every=10)
+    assert "lower train.lr" in str(err.value)
+    assert [p.name for _, p in checkpoints(out)] == ["step-0000002"]  # the last good state, resumable
+    state = load_file(str(out / "checkpoints" / "step-0000002" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_samples_are_rendered_at_checkpoints(tiny_kontext, tmp_path):
+    reference = next((tiny_kontext["manifest"].parent / "images").glob("0000.png"))
+    items = f'sample.items=[{{instruction: "make it darker", references: ["{reference}"]}}]'
+    out = tmp_path / "samples"
+    run(tiny_kontext, out, items, "sample.steps=2", "save.report=false", steps=2, every=2)
+    from PIL import Image
+
+    sheet = Image.open(out / "samples" / "step-0000002.png")
+    assert sheet.width > 2 * 32 and sheet.height > 32  # the reference, then the edit
+    assert (out / "checkpoints" / "step-0000002" / "samples.png").is_file()
