@@ -320,10 +320,10 @@ def train(config: TrainConfig, *, resume: str | None = None) -> RunResult:
     dtype = DTYPES[config.model.dtype]
     transformer = _load(config, ("transformer",), dtype).transformer
     mole_config = build_mole_config(config, transformer)
-    lora_modules = setup_transformer(transformer, config, mole_config)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):  # the initial adapter: the same in every run and process
         torch.manual_seed(t.seed)
-        mole = InstructMoLE(mole_config)  # fp32, the same on every process
+        lora_modules = setup_transformer(transformer, config, mole_config)
+        mole = InstructMoLE(mole_config)  # fp32
     lora = config.adapter.lora
     model = TrainingModel(transformer, mole, lora_modules, lora.alpha if lora.alpha is not None else lora.rank)
     model.train()
