@@ -32,6 +32,7 @@ __all__ = [
     "log",
     "markdown_table",
     "median",
+    "random_flux",
     "run_interleaved",
     "sync",
     "timed",
@@ -215,3 +216,29 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def random_flux(dims: Any, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+    """A random Kontext-shaped diffusers Flux transformer built directly on ``device`` in ``dtype``.
+
+    ``dims`` has ``in_channels``, ``num_double``, ``num_single``, ``head_dim``, ``heads``,
+    ``text_dim``, ``pooled_dim`` and ``axes_dims_rope`` (the benchmarks' config types all do).
+    """
+    from diffusers import FluxTransformer2DModel
+
+    if sum(dims.axes_dims_rope) != dims.head_dim:
+        raise ValueError(f"axes_dims_rope {dims.axes_dims_rope} must sum to the head dim {dims.head_dim}")
+    torch.manual_seed(seed)
+    with torch.device(device), default_dtype(dtype):
+        return FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=dims.in_channels,
+            num_layers=dims.num_double,
+            num_single_layers=dims.num_single,
+            attention_head_dim=dims.head_dim,
+            num_attention_heads=dims.heads,
+            joint_attention_dim=dims.text_dim,
+            pooled_projection_dim=dims.pooled_dim,
+            guidance_embeds=True,
+            axes_dims_rope=dims.axes_dims_rope,
+        )

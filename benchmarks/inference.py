@@ -46,16 +46,17 @@ from torch import Tensor, nn
 import instructmole as im
 from instructmole.experts import dense_delta
 from instructmole.fold import fold_council
+from instructmole.layers import REFERENCE_LORA_TARGETS
 
 from .common import (
     Detachable,
     Variant,
-    default_dtype,
     environment,
     keep_freed_memory,
     log,
     markdown_table,
     median,
+    random_flux,
     run_interleaved,
     sync,
     timed,
@@ -64,18 +65,6 @@ from .common import (
 
 __all__ = ["CONFIGS", "BenchConfig", "DenseReference", "main"]
 
-# The reference checkpoint's plain-LoRA targets (peft suffix match on diffusers module names).
-LORA_TARGETS = (
-    "x_embedder",
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "norm1.linear",
-    "norm.linear",
-    "ff.net.0.proj",
-    "proj_mlp",
-)
 REFERENCE_LORA_RANK = 256  # at hidden 3072; scaled configs keep rank / hidden constant
 FULL_HIDDEN = 3072
 
@@ -177,26 +166,8 @@ CONFIGS: dict[str, BenchConfig] = {
 
 
 def build_transformer(cfg: BenchConfig, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
-    """A random Kontext-shaped transformer, built directly on ``device`` in ``dtype``."""
-    from diffusers import FluxTransformer2DModel
-
-    if sum(cfg.axes_dims_rope) != cfg.head_dim:
-        raise ValueError(f"axes_dims_rope {cfg.axes_dims_rope} must sum to the head dim {cfg.head_dim}")
-    torch.manual_seed(seed)
-    with torch.device(device), default_dtype(dtype):
-        model = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=cfg.in_channels,
-            num_layers=cfg.num_double,
-            num_single_layers=cfg.num_single,
-            attention_head_dim=cfg.head_dim,
-            num_attention_heads=cfg.heads,
-            joint_attention_dim=cfg.text_dim,
-            pooled_projection_dim=cfg.pooled_dim,
-            guidance_embeds=True,
-            axes_dims_rope=cfg.axes_dims_rope,
-        )
-    return model.eval().requires_grad_(False)
+    """A random Kontext-shaped transformer, built directly on ``device`` in ``dtype``, frozen."""
+    return random_flux(cfg, device, dtype, seed).eval().requires_grad_(False)
 
 
 def kontext_inputs(cfg: BenchConfig, batch: int, device: torch.device, dtype: torch.dtype, seed: int) -> dict:
@@ -256,7 +227,7 @@ def lora_modules(transformer: nn.Module) -> list[str]:
     return [
         name
         for name, module in transformer.named_modules()
-        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in LORA_TARGETS)
+        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in REFERENCE_LORA_TARGETS)
     ]
 
 

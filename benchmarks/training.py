@@ -81,12 +81,12 @@ from training.config import TrainConfig, load_config
 from training.modules import TrainingModel, build_mole_config, setup_transformer
 
 from .common import (
-    default_dtype,
     environment,
     keep_freed_memory,
     log,
     markdown_table,
     median,
+    random_flux,
     sync,
     timed,
     write_json,
@@ -198,23 +198,7 @@ def size_label(side: int) -> str:
 
 def build_transformer(shape: TrainShape, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
     """A random Kontext-shaped diffusers Flux transformer, built directly on ``device`` in ``dtype``."""
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(seed)
-    with torch.device(device), default_dtype(dtype):
-        model = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=shape.in_channels,
-            num_layers=shape.num_double,
-            num_single_layers=shape.num_single,
-            attention_head_dim=shape.head_dim,
-            num_attention_heads=shape.heads,
-            joint_attention_dim=shape.text_dim,
-            pooled_projection_dim=shape.pooled_dim,
-            guidance_embeds=True,
-            axes_dims_rope=shape.axes_dims_rope,
-        )
-    return model
+    return random_flux(shape, device, dtype, seed)
 
 
 @contextlib.contextmanager

@@ -19,7 +19,26 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-__all__ = ["pack", "reference_offsets", "token_ids", "unpack"]
+__all__ = ["FLUX_SCHEDULER", "pack", "reference_offsets", "resolution_shift", "token_ids", "unpack"]
+
+# FLUX.1 [dev] / Kontext sampling schedule (diffusers' FlowMatchEulerDiscreteScheduler settings): the
+# timestep shift mu grows linearly with the image's token count, 0.5 at 256 tokens to 1.15 at 4096.
+FLUX_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+
+
+def resolution_shift(tokens: int) -> float:
+    """The schedule's shift mu for an image of ``tokens`` target tokens (FLUX's linear rule)."""
+    c = FLUX_SCHEDULER
+    slope = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
+    return tokens * slope + c["base_shift"] - slope * c["base_image_seq_len"]
 
 
 def pack(latents: Tensor) -> Tensor:

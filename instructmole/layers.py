@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 __all__ = [
+    "REFERENCE_LORA_TARGETS",
     "BflTarget",
     "block_of",
     "double_ff_out",
@@ -45,6 +46,21 @@ _DOUBLE_FUSED = {
 }
 _SINGLE_PLAIN = {"proj_out": "linear2", "norm.linear": "modulation.lin"}
 _SINGLE_FUSED = {"attn.to_q": 0, "attn.to_k": 1, "attn.to_v": 2}
+
+
+# The reference recipe's plain-LoRA targets: module-name suffixes (peft matches a module whose name
+# is, or ends with ".", one of them) on the image embedder and inside the Flux blocks.
+REFERENCE_LORA_TARGETS = (
+    "x_embedder",
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "norm1.linear",
+    "norm.linear",
+    "ff.net.0.proj",
+    "proj_mlp",
+)
 
 
 def double_ff_out(n: int) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .config import MoLEConfig
+from .kontext import FLUX_SCHEDULER
 
 __all__ = [
     "TINY_FLUX",
@@ -216,18 +217,6 @@ TINY_VAE: dict[str, Any] = {
     "mid_block_add_attention": True,
 }
 
-# FLUX.1 [dev] / Kontext scheduler settings (resolution-dependent shift mu from 0.5 to 1.15).
-_FLUX_SCHEDULER: dict[str, Any] = {
-    "num_train_timesteps": 1000,
-    "shift": 3.0,
-    "use_dynamic_shifting": True,
-    "base_shift": 0.5,
-    "max_shift": 1.15,
-    "base_image_seq_len": 256,
-    "max_image_seq_len": 4096,
-}
-
-
 def tiny_vae(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A random diffusers ``AutoencoderKL`` shaped like the FLUX VAE, with a near-deterministic encoder.
 
@@ -279,7 +268,7 @@ def save_tiny_kontext(folder: Any, seed: int = 0, text_length: int = 512, corpus
     text.clip_tokenizer.model_max_length = text.clip.config.max_position_embeddings
     text.t5_tokenizer.model_max_length = text_length
     pipe = FluxKontextPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**_FLUX_SCHEDULER),
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
         vae=tiny_vae(seed),
         text_encoder=text.clip,
         tokenizer=text.clip_tokenizer,

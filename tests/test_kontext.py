@@ -32,3 +32,14 @@ def test_token_ids_target_then_references():
     assert target[:, 1:].tolist() == [[r, c] for r in range(2) for c in range(3)]
     assert torch.equal(first[:, 1:], target[:, 1:])  # one reference: diffusers' Kontext layout
     assert second.tolist() == [[1.0, 2.0, 0.0]]  # below the first: row offset 4 latent px = 2 patches
+
+
+def test_resolution_shift_is_fluxs():
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from instructmole.kontext import FLUX_SCHEDULER, resolution_shift
+
+    c = FLUX_SCHEDULER
+    for tokens in (4, 256, 1024, 4096, 8192):
+        want = calculate_shift(tokens, c["base_image_seq_len"], c["max_image_seq_len"], c["base_shift"], c["max_shift"])
+        assert abs(resolution_shift(tokens) - want) < 1e-12

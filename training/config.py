@@ -23,10 +23,11 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from instructmole.layers import REFERENCE_LORA_TARGETS
+
 from .errors import ConfigError
 
 __all__ = [
-    "REFERENCE_LORA_TARGETS",
     "AdapterSection",
     "DataSection",
     "LogSection",
@@ -40,19 +41,6 @@ __all__ = [
     "load_config",
 ]
 
-# The reference recipe's plain-LoRA targets (module-name suffixes inside the Flux blocks, plus the
-# image embedder): peft matches a module when its name ends with one of them.
-REFERENCE_LORA_TARGETS = [
-    "x_embedder",
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "norm1.linear",
-    "norm.linear",
-    "ff.net.0.proj",
-    "proj_mlp",
-]
 
 
 def _meta(help: str, **checks: Any) -> dict[str, Any]:
@@ -84,7 +72,7 @@ class LoraSection:
     rank: int = _f(0, "plain-LoRA rank; 0 turns the plain LoRA off (the reference uses 256)", min=0)
     alpha: float | None = _f(None, "plain-LoRA alpha (default: the rank, scale 1)", gt=0)
     init: Literal["gaussian", "kaiming"] = _f("gaussian", "initialisation of lora_A (lora_B starts at zero)")
-    targets: list[str] = _f(REFERENCE_LORA_TARGETS, "module-name suffixes that get the plain LoRA")
+    targets: list[str] = _f(list(REFERENCE_LORA_TARGETS), "module-name suffixes that get the plain LoRA")
 
 
 @dataclass

@@ -15,34 +15,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from instructmole.kontext import pack, token_ids, unpack
+from instructmole.kontext import FLUX_SCHEDULER, pack, resolution_shift, token_ids, unpack
 
 from .recipe import LatentNorm
 
 __all__ = ["decode", "edit_latents", "flux_scheduler"]
 
-FLUX_SCHEDULER = {
-    "num_train_timesteps": 1000,
-    "shift": 3.0,
-    "use_dynamic_shifting": True,
-    "base_shift": 0.5,
-    "max_shift": 1.15,
-    "base_image_seq_len": 256,
-    "max_image_seq_len": 4096,
-}
-
-
 def flux_scheduler():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     return FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
-
-
-def _mu(tokens: int) -> float:
-    """The resolution shift: linear from 0.5 at 256 image tokens to 1.15 at 4096."""
-    c = FLUX_SCHEDULER
-    slope = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
-    return tokens * slope + c["base_shift"] - slope * c["base_image_seq_len"]
 
 
 @torch.no_grad()
@@ -69,7 +51,7 @@ def edit_latents(
     refs = torch.cat([pack(r.to(device, dtype)) for r in references], dim=1)
     ids = token_ids((h, w), [tuple(r.shape[-2:]) for r in references]).to(device)
     scheduler = flux_scheduler()
-    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=_mu(x.shape[1]), device=device)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=resolution_shift(x.shape[1]), device=device)
     for t in scheduler.timesteps:
         out = transformer(
             hidden_states=torch.cat([x, refs], dim=1),

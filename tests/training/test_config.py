@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from training.config import REFERENCE_LORA_TARGETS, load_config
+from instructmole.layers import REFERENCE_LORA_TARGETS
+from training.config import load_config
 from training.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,7 +27,7 @@ def test_shipped_configs_hold_the_reference_recipe(base):
     cfg = load_config(ROOT / "training/configs/kontext.yaml", base)
     a, t = cfg.adapter, cfg.train
     assert (a.num_experts, a.top_k, a.rank, a.alpha, a.targets) == (8, 4, 32, 32.0, ["reference"])
-    assert (a.lora.rank, a.lora.alpha, a.lora.targets) == (256, 256.0, REFERENCE_LORA_TARGETS)
+    assert (a.lora.rank, a.lora.alpha, a.lora.targets) == (256, 256.0, list(REFERENCE_LORA_TARGETS))
     assert (t.lr, t.gate_lr, t.load_balance, t.orthogonality, t.aux_reduction) == (1e-4, 5e-5, 0.1, 0.01, "sum")
     assert (t.batch_size, t.seed, t.guidance, t.max_grad_norm, t.weight_decay) == (4, 3407, 1.0, 1.0, 1e-4)
     assert (cfg.data.instruction_dropout, cfg.data.reference_dropout, a.text_length) == (0.1, 0.05, 512)
