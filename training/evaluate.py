@@ -19,7 +19,15 @@ from instructmole import Council
 
 from .modules import TrainingModel
 from .recipe import MicroBatch, MicroBatches, sample_seed
-from .report import layer_labels, modal_councils, report_image, routing_metrics, task_mean_weights
+from .report import (
+    balance,
+    layer_labels,
+    modal_councils,
+    report_image,
+    routing_metrics,
+    task_mean_weights,
+    usage,
+)
 
 __all__ = ["Evaluator", "eval_mode"]
 
@@ -110,28 +118,40 @@ class Evaluator:
     # ---- the report ---------------------------------------------------------------------------
 
     def report(self, step: int) -> tuple[dict, object]:
-        """``(data, picture)`` of the routing report at ``step``."""
+        """``(data, picture)`` of the routing report at ``step``.
+
+        Rows without a ``task`` tag take no part in the per-task numbers; when no row has one, all
+        rows form one group (the picture then shows the overall expert use, and only the flow,
+        balance and orthogonality numbers are computed).
+        """
         rows = self.data.rows
         cfg = self.model.mole.config
+        data: dict = {"step": step, "layers": list(cfg.instruction_layers), "metrics": {}}
+        if not cfg.instruction_layers:
+            data["note"] = "every MoLE layer is token-routed: there are no councils to report"
+            return data, _note_image(data["note"])
+        tagged = any(rows[r].task is not None for r in self.train_rows)
+        group = (lambda r: rows[r].task) if tagged else (lambda r: "all rows")
         with eval_mode(self.model):
-            train = [r for r in self.train_rows if rows[r].task is not None]
             # one entry per distinct (task, phrasing): modal councils count phrasings, not rows
-            phrasings = sorted({(rows[r].task, rows[r].instruction) for r in train})
+            phrasings = sorted({(group(r), rows[r].instruction) for r in self.train_rows if group(r) is not None})
             train_idx, train_w = self.councils([p for _, p in phrasings])
             train_tasks = [t for t, _ in phrasings]
-            held = [r for r in self.holdout_rows if rows[r].task is not None][: self.max_rows]
-            held_idx, _ = self.councils([rows[r].instruction for r in held])
-            held_tasks = [rows[r].task for r in held]
-            data: dict = {"step": step, "tasks": sorted(set(train_tasks)), "metrics": {}}
+            held = [r for r in self.holdout_rows if group(r) in set(train_tasks)][: self.max_rows]
             metrics: dict[str, float] = {}
-            modal = {}
-            if held and len(set(train_tasks)) >= 1:
+            modal: dict = {}
+            if held:
+                held_idx, _ = self.councils([rows[r].instruction for r in held])
                 own = self.flow_losses(held)
-                orthogonality = sum(self._orthogonality) / len(self._orthogonality)
-                swapped = self.flow_losses(held, self._swapped_councils(held, phrasings, train_idx, train_w))
-                modal, metrics = routing_metrics(
-                    train_idx, train_tasks, held_idx, held_tasks, cfg.num_experts, own, swapped
-                )
+                metrics["orthogonality"] = sum(self._orthogonality) / len(self._orthogonality)
+                if tagged:
+                    swapped = self.flow_losses(held, self._swapped_councils(held, phrasings, train_idx, train_w))
+                    modal, routing = routing_metrics(
+                        train_idx, train_tasks, held_idx, [group(r) for r in held], cfg.num_experts, own, swapped
+                    )
+                    metrics.update(routing)
+                else:
+                    metrics["balance"] = balance(usage(held_idx, cfg.num_experts))
                 self.model.runtime_layers(set())  # the base model: every expert term off (LoRA too)
                 with self.model.lora_disabled():
                     base = self.flow_losses(held)
@@ -139,11 +159,12 @@ class Evaluator:
                 metrics["heldout_flow"] = float(own.mean())
                 metrics["base_flow"] = float(base.mean())
                 metrics["flow_vs_base"] = float(own.mean() / base.mean() - 1)
-                metrics["orthogonality"] = orthogonality
+            else:
+                data["note"] = "no held-out rows (split: holdout) of the trained tasks: only the councils are shown"
             names, means = task_mean_weights(_dense(train_idx, train_w, cfg.num_experts), train_tasks)
+            data["tasks"] = names
             data["metrics"] = metrics
             data["modal_councils"] = {t: [sorted(s) for s in sets] for t, sets in modal.items()}
-            data["layers"] = list(cfg.instruction_layers)
             data["layer_labels"] = layer_labels(cfg.instruction_layers)
             data["mean_weights"] = {t: means[i].tolist() for i, t in enumerate(names)}
             shown = {k: metrics[k] for k in _SHOWN if k in metrics}
@@ -178,6 +199,14 @@ class Evaluator:
 
 _SHOWN = ("distinctness", "decode_accuracy", "swap_gap", "agreement", "balance", "orthogonality", "flow_vs_base")
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _note_image(text: str):
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (16 + 7 * len(text), 40), (24, 24, 28))
+    ImageDraw.Draw(image).text((8, 12), text, fill=(235, 235, 235))
+    return image
 
 
 def _dense(indices: Tensor, weights: Tensor, n: int) -> Tensor:

@@ -245,3 +245,30 @@ def test_samples_are_rendered_at_checkpoints(tiny_kontext, tmp_path):
     sheet = Image.open(out / "samples" / "step-0000002.png")
     assert sheet.width > 2 * 32 and sheet.height > 32  # the reference, then the edit
     assert (out / "checkpoints" / "step-0000002" / "samples.png").is_file()
+
+
+def test_a_manifest_without_tasks_or_holdout_rows_still_reports(tiny_kontext, tmp_path):
+    """Most real data sets carry no task tags: the report then shows the overall expert use."""
+    lines = [json.loads(line) for line in tiny_kontext["manifest"].read_text().splitlines()]
+    untagged = tmp_path / "untagged.jsonl"
+    root = tiny_kontext["manifest"].parent
+    rows = [
+        {
+            "instruction": r["instruction"],
+            "target": str(root / r["target"]),
+            "references": [str(root / p) for p in r["references"]],
+            "split": r["split"],
+        }
+        for r in lines
+    ]
+    untagged.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "untagged"
+    run(tiny_kontext, out, f"data.manifest={untagged}", steps=2, every=2)
+    metrics = report(out, 2)
+    assert {"heldout_flow", "base_flow", "balance", "orthogonality"} <= set(metrics) and "distinctness" not in metrics
+    assert json.loads((out / "reports" / "step-0000002.json").read_text())["tasks"] == ["all rows"]
+    no_holdout = tmp_path / "train_only.jsonl"
+    no_holdout.write_text("".join(json.dumps(r) + "\n" for r in rows if r["split"] == "train"))
+    out = tmp_path / "train_only"
+    run(tiny_kontext, out, f"data.manifest={no_holdout}", steps=2, every=2)
+    assert "no held-out rows" in json.loads((out / "reports" / "step-0000002.json").read_text())["note"]
