@@ -8,6 +8,7 @@ from .adapter import Adapter, AdapterError, load_adapter
 from .attach import AttachedAdapter, AttachError, attach
 from .config import ConfigError, LayerSpec, MoLEConfig
 from .council import Council, CouncilMismatchError
+from .errors import InstructMoLEError
 from .model import InstructMoLE
 from .overrides import CouncilRuleError, apply_rules, ban, blend, force, only, parse_rules, scale, take, top
 from .reference import import_reference
@@ -22,6 +23,7 @@ __all__ = [
     "CouncilMismatchError",
     "CouncilRuleError",
     "InstructMoLE",
+    "InstructMoLEError",
     "LayerSpec",
     "MoLEConfig",
     "apply_rules",

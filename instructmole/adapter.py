@@ -31,6 +31,7 @@ from torch import Tensor
 
 from .config import ConfigError, MoLEConfig
 from .council import Council
+from .errors import InstructMoLEError
 from .files import atomic_path
 from .model import InstructMoLE
 
@@ -41,7 +42,7 @@ FORMAT_VERSION = 1
 LORA_PREFIX = "transformer."
 
 
-class AdapterError(ValueError):
+class AdapterError(InstructMoLEError):
     """An adapter file (or reference checkpoint) is missing, foreign, corrupt or inconsistent."""
 
 

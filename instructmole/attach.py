@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .adapter import Adapter
 from .council import Council
+from .errors import InstructMoLEError
 from .fold import iter_fold
 from .overrides import scale
 from .runtime import MoLERuntime, RoutingError
@@ -27,7 +28,7 @@ __all__ = ["AttachedAdapter", "attach"]
 Mode = Literal["dynamic", "merged"]
 
 
-class AttachError(ValueError):
+class AttachError(InstructMoLEError):
     """The adapter does not fit the transformer it is attached to, or the mode's inputs are missing."""
 
 

@@ -10,6 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from .errors import InstructMoLEError
 from .layers import block_of
 
 __all__ = ["ConfigError", "LayerSpec", "MoLEConfig", "Routing"]
@@ -18,7 +19,7 @@ Routing = Literal["instruction", "token"]
 _ROUTINGS = ("instruction", "token")
 
 
-class ConfigError(ValueError):
+class ConfigError(InstructMoLEError):
     """A MoLE configuration (or a file's copy of one) is invalid."""
 
 

@@ -15,10 +15,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .errors import InstructMoLEError
+
 __all__ = ["Council", "CouncilMismatchError"]
 
 
-class CouncilMismatchError(ValueError):
+class CouncilMismatchError(InstructMoLEError):
     """A council does not fit the adapter (or the other council) it is used with."""
 
 

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .council import Council
+from .errors import InstructMoLEError
 from .layers import block_of
 
 __all__ = [
@@ -51,7 +52,7 @@ __all__ = [
 ACTIONS = ("force", "only", "ban", "scale", "top")
 
 
-class CouncilRuleError(ValueError):
+class CouncilRuleError(InstructMoLEError):
     """A council rule (text form or arguments) is invalid; the message names the bad part."""
 
 

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .council import Council
+from .errors import InstructMoLEError
 from .experts import (
     council_delta,
     council_delta_with_projections,
@@ -47,7 +48,7 @@ __all__ = ["AuxLosses", "DeviceCache", "MoLERuntime", "RoutingError"]
 Reduce = Literal["sum", "mean"]
 
 
-class RoutingError(ValueError):
+class RoutingError(InstructMoLEError):
     """A forward asked the runtime for something its mode cannot give (e.g. a council/batch mismatch)."""
 
 

@@ -7,7 +7,7 @@ from functools import lru_cache
 
 from comfy_api.latest import io
 
-from ..instructmole import Adapter, AdapterError, load_adapter
+from ..instructmole import Adapter, AdapterError, InstructMoLEError, load_adapter
 
 CATEGORY = "InstructMoLE"
 ADAPTER = io.Custom("INSTRUCTMOLE_ADAPTER")
@@ -15,7 +15,7 @@ COUNCIL = io.Custom("INSTRUCTMOLE_COUNCIL")
 FOLDER = "instructmole"
 
 
-class NodeInputError(ValueError):
+class NodeInputError(InstructMoLEError):
     """A user's mistake on one node input: the message names the input and the way out."""
 
     def __init__(self, node: str, input_name: str, message: str) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..instructmole import Adapter, Council
+from ..instructmole import Adapter, Council, InstructMoLEError
 from ..instructmole.fold import fold_council
 from ..instructmole.layers import to_bfl
 from ..instructmole.overrides import scale as scale_council
@@ -37,7 +37,7 @@ PREFIX = "diffusion_model."
 log = logging.getLogger("instructmole")
 
 
-class ModelMismatchError(ValueError):
+class ModelMismatchError(InstructMoLEError):
     """The MODEL is not one this adapter can be applied to."""
 
 
