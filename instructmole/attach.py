@@ -6,6 +6,11 @@ the transformer routes every row of the batch from its own ``encoder_hidden_stat
 council term (and the unmerged plain-LoRA term). Merged mode adds the folded council and the LoRA
 part to the weights in place, after backing them up. ``handle.detach()`` removes the hooks and
 restores the backups bit for bit. All routing state lives on the handle.
+
+A transformer carries at most one attached adapter at a time: a second ``attach`` (the same
+adapter in a re-run notebook cell, or another one) is refused until the first is detached. Two
+dynamic handles would silently add the experts twice, and two merged handles detached out of
+order would restore a weight that already held the other's delta.
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from .adapter import Adapter
+from .checks import checked_strength
 from .council import Council
 from .errors import InstructMoLEError
+from .families import DIFFUSERS_INPUTS, check_model_fits
 from .fold import iter_fold
 from .overrides import scale
 from .runtime import MoLERuntime, RoutingError
@@ -26,6 +33,7 @@ from .runtime import MoLERuntime, RoutingError
 __all__ = ["AttachedAdapter", "attach"]
 
 Mode = Literal["dynamic", "merged"]
+MARK = "_instructmole_attached"  # on the transformer: the handle that is attached to it now
 
 
 class AttachError(InstructMoLEError):
@@ -49,6 +57,14 @@ def _linear(
     return module
 
 
+def _check_lora_shape(part, linear: nn.Linear) -> None:
+    if part.down.shape[1] != linear.in_features or part.up.shape[0] != linear.out_features:
+        raise AttachError(
+            f"the adapter's LoRA part for {part.module!r} is {part.down.shape[1]}->{part.up.shape[0]} but that "
+            f"layer is {linear.in_features}->{linear.out_features}; is this adapter for another model size?"
+        )
+
+
 class AttachedAdapter:
     """The handle ``attach`` returns; also a context manager that detaches on exit."""
 
@@ -63,8 +79,25 @@ class AttachedAdapter:
         lora_strength: float = 1.0,
         training: bool = False,
     ) -> None:
+        if not isinstance(transformer, nn.Module):
+            raise AttachError(
+                f"transformer must be a torch module (a diffusers Flux), got {type(transformer).__name__}"
+            )
+        if not isinstance(adapter, Adapter):
+            raise AttachError(
+                f"adapter must be an InstructMoLE Adapter (load_adapter(path)), got {type(adapter).__name__}"
+            )
         if mode not in ("dynamic", "merged"):
             raise AttachError(f"mode {mode!r} is not one of 'dynamic', 'merged'")
+        if council is not None and not isinstance(council, Council):
+            raise AttachError(f"council must be a Council (adapter.route(...)) or None, got {type(council).__name__}")
+        expert_strength = checked_strength("expert_strength", expert_strength, AttachError)
+        lora_strength = checked_strength("lora_strength", lora_strength, AttachError)
+        if getattr(transformer, MARK, None) is not None:
+            raise AttachError(
+                "this transformer already carries an attached InstructMoLE adapter; call detach() on that "
+                "handle first (or use 'with attach(...)')"
+            )
         if training and (mode != "dynamic" or adapter.lora):
             raise AttachError(
                 "training=True routes the live adapter dynamically; train the plain LoRA part through peft, "
@@ -80,10 +113,13 @@ class AttachedAdapter:
 
         if mode == "merged" and council is None and cfg.instruction_layers:
             raise AttachError("merged mode folds one council into the weights: pass council=adapter.route(...)")
+        check_model_fits(cfg, transformer, DIFFUSERS_INPUTS, AttachError)
         targets = {
             spec.name: _linear(transformer, spec.name, spec.in_features, spec.out_features) for spec in cfg.layers
         }
         lora = [(part, _linear(transformer, part.module)) for part in adapter.lora_parts()]
+        for part, linear in lora:
+            _check_lora_shape(part, linear)
         # Merged mode folds the instruction layers into the weights: only token-routed ones stay dynamic.
         dynamic = {s.name for s in cfg.layers if mode == "dynamic" or s.routing == "token"}
         self.runtime = MoLERuntime(
@@ -95,6 +131,7 @@ class AttachedAdapter:
             adapter_id=adapter.adapter_id,
         )
         ref = next(iter(targets.values())).weight
+        setattr(transformer, MARK, self)
         try:
             if mode == "merged":
                 self._merge(targets, lora, council, expert_strength)
@@ -217,6 +254,8 @@ class AttachedAdapter:
         self._backup.clear()
         self._layer_terms.clear()
         self.runtime.end()
+        if getattr(self.transformer, MARK, None) is self:
+            delattr(self.transformer, MARK)
 
     def __enter__(self) -> AttachedAdapter:
         return self

@@ -226,6 +226,7 @@ class MoLERuntime:
         else:
             if text is None or pooled is None:
                 raise RoutingError("auto routing needs the instruction's T5 features and CLIP pooled vector")
+            self._check_signal(text, pooled, rows)
             probs, indices, weights = self.route(text, pooled, self._seeds)
             self._last = (probs, indices, weights)
             if self.training:
@@ -237,6 +238,20 @@ class MoLERuntime:
             name: (indices[0, row], weights[0, row]) if shared else (indices[:, row], weights[:, row])
             for row, name in enumerate(layers)
         }
+
+    def _check_signal(self, text: Tensor, pooled: Tensor, rows: int | None) -> None:
+        """Shapes only (no device sync): a signal of another width or batch would fail deep in a layer."""
+        cfg = self.config
+        if text.ndim != 3 or text.shape[-1] != cfg.text_dim or pooled.ndim != 2 or pooled.shape[-1] != cfg.router_dim:
+            raise RoutingError(
+                f"the instruction signal is T5 {tuple(text.shape)} + pooled {tuple(pooled.shape)}, but the router "
+                f"reads [rows, tokens, {cfg.text_dim}] + [rows, {cfg.router_dim}]; encode with the FLUX text encoders"
+            )
+        if text.shape[0] != pooled.shape[0] or (rows is not None and text.shape[0] != rows):
+            raise RoutingError(
+                f"the instruction signal has {text.shape[0]} T5 rows and {pooled.shape[0]} pooled rows for a batch "
+                f"of {rows} images; give one instruction per image"
+            )
 
     def _fixed_on(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """The fixed council compacted to ``[b, L, K]`` and moved to ``device`` once, not every step."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
+from ..instructmole import InstructMoLEError
+from ..instructmole.checks import STRENGTH_RANGE, checked_strength
 from .common import ADAPTER, CATEGORY, NodeInputError, adapter_files, load_adapter_input
 from .runtime import ModelMismatchError, apply_adapter
 
@@ -12,16 +14,16 @@ _STRENGTHS = [
     io.Float.Input(
         "lora_strength",
         default=1.0,
-        min=-10.0,
-        max=10.0,
+        min=STRENGTH_RANGE[0],
+        max=STRENGTH_RANGE[1],
         step=0.01,
         tooltip="Strength of the adapter's plain-LoRA part (applied through ComfyUI's own LoRA code). 0 leaves it off.",
     ),
     io.Float.Input(
         "expert_strength",
         default=1.0,
-        min=-10.0,
-        max=10.0,
+        min=STRENGTH_RANGE[0],
+        max=STRENGTH_RANGE[1],
         step=0.01,
         tooltip="Multiplies every council weight of the routed experts. 0 switches the experts off.",
     ),
@@ -44,6 +46,12 @@ def _adapter_input() -> io.Combo.Input:
 
 
 def _apply(node: str, model, adapter_name: str, lora_strength: float, expert_strength: float) -> io.NodeOutput:
+    # ComfyUI's min/max check lets NaN through (every comparison with NaN is False).
+    for name, value in (("lora_strength", lora_strength), ("expert_strength", expert_strength)):
+        try:
+            checked_strength(name, value)
+        except InstructMoLEError as err:
+            raise NodeInputError(node, name, str(err)) from None
     adapter = load_adapter_input(node, adapter_name)
     try:
         patched = apply_adapter(model, adapter, expert_strength=expert_strength, lora_strength=lora_strength)
@@ -123,5 +131,13 @@ class LoadKontext(io.ComfyNode):
         path = folder_paths.get_full_path("diffusion_models", unet_name)
         if path is None:
             raise NodeInputError(node, "unet_name", f"'{unet_name}' was not found in models/diffusion_models")
-        model = comfy.sd.load_diffusion_model(path, model_options=dict(_DTYPES[weight_dtype]))
+        if weight_dtype not in _DTYPES:
+            raise NodeInputError(node, "weight_dtype", f"{weight_dtype!r} is not one of {', '.join(_DTYPES)}")
+        try:
+            model = comfy.sd.load_diffusion_model(path, model_options=dict(_DTYPES[weight_dtype]))
+        except (RuntimeError, ValueError, OSError) as err:  # ComfyUI's own loader: not a model it knows
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise NodeInputError(
+                node, "unet_name", f"ComfyUI could not load '{unet_name}' ({first}); pick a FLUX.1 Kontext [dev] file"
+            ) from None
         return _apply(node, model, adapter, lora_strength, expert_strength)

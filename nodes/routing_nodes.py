@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..instructmole import InstructMoLEError
 from .common import ADAPTER, CATEGORY, COUNCIL, NodeInputError
 from .signal import attach_signal, carried_signal, encode_for_routing
 
@@ -38,8 +39,12 @@ class TextEncode(io.ComfyNode):
     def execute(cls, clip, text: str) -> io.NodeOutput:
         if clip is None:
             raise NodeInputError("InstructMoLE Text Encode", "clip", "no text encoder is connected")
+        try:
+            signal = encode_for_routing(clip, text)
+        except InstructMoLEError as err:
+            raise NodeInputError("InstructMoLE Text Encode", "clip", str(err)) from None
         conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(text))
-        return io.NodeOutput(attach_signal(conditioning, *encode_for_routing(clip, text)))
+        return io.NodeOutput(attach_signal(conditioning, *signal))
 
 
 class Route(io.ComfyNode):
@@ -77,7 +82,10 @@ class Route(io.ComfyNode):
     def execute(cls, adapter, clip=None, text: str = "", conditioning=None) -> io.NodeOutput:
         node = "InstructMoLE Route"
         if clip is not None and text.strip():
-            t5, pooled = encode_for_routing(clip, text, adapter.config.text_length)
+            try:
+                t5, pooled = encode_for_routing(clip, text, adapter.config.text_length)
+            except InstructMoLEError as err:
+                raise NodeInputError(node, "clip", str(err)) from None
             label = text.strip()
         elif conditioning:
             cond, extras = conditioning[0]

@@ -25,11 +25,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..instructmole import Adapter, Council, InstructMoLEError
+from ..instructmole import Adapter, Council, CouncilMismatchError, InstructMoLEError
+from ..instructmole.checks import checked_strength
+from ..instructmole.families import BFL_INPUTS, check_model_fits
 from ..instructmole.fold import fold_council
 from ..instructmole.layers import to_bfl
 from ..instructmole.overrides import scale as scale_council
-from ..instructmole.runtime import DeviceCache, MoLERuntime
+from ..instructmole.runtime import DeviceCache, MoLERuntime, RoutingError
 from .signal import POOLED_KEY, T5_KEY, unpack
 
 ATTACHMENT = "instructmole"
@@ -58,6 +60,7 @@ def place(adapter: Adapter, patcher: Any) -> list[Placement]:
             f"this MODEL is not a FLUX model, and the adapter was made for {adapter.config.base_model}; "
             "load FLUX.1 Kontext [dev]"
         )
+    check_model_fits(adapter.config, flux, BFL_INPUTS, ModelMismatchError)
     hidden = flux.hidden_size
     mlp_ratio = flux.double_blocks[0].img_mlp[0].out_features / hidden
     placements = []
@@ -152,7 +155,7 @@ class ComfyRuntime:
             text, pooled, exact = unpack(kwargs[T5_KEY]), unpack(kwargs[POOLED_KEY]), True
         else:
             if y is None:
-                raise ValueError("InstructMoLE needs the CLIP pooled vector (y) to route; use FLUX conditioning")
+                raise RoutingError("InstructMoLE needs the CLIP pooled vector (y) to route; use FLUX conditioning")
             text, pooled, exact = context, y, False
             if not self._warned:
                 log.info(
@@ -265,6 +268,8 @@ def apply_adapter(model: Any, adapter: Adapter, *, expert_strength: float = 1.0,
     """A clone of ``model`` with the adapter in auto mode and its plain-LoRA part as weight patches."""
     import comfy.lora
 
+    expert_strength = checked_strength("expert_strength", expert_strength, ModelMismatchError)
+    lora_strength = checked_strength("lora_strength", lora_strength, ModelMismatchError)
     if model.get_attachment(ATTACHMENT) is not None:
         raise ModelMismatchError(
             "this MODEL already carries an InstructMoLE adapter; load the second adapter on the base MODEL"
@@ -278,9 +283,39 @@ def apply_adapter(model: Any, adapter: Adapter, *, expert_strength: float = 1.0,
         unused = sorted(k for k in adapter.lora if k not in used)
         if unused:
             raise ModelMismatchError(f"the adapter's LoRA tensor {unused[0]!r} matches no layer of this model")
+        _check_lora_shapes(m.model, loaded, key_map)
         m.add_patches(loaded, lora_strength)
     _install(m, ComfyRuntime(adapter, placements, expert_strength=expert_strength))
     return m
+
+
+def _weight_slot(key: Any) -> tuple[str, tuple | None]:
+    """A ComfyUI LoRA target (``"w.weight"`` or ``("w.weight", (dim, start, length), ...)``) as (key, slice)."""
+    if isinstance(key, str):
+        return key, None
+    offset = key[1] if len(key) > 1 else None
+    return key[0], tuple(offset) if offset is not None else None
+
+
+def _check_lora_shapes(model: Any, loaded: dict, key_map: dict) -> None:
+    """Refuse a LoRA part that does not fit its layer now: ComfyUI would log and skip it at sampling."""
+    import comfy.utils
+
+    names = {_weight_slot(v): k for k, v in key_map.items() if k.startswith("transformer.")}
+    for key, patch in loaded.items():
+        weight_key, offset = _weight_slot(key)
+        weights = getattr(patch, "weights", None) or (patch[1] if isinstance(patch, tuple) else None)
+        if weights is None:
+            continue
+        up, down = weights[0], weights[1]
+        shape = comfy.utils.get_attr(model, weight_key).shape
+        out = offset[2] if offset is not None else shape[0]
+        if up.ndim != 2 or down.ndim != 2 or up.shape[0] != out or down.shape[1] != shape[1]:
+            name = names.get((weight_key, offset), weight_key)
+            raise ModelMismatchError(
+                f"the adapter's LoRA part {name!r} is {down.shape[-1]}->{up.shape[0]} but its layer in this "
+                f"model is {shape[1]}->{out}; use an adapter made for this model"
+            )
 
 
 def runtime_of(model: Any) -> ComfyRuntime:
@@ -295,12 +330,14 @@ def runtime_of(model: Any) -> ComfyRuntime:
 def apply_council(model: Any, council: Council, mode: str) -> Any:
     """A clone of ``model`` whose rows all use ``council``: folded into weights, or applied dynamically."""
     if mode not in ("merged", "fixed"):
-        raise ValueError(f"mode {mode!r} must be 'merged' or 'fixed'")
+        raise InstructMoLEError(f"mode {mode!r} must be 'merged' or 'fixed'")
+    if not isinstance(council, Council):
+        raise CouncilMismatchError(f"expected an InstructMoLE council, got {type(council).__name__}")
     runtime = runtime_of(model)
     cfg = runtime.adapter.config
     council.check_adapter(cfg.instruction_layers, cfg.num_experts, runtime.adapter.adapter_id)
     if council.batch_size != 1:
-        raise ValueError(
+        raise CouncilMismatchError(
             f"this council holds {council.batch_size} instructions; route a single instruction to apply it"
         )
     m = model.clone()

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..instructmole import InstructMoLEError
+
 T5_KEY = "instructmole_t5"
 POOLED_KEY = "instructmole_pooled"
 TRAINING_TEXT_LENGTH = 512
@@ -25,8 +27,8 @@ def encode_for_routing(clip: Any, text: str, length: int = TRAINING_TEXT_LENGTH)
     tokens = clip.tokenize(text, tokenizer_options={"t5xxl_min_length": length})
     t5, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
     if pooled is None:
-        raise ValueError(
-            "clip: this text encoder gives no pooled output; load the FLUX text encoders (T5-XXL + CLIP-L)"
+        raise InstructMoLEError(
+            "this text encoder gives no pooled output; load the FLUX text encoders (T5-XXL + CLIP-L)"
         )
     return t5.float().cpu(), pooled.float().cpu()
 

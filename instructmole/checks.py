@@ -1,0 +1,37 @@
+"""Numbers that come from outside (node inputs, ``attach`` arguments) checked before any use.
+
+ComfyUI's own min/max validation compares with ``<`` and ``>``, which lets NaN through, and a
+Python caller can pass anything; one NaN strength turns every image into NaN. So every such
+number is checked for type, finiteness and range here, with the caller's error type, and the
+message names the input, the value and the allowed range.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .errors import InstructMoLEError
+
+__all__ = ["STRENGTH_RANGE", "checked_number", "checked_strength"]
+
+# How far an adapter's effect may be turned up or down (negative inverts it). The nodes' sliders
+# use the same range.
+STRENGTH_RANGE = (-10.0, 10.0)
+
+
+def checked_number(
+    name: str, value: Any, low: float, high: float, error: type[InstructMoLEError] = InstructMoLEError
+) -> float:
+    """``value`` as a float, if it is a real finite number in ``[low, high]``; else ``error``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise error(f"{name} must be a number from {low:g} to {high:g}, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value) or not low <= value <= high:
+        raise error(f"{name}={value!r} is out of range: choose a finite number from {low:g} to {high:g}")
+    return value
+
+
+def checked_strength(name: str, value: Any, error: type[InstructMoLEError] = InstructMoLEError) -> float:
+    """An expert or LoRA strength: a finite number in ``STRENGTH_RANGE``."""
+    return checked_number(name, value, *STRENGTH_RANGE, error=error)
