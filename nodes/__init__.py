@@ -6,12 +6,14 @@ from comfy_api.latest import ComfyExtension, io
 
 from .common import register_folder
 from .council_nodes import ApplyCouncil, BlendCouncils, CouncilPreview, OverrideCouncil
-from .loaders import LoadAdapter, LoadKontext
+from .loaders import AdapterFile, ApplyAdapter, LoadAdapter, LoadKontext
 from .routing_nodes import Route, TextEncode
 
 NODES: list[type[io.ComfyNode]] = [
     LoadAdapter,
     LoadKontext,
+    AdapterFile,
+    ApplyAdapter,
     TextEncode,
     Route,
     OverrideCouncil,

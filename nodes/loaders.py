@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..instructmole import InstructMoLEError
+from ..instructmole import Adapter, InstructMoLEError
 from ..instructmole.checks import STRENGTH_RANGE, checked_strength
-from .common import ADAPTER, CATEGORY, NodeInputError, adapter_files, load_adapter_input
+from .common import ADAPTER, CATEGORY, NodeInputError, adapter_files, adapter_path, load_adapter_input
 from .runtime import ModelMismatchError, apply_adapter
 
 _STRENGTHS = [
@@ -45,19 +45,81 @@ def _adapter_input() -> io.Combo.Input:
     )
 
 
-def _apply(node: str, model, adapter_name: str, lora_strength: float, expert_strength: float) -> io.NodeOutput:
+def _missing_adapter(adapter: str | None) -> bool | str:
+    """For ``validate_inputs``: V3 combos are not checked against their list by ComfyUI's validation
+    (only V1 list-typed inputs are), so a missing file would otherwise fail only when the node runs,
+    after the diffusion model has loaded."""
+    if adapter is None or adapter_path(adapter) is not None:  # None: linked, known only at run time
+        return True
+    return f"adapter '{adapter}' was not found in models/instructmole or models/loras; pick a file from the list"
+
+
+def _apply(node: str, model, adapter, lora_strength: float, expert_strength: float) -> io.NodeOutput:
+    """``adapter``: a loaded Adapter, or the file name a combo gives (loaded after the cheap checks)."""
     # ComfyUI's min/max check lets NaN through (every comparison with NaN is False).
     for name, value in (("lora_strength", lora_strength), ("expert_strength", expert_strength)):
         try:
             checked_strength(name, value)
         except InstructMoLEError as err:
             raise NodeInputError(node, name, str(err)) from None
-    adapter = load_adapter_input(node, adapter_name)
+    if isinstance(adapter, str):
+        adapter = load_adapter_input(node, adapter)
+    elif not isinstance(adapter, Adapter):
+        raise NodeInputError(node, "adapter", "connect the adapter output of 'InstructMoLE Adapter File'")
     try:
         patched = apply_adapter(model, adapter, expert_strength=expert_strength, lora_strength=lora_strength)
     except ModelMismatchError as err:
         raise NodeInputError(node, "model", str(err)) from None
     return io.NodeOutput(patched, adapter)
+
+
+class AdapterFile(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InstructMoLE_AdapterFile",
+            display_name="InstructMoLE Adapter File",
+            category=CATEGORY,
+            description="Loads an InstructMoLE adapter file on its own, without a model: routing, overrides and "
+            "their checks then run without waiting for the diffusion model. Put it on a model with 'Apply "
+            "InstructMoLE Adapter'.",
+            inputs=[_adapter_input()],
+            outputs=[
+                ADAPTER.Output(
+                    display_name="adapter", tooltip="The loaded adapter, for Route and Apply InstructMoLE Adapter."
+                )
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, adapter: str | None = None) -> bool | str:
+        return _missing_adapter(adapter)
+
+    @classmethod
+    def execute(cls, adapter: str) -> io.NodeOutput:
+        return io.NodeOutput(load_adapter_input("InstructMoLE Adapter File", adapter))
+
+
+class ApplyAdapter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InstructMoLE_ApplyAdapter",
+            display_name="Apply InstructMoLE Adapter",
+            category=CATEGORY,
+            description="Applies a loaded InstructMoLE adapter (from 'InstructMoLE Adapter File') to a FLUX.1 "
+            "Kontext model, as 'Load InstructMoLE Adapter' does with a file name.",
+            inputs=[
+                io.Model.Input("model", tooltip="A FLUX.1 Kontext [dev] model from any loader."),
+                ADAPTER.Input("adapter", tooltip="The adapter output of 'InstructMoLE Adapter File'."),
+                *_STRENGTHS,
+            ],
+            outputs=_OUTPUTS,
+        )
+
+    @classmethod
+    def execute(cls, model, adapter, lora_strength: float, expert_strength: float) -> io.NodeOutput:
+        return _apply("Apply InstructMoLE Adapter", model, adapter, lora_strength, expert_strength)
 
 
 class LoadAdapter(io.ComfyNode):
@@ -77,6 +139,10 @@ class LoadAdapter(io.ComfyNode):
             ],
             outputs=_OUTPUTS,
         )
+
+    @classmethod
+    def validate_inputs(cls, adapter: str | None = None) -> bool | str:
+        return _missing_adapter(adapter)
 
     @classmethod
     def execute(cls, model, adapter: str, lora_strength: float, expert_strength: float) -> io.NodeOutput:
@@ -119,6 +185,14 @@ class LoadKontext(io.ComfyNode):
             ],
             outputs=_OUTPUTS,
         )
+
+    @classmethod
+    def validate_inputs(cls, adapter: str | None = None, unet_name: str | None = None) -> bool | str:
+        import folder_paths
+
+        if unet_name is not None and folder_paths.get_full_path("diffusion_models", unet_name) is None:
+            return f"unet_name '{unet_name}' was not found in models/diffusion_models; pick a file from the list"
+        return _missing_adapter(adapter)
 
     @classmethod
     def execute(

@@ -20,8 +20,10 @@ import urllib.error
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from .conftest import REPO_ROOT, SERVER_ADAPTER, SERVER_VAE
 from .tiny_clip import T5_MIN_LENGTH, TinyCLIP
@@ -40,6 +42,12 @@ NODES: dict[str, tuple[list[str], list[str], list[str]]] = {
     ),
     "InstructMoLE_LoadKontext": (
         ["unet_name", "weight_dtype", "adapter", "lora_strength", "expert_strength"],
+        [],
+        ["MODEL", "INSTRUCTMOLE_ADAPTER"],
+    ),
+    "InstructMoLE_AdapterFile": (["adapter"], [], ["INSTRUCTMOLE_ADAPTER"]),
+    "InstructMoLE_ApplyAdapter": (
+        ["model", "adapter", "lora_strength", "expert_strength"],
         [],
         ["MODEL", "INSTRUCTMOLE_ADAPTER"],
     ),
@@ -160,6 +168,19 @@ def workflow(model_from_apply_council: bool, prefix: str) -> dict[str, Any]:
     }
 
 
+def model_free_loader(prompt: dict[str, Any]) -> dict[str, Any]:
+    """The same workflow with the adapter loaded on its own (Adapter File) and put on the model by
+    Apply InstructMoLE Adapter: Route and Override no longer wait for the diffusion model."""
+    prompt = json.loads(json.dumps(prompt))
+    prompt["20"] = {"class_type": "InstructMoLE_AdapterFile", "inputs": {"adapter": SERVER_ADAPTER}}
+    prompt["2"] = {
+        "class_type": "InstructMoLE_ApplyAdapter",
+        "inputs": {"model": ["1", 0], "adapter": ["20", 0], "lora_strength": 1.0, "expert_strength": 1.0},
+    }
+    prompt["6"]["inputs"]["adapter"] = ["20", 0]
+    return prompt
+
+
 def bad_rules_prompt(linked: bool) -> dict[str, Any]:
     """Route -> Override with the bad rule text, typed into the widget or linked from a string node
     (then ComfyUI cannot validate it before running, and the node's execute must report it)."""
@@ -235,8 +256,34 @@ def test_workflow_with_auto_routing_runs(server: Any) -> None:
     assert "Traceback" not in log, log[-4000:]
 
 
+def test_model_free_loader_gives_the_same_image(server: Any) -> None:
+    """Adapter File + Apply InstructMoLE Adapter is the one-node loader split in two: same pixels."""
+    images = []
+    for prefix, prompt in (
+        ("instructmole_one_node", workflow(model_from_apply_council=True, prefix="instructmole_one_node")),
+        ("instructmole_two_nodes", model_free_loader(workflow(True, prefix="instructmole_two_nodes"))),
+    ):
+        entry, log = run_ok(server, prompt)
+        saved = entry["outputs"]["14"]["images"][0]
+        assert saved["filename"].startswith(prefix), saved
+        with Image.open(Path(server.base_directory, "output", saved["subfolder"], saved["filename"])) as image:
+            images.append(np.asarray(image.convert("RGB")))  # the PNG bytes differ: they embed the prompt
+        assert "Traceback" not in log, log[-4000:]
+    assert images[0].std() > 0 and np.array_equal(images[0], images[1])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # c. a user's mistake reaches the client as a message
+
+
+def test_missing_adapter_file_is_rejected_at_prompt_validation(server: Any) -> None:
+    """As core loaders: a file that is not in the list fails POST /prompt (400), nothing runs."""
+    for prompt in (workflow(True, prefix="x"), model_free_loader(workflow(True, prefix="x"))):
+        node = "20" if "20" in prompt else "2"
+        prompt[node]["inputs"]["adapter"] = "not_there.safetensors"
+        code, body = post(server, prompt)
+        assert code == 400 and node in body.get("node_errors", {}), json.dumps(body)[:4000]
+        assert "not_there.safetensors" in json.dumps(body["node_errors"][node])
 
 
 def test_bad_rule_text_is_a_validation_error_without_traceback(server: Any) -> None:
