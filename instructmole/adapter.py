@@ -12,34 +12,44 @@ into the file)::
     transformer.<module>.alpha             its alpha as a 0-d tensor
 
 ``__metadata__``: ``format = "instructmole"``, ``format_version = "1"``, ``config`` (the MoLEConfig
-JSON), ``base_model``. Loading validates names, shapes, dtypes, version and family and fails with
-one sentence that says what is wrong and what to do; saving goes through a temp file, fsync and
-rename, so a crash never leaves half an adapter behind.
+JSON), ``base_model``. Loading validates names, shapes, dtypes, values, version and family and fails
+with one sentence that says what is wrong and what to do: a file that loads is one that routes.
+NaN, infinite or absurdly large weights are refused (they would turn every image black), and the
+floating dtypes are brought to one per part (MoLE part, plain LoRA; fp8 to bf16, a mix to the
+widest present) so the first forward never meets two dtypes in one matmul. Saving goes through a
+temp file, fsync and rename, so a crash never leaves half an adapter behind.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .config import ConfigError, MoLEConfig
+from .config import LIMITS, ConfigError, MoLEConfig, _show
 from .council import Council
 from .errors import InstructMoLEError
 from .files import atomic_path
-from .model import InstructMoLE
+from .model import InstructMoLE, make_router
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "Adapter", "AdapterError", "LoraPart", "load_adapter"]
 
 FORMAT = "instructmole"
 FORMAT_VERSION = 1
 LORA_PREFIX = "transformer."
+MAX_LORA_ALPHA = 1e6
+MAX_ABS_WEIGHT = 1e6  # see _check_values
+_LORA_KEY = re.compile(r"transformer\.([A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*)\.(lora_A\.weight|lora_B\.weight|alpha)")
+_RESERVED_METADATA = ("format", "format_version", "config", "base_model")
 
 
 class AdapterError(InstructMoLEError):
@@ -76,13 +86,41 @@ class Adapter:
 
     @torch.no_grad()
     def route(self, text: Tensor, pooled: Tensor, labels: list[str] | tuple[str, ...] = ()) -> Council:
-        """Councils for a batch of instructions, as in training but without noise or dropout."""
+        """Councils for a batch of instructions, as in training but without noise or dropout.
+
+        ``text [b, t, text_dim]`` (T5 features) and ``pooled [b, router_dim]`` (CLIP pooled) are
+        checked first, so a wrong encoder gives one sentence rather than a matmul error."""
+        self._check_route_inputs(text, pooled)
         was_training = self.model.training
         self.model.eval()
         try:
             return self.model.route(text, pooled, labels)
         finally:
             self.model.train(was_training)
+
+    def _check_route_inputs(self, text: Any, pooled: Any) -> None:
+        cfg = self.config
+        if not cfg.instruction_layers:
+            raise AdapterError(
+                "this adapter routes every layer per token, so there is no instruction council to compute; "
+                "apply it to a model (attach or the Load node) and it routes inside the forward"
+            )
+        for name, value, ndim, width, axes in (
+            ("text", text, 3, cfg.text_dim, "[instances, tokens, text_dim]"),
+            ("pooled", pooled, 2, cfg.router_dim, "[instances, router_dim]"),
+        ):
+            if not isinstance(value, Tensor) or not value.is_floating_point():
+                raise AdapterError(f"route: {name} must be a float tensor {axes}, got {_show(value)}")
+            if value.ndim != ndim or value.shape[-1] != width or 0 in value.shape:
+                raise AdapterError(
+                    f"route: {name} has shape {tuple(value.shape)}, but this adapter reads {axes} with "
+                    f"{'text_dim' if name == 'text' else 'router_dim'}={width}; encode with the model it was made for"
+                )
+        if text.shape[0] != pooled.shape[0]:
+            raise AdapterError(
+                f"route: text has {text.shape[0]} instances but pooled has {pooled.shape[0]}; pass one of each per "
+                "instruction"
+            )
 
     # ---- plain LoRA part ----------------------------------------------------------------------
 
@@ -114,8 +152,15 @@ class Adapter:
     def save(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
         """Write atomically: temp file in the same folder, fsync, rename over ``path``.
 
-        ``dtype``: store the floating tensors in it (e.g. bf16 for a trainer's fp32 weights)."""
-        path = Path(path)
+        ``dtype``: store the floating tensors in it (e.g. bf16 for a trainer's fp32 weights).
+        A path that is empty or a folder is an ``AdapterError``; the disk's own failures (full,
+        read-only) stay ``OSError`` and leave ``path`` as it was."""
+        path = _target_path(path)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise AdapterError(f"save dtype={_show(dtype)} must be a floating torch dtype such as torch.bfloat16")
+        bad = [k for k, v in self.metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
+        if bad:
+            raise AdapterError(f"adapter metadata entry {_show(bad[0])} must map a string to a string to be saved")
         meta = {
             **self.metadata,
             "format": FORMAT,
@@ -134,88 +179,319 @@ class Adapter:
     def from_tensors(
         cls, config: MoLEConfig, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None, source: str = ""
     ) -> Adapter:
-        """Build and validate an adapter from file-layout tensors (used by load and import)."""
+        """Build and validate an adapter from file-layout tensors (used by load and import).
+
+        Everything the config implies is checked before any module is built, so a hostile config
+        with thousands of huge layers fails in milliseconds when the tensors do not match it."""
         where = f"{source}: " if source else ""
-        with torch.device("meta"):
-            model = InstructMoLE(config)
-        expected: dict[str, tuple[int, ...]] = {}
-        for spec in config.layers:
-            gate_in = config.router_dim if spec.routing == "instruction" else spec.in_features
-            n, r = config.num_experts, config.rank
-            expected[f"mole.{spec.name}.A"] = (n, spec.in_features, r)
-            expected[f"mole.{spec.name}.B"] = (n, r, spec.out_features)
-            expected[f"mole.{spec.name}.gate"] = (n, gate_in)
-        for key, value in model.router.state_dict().items():
-            expected[f"router.{key}"] = tuple(value.shape)
+        if not isinstance(config, MoLEConfig):
+            raise AdapterError(f"{where}config must be a MoLEConfig, got {type(config).__name__}")
+        tensors = _checked_tensor_dict(tensors, where)
+        metadata = _checked_metadata(metadata, where)
+        expected = _expected_shapes(config)
         lora = {k: v for k, v in tensors.items() if k.startswith(LORA_PREFIX)}
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected) - set(lora))
+        missing = [k for k in expected if k not in tensors]
         if missing:
             raise AdapterError(
                 f"{where}the adapter lacks tensor {missing[0]!r} (and {len(missing) - 1} more) its config needs"
             )
+        unexpected = sorted(k for k in tensors if k not in expected and k not in lora)
         if unexpected:
             raise AdapterError(f"{where}the adapter has tensor {unexpected[0]!r} that its config does not describe")
         for key, shape in expected.items():
             value = tensors[key]
             if tuple(value.shape) != shape:
-                raise AdapterError(f"{where}tensor {key!r} has shape {tuple(value.shape)} but the config needs {shape}")
+                raise AdapterError(
+                    f"{where}tensor {_show(key, 120)} has shape {tuple(value.shape)} but the config needs {shape}"
+                )
             if not value.is_floating_point():
                 raise AdapterError(
-                    f"{where}tensor {key!r} has dtype {value.dtype}; adapter tensors must be floating point"
+                    f"{where}tensor {_show(key, 120)} has dtype {value.dtype}; adapter tensors must be floating point"
                 )
-        _check_lora(lora, where)
+        _check_lora_layout(lora, where)
+        mole = _one_dtype({k: tensors[k] for k in expected})
+        lora = _one_dtype(lora)
+        _check_values({**mole, **lora}, where)
+        _check_lora_alphas(lora, where)
+
+        with torch.device("meta"):
+            model = InstructMoLE(config)
         state = {}
-        for name, _layer in model.named_layers():
-            key = name.replace(".", "/")
-            state[f"experts.{key}.A"] = tensors[f"mole.{name}.A"]
-            state[f"experts.{key}.B"] = tensors[f"mole.{name}.B"]
-            state[f"experts.{key}.gate.weight"] = tensors[f"mole.{name}.gate"]
-        state.update({f"router.{k[len('router.') :]}": v for k, v in tensors.items() if k.startswith("router.")})
-        model.load_state_dict(state, assign=True, strict=True)
+        for spec in config.layers:
+            key, name = spec.name.replace(".", "/"), spec.name
+            state[f"experts.{key}.A"] = mole[f"mole.{name}.A"]
+            state[f"experts.{key}.B"] = mole[f"mole.{name}.B"]
+            state[f"experts.{key}.gate.weight"] = mole[f"mole.{name}.gate"]
+        state.update({f"router.{k[len('router.') :]}": v for k, v in mole.items() if k.startswith("router.")})
+        try:
+            model.load_state_dict(state, assign=True, strict=True)
+        except RuntimeError as err:  # every name and shape was checked above: this is a bug, worded
+            raise AdapterError(f"{where}the adapter's tensors do not fit its config: {_short(err)}") from None
         model.eval()
-        return cls(model, lora, dict(metadata or {}))
+        return cls(model, lora, metadata)
 
 
-def _check_lora(lora: dict[str, Tensor], where: str) -> None:
+# ---- validation helpers ---------------------------------------------------------------------------
+
+
+def _short(err: BaseException, limit: int = 200) -> str:
+    """An exception's text on one line, cut short, for the end of an error sentence."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _checked_tensor_dict(tensors: Any, where: str) -> dict[str, Tensor]:
+    """Names are strings, values are ordinary dense tensors with data, all on one device."""
+    if not isinstance(tensors, dict):
+        raise AdapterError(
+            f"{where}the adapter's tensors must be a dict of name -> tensor, got {type(tensors).__name__}"
+        )
+    devices = set()
+    for key, value in tensors.items():
+        if not isinstance(key, str):
+            raise AdapterError(f"{where}tensor name {_show(key, 120)} must be a string")
+        if not isinstance(value, Tensor):
+            raise AdapterError(f"{where}{_show(key, 120)} holds a {type(value).__name__}, not a tensor")
+        if value.layout != torch.strided or value.is_meta or value.is_quantized:
+            raise AdapterError(
+                f"{where}tensor {_show(key, 120)} is not a plain dense tensor with data; store ordinary tensors"
+            )
+        devices.add(value.device)
+    if len(devices) > 1:
+        raise AdapterError(
+            f"{where}the adapter's tensors lie on several devices ({', '.join(sorted(map(str, devices)))}); "
+            "put them on one"
+        )
+    return tensors
+
+
+def _checked_metadata(metadata: Any, where: str) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise AdapterError(f"{where}adapter metadata must be a dict of strings, got {type(metadata).__name__}")
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise AdapterError(f"{where}adapter metadata entry {_show(key, 120)} must map a string to a string")
+    return dict(metadata)
+
+
+def _expected_shapes(config: MoLEConfig) -> dict[str, tuple[int, ...]]:
+    """Every MoLE tensor name with the shape ``config`` implies, in file order (layers, then router).
+
+    The router's shapes come from building just the router on the meta device (depth ≤ 64: cheap),
+    so they never drift from ``routing.py``; the expert banks are computed, not built."""
+    expected: dict[str, tuple[int, ...]] = {}
+    n, r = config.num_experts, config.rank
+    for spec in config.layers:
+        gate_in = config.router_dim if spec.routing == "instruction" else spec.in_features
+        expected[f"mole.{spec.name}.A"] = (n, spec.in_features, r)
+        expected[f"mole.{spec.name}.B"] = (n, r, spec.out_features)
+        expected[f"mole.{spec.name}.gate"] = (n, gate_in)
+    with torch.device("meta"):
+        router = make_router(config)
+    for key, value in router.state_dict().items():
+        expected[f"router.{key}"] = tuple(value.shape)
+    return expected
+
+
+def _check_lora_layout(lora: dict[str, Tensor], where: str) -> None:
+    """Names ``transformer.<module>.lora_A.weight`` / ``lora_B.weight`` / ``alpha``, complete pairs,
+    2-D floating tensors whose ranks agree and stay in bounds, and 0-d alphas."""
+    parts: dict[str, dict[str, tuple[str, Tensor]]] = {}
     for key, value in lora.items():
-        if key.endswith(".lora_A.weight"):
-            base = key[: -len(".lora_A.weight")]
-            up = lora.get(f"{base}.lora_B.weight")
-            if up is None:
-                raise AdapterError(f"{where}LoRA tensor {key!r} has no matching '{base}.lora_B.weight'")
-            if up.ndim != 2 or value.ndim != 2 or up.shape[1] != value.shape[0]:
+        m = _LORA_KEY.fullmatch(key)
+        if m is None:
+            raise AdapterError(
+                f"{where}tensor {_show(key, 120)} is neither an expert, the router nor a LoRA tensor "
+                "('transformer.<module>.lora_A.weight', '.lora_B.weight' or '.alpha')"
+            )
+        if not value.is_floating_point():
+            raise AdapterError(
+                f"{where}LoRA tensor {_show(key, 120)} has dtype {value.dtype}; it must be floating point"
+            )
+        parts.setdefault(m.group(1), {})[m.group(2)] = (key, value)
+    max_rank, max_width = LIMITS["rank"][1], LIMITS["in_features"][1]
+    for module, part in parts.items():
+        base = f"{LORA_PREFIX}{module}"
+        if "lora_A.weight" not in part:
+            other = next(iter(part.values()))[0]
+            raise AdapterError(f"{where}LoRA tensor {_show(other, 120)} has no matching '{base}.lora_A.weight'")
+        if "lora_B.weight" not in part:
+            raise AdapterError(f"{where}LoRA tensor '{base}.lora_A.weight' has no matching '{base}.lora_B.weight'")
+        down, up = part["lora_A.weight"][1], part["lora_B.weight"][1]
+        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+            raise AdapterError(
+                f"{where}LoRA pair {_show(base, 120)} has ranks that do not match: lora_A {tuple(down.shape)}, "
+                f"lora_B {tuple(up.shape)}; lora_A must be [rank, in] and lora_B [out, rank]"
+            )
+        rank, width_in, width_out = down.shape[0], down.shape[1], up.shape[0]
+        if not 1 <= rank <= max_rank or not 1 <= width_in <= max_width or not 1 <= width_out <= max_width:
+            raise AdapterError(
+                f"{where}LoRA pair {_show(base, 120)} has rank {rank}, in {width_in}, out {width_out}; the rank "
+                f"must be 1 to {max_rank} and the widths 1 to {max_width}"
+            )
+        if "alpha" in part and part["alpha"][1].ndim != 0:
+            raise AdapterError(
+                f"{where}LoRA alpha '{base}.alpha' has shape {tuple(part['alpha'][1].shape)}; it must be a "
+                "0-d (scalar) tensor"
+            )
+
+
+def _check_lora_alphas(lora: dict[str, Tensor], where: str) -> None:
+    """Alphas (already known finite) must be positive and sane: scale = alpha / rank multiplies the term."""
+    for key, value in lora.items():
+        if key.endswith(".alpha"):
+            alpha = float(value)
+            if not 0 < alpha <= MAX_LORA_ALPHA:
                 raise AdapterError(
-                    f"{where}LoRA pair {base!r} has ranks that do not match: lora_A {tuple(value.shape)}, "
-                    f"lora_B {tuple(up.shape)}"
+                    f"{where}LoRA alpha {_show(key, 120)} is {alpha:g}; it must be in (0, {MAX_LORA_ALPHA:g}]"
                 )
-        elif key.endswith(".lora_B.weight"):
-            if key.replace(".lora_B.", ".lora_A.") not in lora:
-                raise AdapterError(f"{where}LoRA tensor {key!r} has no matching lora_A")
-        elif not key.endswith(".alpha"):
-            raise AdapterError(f"{where}tensor {key!r} is neither an expert, the router nor a LoRA tensor")
+
+
+def _compute_dtype(dtypes: set[torch.dtype]) -> torch.dtype:
+    """One dtype that holds every given floating dtype exactly; fp8 (1 byte) counts as bf16.
+
+    fp8 cannot be computed with on most hardware and mixed dtypes fail in the first matmul, so a
+    part is brought to one dtype at load: the one present if it is alone, else the widest (fp16
+    with bf16 -> fp32, as neither holds the other)."""
+    dtypes = {torch.bfloat16 if d.itemsize < 2 else d for d in dtypes}
+    if len(dtypes) == 1:
+        return dtypes.pop()
+    widest = max(d.itemsize for d in dtypes)
+    at_widest = [d for d in dtypes if d.itemsize == widest]
+    return at_widest[0] if len(at_widest) == 1 else torch.float32
+
+
+def _one_dtype(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``tensors`` with every floating tensor in one compute dtype (the same dict when nothing changes).
+
+    LoRA alphas (0-d) do not vote: a float32 alpha must not upcast a bf16 LoRA of hundreds of MB."""
+    voters = {v.dtype for k, v in tensors.items() if not k.endswith(".alpha")}
+    if not voters:
+        voters = {v.dtype for v in tensors.values()}
+    if not voters:
+        return tensors
+    target = _compute_dtype(voters)
+    if all(v.dtype == target or (k.endswith(".alpha") and v.dtype.itemsize >= 2) for k, v in tensors.items()):
+        return tensors
+    return {
+        k: v if v.dtype == target or (k.endswith(".alpha") and v.dtype.itemsize >= 2) else v.to(target)
+        for k, v in tensors.items()
+    }
+
+
+def _check_values(tensors: dict[str, Tensor], where: str) -> None:
+    """Refuse NaN, ±inf and absurd magnitudes, naming the first tensor that holds one.
+
+    One ``aminmax`` per tensor (NaN propagates into min and max, inf and huge values show in one of
+    them): a single read of every byte without the bool tensor ``isfinite`` would allocate, and one
+    device sync for the whole adapter rather than one per tensor. Trained weights are far below
+    ``MAX_ABS_WEIGHT``; a value beyond it is a corrupted or diverged export (a flipped exponent bit
+    gives 1e30-ish values) that would route every image to NaN."""
+    if not tensors:
+        return
+    names = list(tensors)
+    bounds = torch.stack([torch.stack(torch.aminmax(tensors[k])).float() for k in names])  # [T, 2]
+    sane = bounds.abs() <= MAX_ABS_WEIGHT  # False for NaN as well
+    if bool(sane.all()):
+        return
+    bad = int((~sane).any(1).nonzero()[0])
+    low, high = (float(v) for v in bounds[bad])
+    if math.isnan(low) or math.isnan(high):
+        what = "NaN"
+    elif math.isinf(low) or math.isinf(high):
+        what = "infinite values"
+    else:
+        what = (
+            f"values up to {max(abs(low), abs(high)):.3g}, beyond the ±{MAX_ABS_WEIGHT:g} any trained weight stays in"
+        )
+    raise AdapterError(
+        f"{where}tensor {_show(names[bad], 120)} holds {what}; the adapter is broken (a diverged training run or "
+        "a corrupted file?): export it again from a good checkpoint"
+    )
+
+
+# ---- paths --------------------------------------------------------------------------------------
+
+
+def _as_path(path: Any, what: str) -> Path:
+    """A user's path argument as a ``Path``, or an ``AdapterError`` for empty or non-path values."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise AdapterError(f"{what} must be a file path, got {type(path).__name__}")
+    try:
+        text = os.fsdecode(path)
+    except (TypeError, UnicodeDecodeError) as err:
+        raise AdapterError(f"{what} {_show(path)} is not a usable file path: {_short(err)}") from None
+    if not text.strip():
+        raise AdapterError(f"{what} is empty; pass the path of an adapter .safetensors file")
+    if "\0" in text:
+        raise AdapterError(f"{what} {_show(text, 120)} contains a NUL character; pass a real file path")
+    return Path(text)
+
+
+def _target_path(path: Any) -> Path:
+    """Where ``save`` may write: not empty, not a folder."""
+    path = _as_path(path, "adapter output path")
+    if path.is_dir():
+        raise AdapterError(
+            f"adapter output path '{path}' is a folder; name a file such as '{path / 'adapter.safetensors'}'"
+        )
+    return path
+
+
+def _source_path(path: Any) -> Path:
+    """An existing adapter file, or one sentence saying why not."""
+    path = _as_path(path, "adapter path")
+    try:
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except OSError as err:
+        raise AdapterError(f"adapter path '{path}' cannot be examined: {err.strerror or _short(err)}") from None
+    if is_dir:
+        raise AdapterError(f"adapter path '{path}' is a folder, not a file; pass the .safetensors file inside it")
+    if not is_file:
+        raise AdapterError(f"adapter file '{path}' does not exist; put it in models/instructmole or models/loras")
+    return path
+
+
+def _read_failure(path: Path, err: Exception) -> AdapterError:
+    """One sentence for any failure of safetensors/the OS while reading ``path``."""
+    if isinstance(err, OSError):
+        return AdapterError(
+            f"'{path}' could not be read: {err.strerror or _short(err)}; check the file and its permissions"
+        )
+    return AdapterError(
+        f"'{path.name}' is not a readable .safetensors file (truncated or corrupt?): {_short(err)}; "
+        "download or export it again"
+    )
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file, with errors a user can act on."""
-    path = Path(path)
-    if not path.is_file():
-        raise AdapterError(f"adapter file '{path}' does not exist; put it in models/instructmole or models/loras")
+    path = _source_path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as err:
-        raise AdapterError(
-            f"'{path.name}' is not a readable .safetensors file (truncated or corrupt?): {err}; "
-            "download or export it again"
-        ) from None
+            meta = f.metadata()
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as err:  # safetensors, the OS, or anything else the reader raises for a bad file
+        raise _read_failure(path, err) from None
+    return dict(meta or {})
+
+
+def _device(device: Any) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise AdapterError(f"device {_show(device)} is not a torch device; use e.g. 'cpu' or 'cuda:0'") from None
 
 
 def load_adapter(
     path: str | os.PathLike, device: str | torch.device = "cpu", expect_base: str | None = None
 ) -> Adapter:
     """Load and validate an adapter file. ``expect_base``: refuse adapters made for another model family."""
-    path = Path(path)
+    device = _device(device)
+    path = _source_path(path)
     meta = read_metadata(path)
     if meta.get("format") != FORMAT:
         raise AdapterError(
@@ -226,23 +502,28 @@ def load_adapter(
     version = meta.get("format_version", "")
     if version != str(FORMAT_VERSION):
         raise AdapterError(
-            f"'{path.name}' has adapter format version {version!r}, but this InstructMoLE reads version "
+            f"'{path.name}' has adapter format version {version[:40]!r}, but this InstructMoLE reads version "
             f"{FORMAT_VERSION}; update the InstructMoLE pack"
         )
+    if "config" not in meta:
+        raise AdapterError(f"'{path.name}' has no 'config' in its metadata; export or convert it again")
     try:
-        config = MoLEConfig.from_json(meta.get("config", ""))
-    except (ConfigError, ValueError) as err:
+        config = MoLEConfig.from_json(meta["config"])
+    except ConfigError as err:
         raise AdapterError(f"'{path.name}' carries an invalid config: {err}") from None
     if expect_base is not None and config.base_model != expect_base:
         raise AdapterError(
-            f"'{path.name}' was made for {config.base_model!r}, not {expect_base!r}; pick an adapter for this model"
+            f"'{path.name}' was made for {config.base_model!r}, not {_show(expect_base)}; pick an adapter for "
+            "this model"
         )
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise AdapterError(f"'{path.name}' could not be read (truncated or corrupt?): {err}") from None
-    extra = {k: v for k, v in meta.items() if k not in ("format", "format_version", "config", "base_model")}
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as err:  # safetensors, the OS, an unknown dtype, a device that is not there
+        raise _read_failure(path, err) from None
+    extra = {k: v for k, v in meta.items() if k not in _RESERVED_METADATA}
     return Adapter.from_tensors(config, tensors, extra, source=path.name)
 
 

@@ -27,7 +27,7 @@ from .council import Council
 from .errors import InstructMoLEError
 from .families import DIFFUSERS_INPUTS, check_model_fits
 from .fold import iter_fold
-from .overrides import scale
+from .overrides import with_strength
 from .runtime import MoLERuntime, RoutingError
 
 __all__ = ["AttachedAdapter", "attach"]
@@ -221,7 +221,7 @@ class AttachedAdapter:
         for part, linear in lora:
             lora_by_module.setdefault(part.module, []).append(part)
             targets.setdefault(part.module, linear)
-        folded = iter_fold(self.adapter.model, scale(council, expert_strength)) if council is not None else ()
+        folded = iter_fold(self.adapter.model, with_strength(council, expert_strength)) if council is not None else ()
         done: set[str] = set()
         for name, delta in folded:
             self._add_to_weight(targets[name], name, delta, lora_by_module.get(name, []))

@@ -1,17 +1,38 @@
-"""``python -m instructmole``: inspect an adapter file, or convert a reference checkpoint folder."""
+"""``python -m instructmole``: inspect an adapter file, or convert a reference checkpoint folder.
+
+Every user mistake (a bad file, a bad argument, an output that cannot be written) ends the command
+with exit status 2 and one line ``error: ...`` on stderr, never a traceback; Ctrl-C ends it with
+status 130 and one line, and leaves no partial file behind (writes go through ``atomic_path``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
 
 from tqdm import tqdm
 
 from .adapter import AdapterError, describe, load_adapter
-from .config import ConfigError
-from .reference import import_reference
+from .errors import InstructMoLEError
+from .reference import import_reference, reference_inputs
+
+ADAPTER_SUFFIX = ".safetensors"
+
+
+class UsageError(InstructMoLEError):
+    """A command-line argument is malformed (argparse's own complaints, reworded to one line)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage and exiting, so every error is one line."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message}; see '{self.prog} --help'")
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -34,38 +55,109 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same inode when both exist (hard links, symlinks,
+    bind mounts), else the same resolved path."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+def check_output(out: str, folder: str, overwrite: bool) -> Path:
+    """Refuse an output path that is empty, not ``.safetensors``, a folder, one of the checkpoint's
+    own files (converting must never destroy its source), or an existing file without ``overwrite``."""
+    if not out.strip():
+        raise AdapterError("the output path is empty; name the adapter file to write, e.g. 'adapter.safetensors'")
+    path = Path(out)
+    if path.is_dir():
+        raise AdapterError(f"output '{path}' is a folder; name a file inside it, e.g. '{path / 'adapter.safetensors'}'")
+    for source in reference_inputs(folder):
+        if _same_file(path, source):
+            raise AdapterError(
+                f"output '{path}' is the checkpoint's own '{source.name}', which the conversion reads; write the "
+                "adapter somewhere else"
+            )
+    if path.suffix != ADAPTER_SUFFIX:
+        raise AdapterError(
+            f"output '{path}' must end in {ADAPTER_SUFFIX}: adapters are safetensors files, and ComfyUI lists "
+            "only those"
+        )
+    if path.exists() and not overwrite:
+        raise AdapterError(f"output '{path}' already exists; pass --overwrite to replace it")
+    return path
+
+
 def _convert(args: argparse.Namespace) -> int:
+    out = check_output(args.out, args.folder, args.overwrite)
     with tqdm(desc="importing layers", unit="layer", disable=args.quiet) as bar:
 
         def progress(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
 
-        adapter = import_reference(args.folder, progress=progress)
-    path = adapter.save(args.out)
+        adapter = import_reference(
+            args.folder,
+            progress=progress,
+            top_k=args.top_k,
+            alpha=args.alpha,
+            router_heads=args.router_heads,
+            router_head_dim=args.router_head_dim,
+            lora_alpha=args.lora_alpha,
+        )
+    try:
+        path = adapter.save(out)
+    except OSError as err:  # disk full, read-only, permissions: the OS's reason, about the output
+        raise AdapterError(f"could not write '{out}': {err.strerror or err}; nothing was written") from None
     n = len(adapter.config.layers)
     print(f"wrote {path} ({n} MoLE layers, {len(adapter.lora_parts())} LoRA modules, id {adapter.adapter_id})")
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m instructmole", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _parser() -> _Parser:
+    parser = _Parser(prog="python -m instructmole", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("inspect", help="show an adapter's config, layers and parameter counts")
     p.add_argument("file")
     p.add_argument("--json", action="store_true", help="print the full description as JSON")
     p.set_defaults(run=_inspect)
-    p = sub.add_parser("convert", help="convert a reference checkpoint folder into one adapter file")
-    p.add_argument("folder")
-    p.add_argument("out")
+    p = sub.add_parser(
+        "convert",
+        help="convert a reference checkpoint folder into one adapter file",
+        description="Settings the tensors cannot tell come from the folder's train_config.json; the flags "
+        "replace them (and are required where the config does not record them).",
+    )
+    p.add_argument("folder", help="the reference training checkpoint folder")
+    p.add_argument("out", help=f"the adapter file to write (must end in {ADAPTER_SUFFIX})")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--top-k", type=int, help="council size (moe_config.num_experts_per_tok)")
+    p.add_argument("--alpha", type=float, help="experts' LoRA alpha (moe_config.alpha)")
+    p.add_argument("--router-heads", type=int, help="router attention heads (reference code: 12)")
+    p.add_argument("--router-head-dim", type=int, help="router attention head width (reference code: 64)")
+    p.add_argument("--lora-alpha", type=float, help="plain LoRA alpha (lora_config.lora_alpha)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_convert)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     try:
+        args = _parser().parse_args(argv)
         return args.run(args)
-    except (AdapterError, ConfigError) as err:  # a user's mistake: one sentence, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except InstructMoLEError as err:  # a user's mistake: one sentence, no traceback
+        return _fail(str(err), 2)
+    except OSError as err:  # the OS refused something outside the output (e.g. an unreadable input)
+        where = f"'{err.filename}': " if err.filename else ""
+        return _fail(f"{where}{err.strerror or err}", 2)
+    except KeyboardInterrupt:
+        return _fail("interrupted (Ctrl-C); nothing was written", 130)
 
 
 if __name__ == "__main__":

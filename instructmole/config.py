@@ -1,26 +1,140 @@
 """The MoLE configuration: what an adapter is, independent of any weights.
 
 It travels inside every adapter file as JSON, so it validates eagerly and quotes the bad value:
-a typo in a hand-written config must fail at load, not as a shape error deep inside a forward.
+a typo in a hand-written config (or a hostile file) must fail at load with one sentence naming the
+field, the value and what is allowed, not as a TypeError deep inside a comparison, a shape error
+inside a forward, or minutes spent building a model nobody could hold in memory.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
+import re
+import reprlib
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from .errors import InstructMoLEError
 from .layers import block_of
 
-__all__ = ["ConfigError", "LayerSpec", "MoLEConfig", "Routing"]
+__all__ = ["LIMITS", "MAX_ALPHA", "MAX_LAYERS", "MAX_PARAMETERS", "ConfigError", "LayerSpec", "MoLEConfig", "Routing"]
 
 Routing = Literal["instruction", "token"]
 _ROUTINGS = ("instruction", "token")
 
+# Inclusive (min, max) of every integer field. Generous (the paper's adapter uses a fraction of each)
+# but finite, so that a config can never ask for more than a machine could hold.
+LIMITS: dict[str, tuple[int, int]] = {
+    "num_experts": (1, 256),
+    "top_k": (1, 256),
+    "rank": (1, 4096),
+    "text_dim": (1, 65536),
+    "router_dim": (1, 65536),
+    "router_heads": (1, 1024),
+    "router_head_dim": (1, 4096),
+    "router_depth": (1, 64),
+    "router_ff_mult": (1, 64),
+    "text_length": (1, 65536),
+    "in_features": (1, 2**20),
+    "out_features": (1, 2**20),
+}
+MAX_LAYERS = 4096  # every Linear of a FLUX transformer is about 500
+MAX_ALPHA = 1e6
+# A whole adapter (experts, gates, router) may hold at most this many parameters: 2**34 is about
+# 17 billion, more than FLUX.1 itself, and 64 GiB in fp32; anything beyond is a typo or an attack.
+MAX_PARAMETERS = 2**34
+_MAX_NAME = 256
+_MAX_EXTRA_DEPTH = 32
+_MAX_EXTRA_BYTES = 2**20
+_NAME = re.compile(r"[A-Za-z0-9_.]+")
+_LAYER_KEYS = ("name", "in_features", "out_features", "routing")
+_INT_FIELDS = (
+    "num_experts",
+    "top_k",
+    "rank",
+    "text_dim",
+    "router_dim",
+    "router_heads",
+    "router_head_dim",
+    "router_depth",
+    "router_ff_mult",
+    "text_length",
+)
+
 
 class ConfigError(InstructMoLEError):
     """A MoLE configuration (or a file's copy of one) is invalid."""
+
+
+def _nesting(value: Any) -> int:
+    """How many levels of lists and dicts nest in ``value`` (``{}``: 1), counted level by level
+    without recursion, and stopping once past ``_MAX_EXTRA_DEPTH``."""
+    depth, level = 0, [value]
+    while depth <= _MAX_EXTRA_DEPTH:
+        containers = [item for item in level if isinstance(item, (dict, list, tuple))]
+        if not containers:
+            break
+        depth += 1
+        level = [child for c in containers for child in (c.values() if isinstance(c, dict) else c)]
+    return depth
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """``repr`` of a user's value, cut short: a 1 MB string, a 10**5000 or a list nested 10,000 deep
+    must become a few characters of an error message, not a new error."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"<an integer of {value.bit_length()} bits>"
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother = 3, limit, limit
+    short.maxlist = short.maxtuple = short.maxdict = short.maxset = 6
+    try:
+        text = short.repr(value)
+    except Exception:  # a foreign object's own repr failing, or a recursion too deep for it
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _checked_int(value: Any, what: str, bounds: tuple[int, int]) -> int:
+    """``value`` as an int within ``bounds``; bools, floats and strings are refused, not coerced."""
+    low, high = bounds
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{what}={_show(value)} must be an integer from {low} to {high}")
+    value = int(value)
+    if value < low:
+        raise ConfigError(f"{what}={_show(value)} must be a positive integer (from {low} to {high})")
+    if value > high:
+        raise ConfigError(f"{what}={_show(value)} is too large: it must be an integer from {low} to {high}")
+    return value
+
+
+def _checked_real(value: Any, what: str) -> float:
+    """``value`` as a finite float; an int is fine, a bool or a string is not."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{what}={_show(value)} must be a number")
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond any float, e.g. 10**400
+        raise ConfigError(f"{what}={_show(value)} must be a finite number") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{what}={value} must be a finite number")
+    return value
+
+
+def _checked_layer_name(name: Any) -> str:
+    if not isinstance(name, str):
+        raise ConfigError(f"layer name {_show(name)} must be a string such as 'transformer_blocks.0.ff.net.2'")
+    if len(name) > _MAX_NAME or not _NAME.fullmatch(name):
+        raise ConfigError(
+            f"layer name {_show(name)} must be at most {_MAX_NAME} characters of letters, digits, '_' and '.', "
+            "such as 'transformer_blocks.0.ff.net.2'"
+        )
+    try:
+        block_of(name)
+    except ValueError as err:  # layers.py words it; make it ours
+        raise ConfigError(str(err)) from None
+    return name
 
 
 @dataclass(frozen=True)
@@ -38,13 +152,32 @@ class LayerSpec:
     routing: Routing = "instruction"
 
     def __post_init__(self) -> None:
-        block_of(self.name)  # raises with the name quoted
-        if self.routing not in _ROUTINGS:
-            raise ConfigError(f"layer {self.name!r}: routing {self.routing!r} must be one of {_ROUTINGS}")
+        _checked_layer_name(self.name)
+        if not isinstance(self.routing, str) or self.routing not in _ROUTINGS:
+            raise ConfigError(f"layer {self.name!r}: routing={_show(self.routing)} must be one of {_ROUTINGS}")
         for what in ("in_features", "out_features"):
-            value = getattr(self, what)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"layer {self.name!r}: {what}={value!r} must be a positive integer")
+            value = _checked_int(getattr(self, what), f"layer {self.name!r}: {what}", LIMITS[what])
+            object.__setattr__(self, what, value)
+
+    @classmethod
+    def from_dict(cls, data: Any, index: int = 0) -> LayerSpec:
+        """One ``layers`` entry of a config's JSON (``index``: its position, for the message)."""
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"config 'layers' entry {index} is {_show(data)}, not an object with keys "
+                "'name', 'in_features', 'out_features' (and optionally 'routing')"
+            )
+        unknown = [k for k in data if k not in _LAYER_KEYS]
+        if unknown:
+            raise ConfigError(
+                f"config 'layers' entry {index} has unknown key {_show(unknown[0])}; known keys: {list(_LAYER_KEYS)}"
+            )
+        missing = [k for k in _LAYER_KEYS[:3] if k not in data]
+        if missing:
+            raise ConfigError(
+                f"config 'layers' entry {index} lacks {missing[0]!r}; every layer needs {_LAYER_KEYS[:3]}"
+            )
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -70,35 +203,76 @@ class MoLEConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance, kept on round trips
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", tuple(self.layers))
-        positive = (
-            "num_experts",
-            "top_k",
-            "rank",
-            "text_dim",
-            "router_dim",
-            "router_heads",
-            "router_head_dim",
-            "router_depth",
-            "router_ff_mult",
-            "text_length",
-        )
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        # Scalars first (cheap, and the messages name one field), then the layers, then the total size.
+        for name in _INT_FIELDS:
+            object.__setattr__(self, name, _checked_int(getattr(self, name), name, LIMITS[name]))
         if self.top_k > self.num_experts:
             raise ConfigError(f"top_k={self.top_k} cannot exceed num_experts={self.num_experts}")
-        if not self.alpha > 0:
-            raise ConfigError(f"alpha={self.alpha!r} must be positive")
-        if not 0 <= self.router_dropout < 1:
-            raise ConfigError(f"router_dropout={self.router_dropout!r} must be in [0, 1)")
+        alpha = _checked_real(self.alpha, "alpha")
+        if not 0 < alpha <= MAX_ALPHA:
+            raise ConfigError(f"alpha={alpha!r} must be positive and at most {MAX_ALPHA:g}")
+        object.__setattr__(self, "alpha", alpha)
+        dropout = _checked_real(self.router_dropout, "router_dropout")
+        if not 0 <= dropout < 1:
+            raise ConfigError(f"router_dropout={dropout!r} must be in [0, 1)")
+        object.__setattr__(self, "router_dropout", dropout)
+        if not isinstance(self.gate_noise, bool):
+            raise ConfigError(f"gate_noise={_show(self.gate_noise)} must be true or false")
+        if not isinstance(self.base_model, str) or not 0 < len(self.base_model) <= _MAX_NAME:
+            raise ConfigError(
+                f"base_model={_show(self.base_model)} must be a non-empty string of at most {_MAX_NAME} characters, "
+                "such as 'flux.1-kontext-dev'"
+            )
+        self._check_extra()
+        self._check_layers()
+        total = self.parameter_count()
+        if total > MAX_PARAMETERS:
+            raise ConfigError(
+                f"the config describes {total:,} parameters, more than the {MAX_PARAMETERS:,} an adapter may "
+                "hold; lower num_experts, rank, the router sizes or the number of layers"
+            )
+
+    def _check_extra(self) -> None:
+        """Provenance notes: JSON-able, nested at most ``_MAX_EXTRA_DEPTH`` deep (copying and writing
+        a deeper one would hit Python's recursion limit far from here) and small."""
+        if not isinstance(self.extra, dict):
+            raise ConfigError(f"extra={_show(self.extra)} must be an object (a dict of provenance notes)")
+        if _nesting(self.extra) > _MAX_EXTRA_DEPTH:
+            raise ConfigError(f"extra is nested more than {_MAX_EXTRA_DEPTH} levels deep; keep provenance notes flat")
+        try:
+            size = len(json.dumps(self.extra))  # it is written into every adapter file
+        except (TypeError, ValueError, RecursionError) as err:
+            raise ConfigError(f"extra cannot be stored as JSON ({_show(str(err))}); keep it to plain values") from None
+        if size > _MAX_EXTRA_BYTES:
+            raise ConfigError(f"extra is {size:,} characters of JSON; provenance notes may take {_MAX_EXTRA_BYTES:,}")
+
+    def _check_layers(self) -> None:
+        if not isinstance(self.layers, (list, tuple)):
+            raise ConfigError(f"layers={_show(self.layers)} must be a list of layer specs")
+        object.__setattr__(self, "layers", tuple(self.layers))
         if not self.layers:
             raise ConfigError("layers is empty: an adapter needs at least one target layer")
-        names = [spec.name for spec in self.layers]
-        if len(set(names)) != len(names):
-            dupes = sorted({n for n in names if names.count(n) > 1})
-            raise ConfigError(f"layers lists {dupes[0]!r} more than once")
+        if len(self.layers) > MAX_LAYERS:
+            raise ConfigError(f"layers lists {len(self.layers)} layers; an adapter may have at most {MAX_LAYERS}")
+        seen: set[str] = set()
+        for spec in self.layers:
+            if not isinstance(spec, LayerSpec):
+                raise ConfigError(f"layers holds {_show(spec)}, which is not a LayerSpec")
+            if spec.name in seen:
+                raise ConfigError(f"layers lists {spec.name!r} more than once")
+            seen.add(spec.name)
+
+    def parameter_count(self) -> int:
+        """Parameters the config asks for (experts, gates, router), computed without building anything."""
+        n, r, d = self.num_experts, self.rank, self.router_dim
+        total = 0
+        for spec in self.layers:
+            gate_in = d if spec.routing == "instruction" else spec.in_features
+            total += n * (spec.in_features * r + r * spec.out_features + gate_in)
+        inner = self.router_heads * self.router_head_dim
+        per_depth = 4 * d + 4 * d * inner + 2 * d + 2 * d * d * self.router_ff_mult  # 2 norms, q/kv/out, FF
+        total += d + self.text_dim * d + d + self.router_depth * per_depth + d * d + d + 2 * d
+        return total
 
     @property
     def scale(self) -> float:
@@ -115,10 +289,14 @@ class MoLEConfig:
         return [spec.name for spec in self.layers if spec.routing == "instruction"]
 
     def layer(self, name: str) -> LayerSpec:
+        """The spec of layer ``name``; a ``ConfigError`` (not a KeyError) when the adapter lacks it."""
         for spec in self.layers:
             if spec.name == name:
                 return spec
-        raise KeyError(f"layer {name!r} is not in this adapter")
+        raise ConfigError(
+            f"layer {_show(name)} is not in this adapter; it has {len(self.layers)} layers, "
+            f"e.g. {self.layers[0].name!r}"
+        )
 
     # ---- serialisation ------------------------------------------------------------------------
 
@@ -131,27 +309,32 @@ class MoLEConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MoLEConfig:
+    def from_dict(cls, data: Any) -> MoLEConfig:
+        """A config from its JSON object; every key and value is checked, none is coerced."""
         if not isinstance(data, dict):
             raise ConfigError(f"config must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        known = [f.name for f in fields(cls)]
+        unknown = [k for k in data if k not in known]
         if unknown:
-            raise ConfigError(f"config has unknown key {unknown[0]!r}; known keys: {sorted(known)}")
+            raise ConfigError(f"config has unknown key {_show(unknown[0])}; known keys: {sorted(known)}")
         if "layers" not in data:
-            raise ConfigError("config has no 'layers'")
-        try:
-            layers = tuple(LayerSpec(**spec) for spec in data["layers"])
-        except TypeError as err:
-            raise ConfigError(f"config 'layers' entry is malformed: {err}") from None
+            raise ConfigError("config has no 'layers'; it needs a list of the layers that carry experts")
+        raw = data["layers"]
+        if not isinstance(raw, list):
+            raise ConfigError(f"config 'layers' must be a list of layer objects, got {type(raw).__name__}")
+        if len(raw) > MAX_LAYERS:
+            raise ConfigError(f"config 'layers' lists {len(raw)} layers; an adapter may have at most {MAX_LAYERS}")
+        layers = tuple(LayerSpec.from_dict(spec, i) for i, spec in enumerate(raw))
         return cls(**{**data, "layers": layers})
 
     @classmethod
-    def from_json(cls, text: str) -> MoLEConfig:
+    def from_json(cls, text: Any) -> MoLEConfig:
+        if not isinstance(text, (str, bytes, bytearray)):
+            raise ConfigError(f"config must be JSON text, got {type(text).__name__}")
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"config is not valid JSON: {err}") from None
+        except (ValueError, RecursionError) as err:  # JSONDecodeError, bad UTF-8, absurd nesting
+            raise ConfigError(f"config is not valid JSON: {_show(str(err), 120)}") from None
         return cls.from_dict(data)
 
     @classmethod

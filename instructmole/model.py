@@ -25,19 +25,24 @@ def _key(name: str) -> str:
     return name.replace(".", "/")
 
 
+def make_router(config: MoLEConfig) -> PerceiverResampler:
+    """The instruction router of ``config`` (build under ``torch.device("meta")`` for shapes only)."""
+    return PerceiverResampler(
+        text_dim=config.text_dim,
+        dim=config.router_dim,
+        depth=config.router_depth,
+        heads=config.router_heads,
+        head_dim=config.router_head_dim,
+        ff_mult=config.router_ff_mult,
+        dropout=config.router_dropout,
+    )
+
+
 class InstructMoLE(nn.Module):
     def __init__(self, config: MoLEConfig) -> None:
         super().__init__()
         self.config = config
-        self.router = PerceiverResampler(
-            text_dim=config.text_dim,
-            dim=config.router_dim,
-            depth=config.router_depth,
-            heads=config.router_heads,
-            head_dim=config.router_head_dim,
-            ff_mult=config.router_ff_mult,
-            dropout=config.router_dropout,
-        )
+        self.router = make_router(config)
         self.experts = nn.ModuleDict(
             {
                 _key(spec.name): MoLELayer(

@@ -1,23 +1,76 @@
-"""Council nodes: override by rule text, blend two councils, apply one to the model, preview it."""
+"""Council nodes: override by rule text, blend two councils, apply one to the model, preview it.
+
+Every mistake on an input surfaces as that input's one-line message (``NodeInputError``); rule
+text and layer selectors typed into a widget are checked before the graph runs
+(``validate_inputs``). ComfyUI's own min/max check lets NaN through and is skipped for inputs that
+``validate_inputs`` takes, so numbers are checked again here.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
 from comfy_api.latest import io, ui
+from PIL import Image, ImageDraw
 
-from ..instructmole import CouncilMismatchError, CouncilRuleError, apply_rules, blend, parse_rules
+from ..instructmole import Council, CouncilMismatchError, CouncilRuleError, apply_rules, blend, parse_rules
+from ..instructmole.council import describe_value
+from ..instructmole.overrides import parse_selector
 from ..instructmole.viz import council_heatmap
 from .common import CATEGORY, COUNCIL, NodeInputError
 from .runtime import ModelMismatchError, apply_council
 
+MODES = ("merged", "fixed")
+# The preview draws at most this many instances and cells (instances × layers × experts) and prints
+# at most this many summary lines: a batch of thousands of instructions must not make a gigapixel
+# picture (the JSON output always holds the whole council).
+PREVIEW_INSTANCES = 16
+PREVIEW_CELLS = 20_000
+PREVIEW_LINES = 2_000
+
 _RULES_HELP = (
     "Rules, one per line or separated by ';': '<layers> <action> <args>'. Layers: all, double, single, "
     "double:0-5, single:*, or a layer name. Actions: force 1,5 (or 1:0.5), only 2,3, ban 2, scale 1.5, top 2. "
-    "Example: 'single:0-37 force 1,5; double:* ban 2; all scale 1.5'. '#' starts a comment."
+    "Example: 'single:0-37 force 1,5; double:* ban 2; all scale 1.5'. '#' starts a comment. Weights and scale "
+    "factors: 0 to 100; at most 1000 rules."
 )
+
+
+def _syntax(parse: Callable[[str], Any], text: str | None) -> bool | str:
+    """For ``validate_inputs``: True, or the parse error's message. ``None``: linked from another node,
+    known (and checked) only at execution."""
+    if text is None:
+        return True
+    try:
+        parse(text)
+    except CouncilRuleError as err:
+        return str(err)
+    return True
+
+
+def _council_input(node: str, name: str, value: Any) -> Council:
+    if not isinstance(value, Council):
+        raise NodeInputError(
+            node, name, f"got {describe_value(value)}, not a council; connect the COUNCIL output of a Route node"
+        )
+    return value
+
+
+def _factor_input(node: str, value: Any) -> float:
+    """A blend factor: a finite number from 0 to 1 (ComfyUI's own range check lets NaN through)."""
+    try:
+        factor = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    except OverflowError:  # an int with hundreds of digits
+        factor = math.nan
+    if not (math.isfinite(factor) and 0 <= factor <= 1):
+        raise NodeInputError(node, "factor", f"{describe_value(value)} is not possible; choose a number from 0 to 1")
+    return factor
 
 
 class OverrideCouncil(io.ComfyNode):
@@ -37,20 +90,19 @@ class OverrideCouncil(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, rules: str | None = None) -> bool | str:
-        if rules is None:  # linked from another node: checked at execution
-            return True
-        try:
-            parse_rules(rules)
-        except CouncilRuleError as err:
-            return str(err)
-        return True
+        """The rule text alone (no council yet): syntax, numbers and limits; experts are checked at run."""
+        return _syntax(parse_rules, rules)
 
     @classmethod
     def execute(cls, council, rules: str) -> io.NodeOutput:
+        node = "InstructMoLE Override Council"
+        council = _council_input(node, "council", council)
         try:
             return io.NodeOutput(apply_rules(council, rules))
         except CouncilRuleError as err:
-            raise NodeInputError("InstructMoLE Override Council", "rules", str(err)) from None
+            raise NodeInputError(node, "rules", str(err)) from None
+        except CouncilMismatchError as err:
+            raise NodeInputError(node, "council", str(err)) from None
 
 
 class BlendCouncils(io.ComfyNode):
@@ -84,10 +136,22 @@ class BlendCouncils(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, layers: str | None = None) -> bool | str:
+        """The layer selector's syntax (whether it picks a layer of the adapter is known at run)."""
+        return _syntax(parse_selector, layers)
+
+    @classmethod
     def execute(cls, council_a, council_b, factor: float, layers: str) -> io.NodeOutput:
         node = "InstructMoLE Blend Councils"
+        council_a = _council_input(node, "council_a", council_a)
+        council_b = _council_input(node, "council_b", council_b)
+        factor = _factor_input(node, factor)
         try:
-            return io.NodeOutput(blend(council_a, council_b, factor, where=layers))
+            where = parse_selector(layers)
+        except CouncilRuleError as err:
+            raise NodeInputError(node, "layers", str(err)) from None
+        try:
+            return io.NodeOutput(blend(council_a, council_b, factor, where=where))
         except CouncilMismatchError as err:
             raise NodeInputError(node, "council_b", str(err)) from None
         except CouncilRuleError as err:
@@ -107,7 +171,7 @@ class ApplyCouncil(io.ComfyNode):
                 COUNCIL.Input("council", tooltip="The council to apply (one instruction)."),
                 io.Combo.Input(
                     "mode",
-                    options=["merged", "fixed"],
+                    options=list(MODES),
                     default="merged",
                     tooltip="merged: folded into ComfyUI weight patches once; then it costs exactly the "
                     "base model and stacks with other LoRAs. fixed: applied on the fly to every row.",
@@ -119,6 +183,9 @@ class ApplyCouncil(io.ComfyNode):
     @classmethod
     def execute(cls, model, council, mode: str) -> io.NodeOutput:
         node = "InstructMoLE Apply Council"
+        if mode not in MODES:
+            raise NodeInputError(node, "mode", f"{describe_value(mode)} is not a mode; choose merged or fixed")
+        council = _council_input(node, "council", council)
         try:
             return io.NodeOutput(apply_council(model, council, mode))
         except ModelMismatchError as err:
@@ -127,14 +194,51 @@ class ApplyCouncil(io.ComfyNode):
             raise NodeInputError(node, "council", str(err)) from None
 
 
-def _summary(council) -> str:
-    lines = []
+def _shown_part(council: Council) -> tuple[Council, str]:
+    """The first instances and layers of ``council`` that fit the preview, and a note when some are left out."""
+    b, num_layers, n = council.shape
+    layers = num_layers if num_layers * n <= PREVIEW_CELLS else max(1, PREVIEW_CELLS // n)
+    instances = min(b, PREVIEW_INSTANCES, max(1, PREVIEW_CELLS // max(layers * n, 1)))
+    if (instances, layers) == (b, num_layers):
+        return council, ""
+    part = replace(
+        council,
+        layers=council.layers[:layers],
+        probs=council.probs[:instances, :layers],
+        weights=council.weights[:instances, :layers],
+        label=council.label[:instances],
+        banned=council.banned[:instances, :layers] if council.banned is not None else None,
+    )
+    return part, f"(showing {instances} of {b} instances and {layers} of {num_layers} layers)"
+
+
+def _summary(council: Council, note: str = "") -> str:
+    lines = [note] if note else []
     for b in range(council.batch_size):
         lines.append(council.label[b] if council.label else f"instance {b}")
         for row, name in enumerate(council.layers):
             members = ", ".join(f"{e}:{w:.2f}" for e, w in council.members(b, row)) or "(off)"
             lines.append(f"  {name}: {members}")
+            if len(lines) >= PREVIEW_LINES:
+                return "\n".join([*lines, "  …"])
     return "\n".join(lines)
+
+
+def _picture(council: Council) -> Image.Image:
+    """The heat map, sized so that a large council stays a picture of a few megapixels."""
+    if council.weights.numel() == 0:
+        picture = Image.new("RGB", (420, 40), (24, 24, 28))
+        ImageDraw.Draw(picture).text((8, 12), "this council has no instruction-routed layer", fill=(235, 235, 235))
+        return picture
+    cells = council.weights.numel()
+    cell = 40 if cells <= 2_500 else max(12, int(40 * (2_500 / cells) ** 0.5))
+    # Drawn values only: a non-finite number (from a hand-made council) must not break the picture.
+    shown = replace(
+        council,
+        probs=torch.nan_to_num(council.probs.detach().float(), nan=0.0, posinf=1.0, neginf=0.0),
+        weights=torch.nan_to_num(council.weights.detach().float(), nan=0.0, posinf=0.0, neginf=0.0),
+    )
+    return council_heatmap(shown, cell=cell, title="InstructMoLE council")
 
 
 class CouncilPreview(io.ComfyNode):
@@ -156,8 +260,9 @@ class CouncilPreview(io.ComfyNode):
 
     @classmethod
     def execute(cls, council) -> io.NodeOutput:
-        picture = council_heatmap(council, title="InstructMoLE council")
-        image = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0)[None]
+        council = _council_input("InstructMoLE Council Preview", "council", council)
+        part, note = _shown_part(council)
+        image = torch.from_numpy(np.asarray(_picture(part), dtype=np.float32) / 255.0)[None]
         text = json.dumps(council.to_dict())
         shown = ui.PreviewImage(image, cls=cls).as_dict()
-        return io.NodeOutput(image, text, ui={**shown, "text": [_summary(council)]})
+        return io.NodeOutput(image, text, ui={**shown, "text": [_summary(part, note)]})

@@ -30,7 +30,7 @@ from ..instructmole.checks import checked_strength
 from ..instructmole.families import BFL_INPUTS, check_model_fits
 from ..instructmole.fold import fold_council
 from ..instructmole.layers import to_bfl
-from ..instructmole.overrides import scale as scale_council
+from ..instructmole.overrides import with_strength
 from ..instructmole.runtime import DeviceCache, MoLERuntime, RoutingError
 from .signal import POOLED_KEY, T5_KEY, unpack
 
@@ -234,7 +234,7 @@ def _install(m: Any, runtime: ComfyRuntime) -> None:
     if runtime.merged and runtime.council is not None:
         council = runtime.council
         if runtime.expert_strength != 1.0:
-            council = scale_council(council, runtime.expert_strength)
+            council = with_strength(council, runtime.expert_strength)
         factors = fold_council(runtime.adapter.model, council, factors=True)
         patches = {}
         for p in runtime.placements:

@@ -136,3 +136,17 @@ def test_signal_of_another_width_or_batch_fails_before_any_layer(transformer, ad
                     "pooled_projections": inputs["pooled_projections"][:1],
                 }
             )
+
+
+def test_negative_expert_strength_merged_equals_fixed(transformer, adapter):
+    """Council weights are never negative, but a negative strength (inverting the experts) still folds."""
+    council = adapter.route(torch.randn(1, 32, 64), torch.randn(1, 32))
+    inputs = flux_inputs(batch=1)
+    with torch.no_grad():
+        base = transformer(**inputs)[0]
+        with im.attach(transformer, adapter, council=council, expert_strength=-1.0):
+            fixed = transformer(**inputs)[0]
+        with im.attach(transformer, adapter, mode="merged", council=council, expert_strength=-1.0):
+            merged = transformer(**inputs)[0]
+    assert (fixed - base).abs().max() > 1e-3
+    torch.testing.assert_close(merged, fixed, atol=1e-5, rtol=1e-5)

@@ -28,11 +28,12 @@ LAYERS = (
 )
 # One instance; per layer the router prefers experts 0 > 1 > 2 > 3 > 4 > 5.
 PROBS = torch.tensor([0.30, 0.25, 0.20, 0.12, 0.08, 0.05]).expand(1, 4, 6).clone()
+ADAPTER_ID = "0123456789abcdef"  # councils carry the id of the adapter that routed them
 
 
 def council(k: int = 2) -> Council:
     weights, indices = PROBS.topk(k, -1)
-    return Council.from_topk(LAYERS, PROBS, indices, weights)
+    return Council.from_topk(LAYERS, PROBS, indices, weights, adapter_id=ADAPTER_ID)
 
 
 def members(c: Council, layer: int) -> dict[int, float]:
@@ -79,7 +80,7 @@ def test_blend_mixes_probabilities_then_top_k():
     a = council()
     other = PROBS.flip(-1)  # prefers 5 > 4 > ...
     w, i = other.topk(2, -1)
-    b = Council.from_topk(LAYERS, other, i, w)
+    b = Council.from_topk(LAYERS, other, i, w, adapter_id=ADAPTER_ID)
     half = blend(a, b, 0.5)
     assert torch.allclose(half.probs, (PROBS + other) / 2)
     assert set(members(blend(a, b, 1.0), 0)) == {5, 4}
