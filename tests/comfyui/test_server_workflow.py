@@ -112,12 +112,12 @@ def describe(status: dict[str, Any]) -> str:
     return json.dumps(status)[:4000]
 
 
-def run_ok(server: Any, prompt: dict[str, Any]) -> tuple[dict[str, Any], str]:
+def run_ok(server: Any, prompt: dict[str, Any], timeout: float = 180.0) -> tuple[dict[str, Any], str]:
     """Run a prompt that must succeed; returns its history entry and the log it produced."""
     mark = len(server.log())
     code, body = post(server, prompt)
     assert code == 200 and not body.get("node_errors"), body
-    entry = wait_finished(server, body["prompt_id"])
+    entry = wait_finished(server, body["prompt_id"], timeout)
     assert entry["status"]["status_str"] == "success", describe(entry["status"])
     return entry, server.log()[mark:]
 

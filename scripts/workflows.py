@@ -1,0 +1,587 @@
+"""The example workflows: their definitions, the UI-format files built from them, and the way back.
+
+Each workflow is written once, here, as an API-style graph (``class_type`` + ``inputs``, links as
+``[node, slot]``) plus what only the canvas has: titles, a layout in columns, groups, a Note, and
+the frontend's ``models`` metadata (file names, folders, public download URLs) on the loaders.
+``build`` turns a definition into the format the ComfyUI frontend saves (nodes with their sockets
+and ``widgets_values``, links, groups), using the server's ``/object_info`` for each node's inputs
+in order; ``to_prompt`` turns such a file back into the prompt the frontend would queue. The
+headless workflow tests run exactly that prompt, and the browser tests check that the frontend's
+own ``graphToPrompt`` agrees.
+
+Rebuild the shipped files after changing a definition or a node's inputs (a server with this pack)::
+
+    python scripts/workflows.py --url http://127.0.0.1:8188      # writes workflows/*.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+FRONTEND_ONLY = {"Note", "MarkdownNote"}  # canvas notes: never sent to the server
+ROOT = Path(__file__).resolve().parent.parent
+
+# ---- what every workflow loads (public files; the adapter is yours: train or convert one) -----------------
+
+HF = "https://huggingface.co"
+KONTEXT = "flux1-dev-kontext_fp8_scaled.safetensors"
+CLIP_L, T5 = "clip_l.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors"
+VAE = "ae.safetensors"
+ADAPTER = "instructmole_kontext.safetensors"
+MODELS = {
+    KONTEXT: (
+        f"{HF}/Comfy-Org/flux1-kontext-dev_ComfyUI/resolve/main/split_files/diffusion_models/{KONTEXT}",
+        "diffusion_models",
+    ),
+    CLIP_L: (f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/{CLIP_L}", "text_encoders"),
+    T5: (f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/{T5}", "text_encoders"),
+    VAE: (f"{HF}/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/{VAE}", "vae"),
+}
+INSTRUCTION = "Make the sky a stormy purple at dusk, keep everything else unchanged"
+
+
+@dataclass
+class Node:
+    class_type: str
+    inputs: dict[str, Any]
+    col: int  # layout column
+    title: str | None = None
+    group: str | None = None
+    models: tuple[str, ...] = ()  # file names from MODELS this node loads
+    tall: int = 0  # extra height (a preview, a long text box)
+
+
+@dataclass
+class Workflow:
+    name: str  # file stem
+    title: str
+    note: str
+    nodes: dict[int, Node]
+    groups: dict[str, str] = field(default_factory=dict)  # group name -> colour
+
+
+# ---- the five workflows ------------------------------------------------------------------------------------
+
+
+def _text_and_image(first: int, instruction: str = INSTRUCTION, image: str = "example.png") -> dict[int, Node]:
+    """CLIP, VAE, the image to edit and its reference latent: ids ``first`` .. ``first + 7``."""
+    t, g = "Text", "Image to edit"
+    return {
+        first: Node(
+            "DualCLIPLoader",
+            {"clip_name1": CLIP_L, "clip_name2": T5, "type": "flux", "device": "default"},
+            0,
+            group=t,
+            models=(CLIP_L, T5),
+        ),
+        first + 1: Node("InstructMoLE_TextEncode", {"clip": [first, 0], "text": instruction}, 1, group=t, tall=60),
+        first + 2: Node("VAELoader", {"vae_name": VAE}, 0, group=g, models=(VAE,)),
+        first + 3: Node("LoadImage", {"image": image}, 0, group=g, tall=260),
+        first + 4: Node("FluxKontextImageScale", {"image": [first + 3, 0]}, 1, group=g),
+        first + 5: Node("VAEEncode", {"pixels": [first + 4, 0], "vae": [first + 2, 0]}, 1, group=g),
+        first + 6: Node("ReferenceLatent", {"conditioning": [first + 1, 0], "latent": [first + 5, 0]}, 2, group=t),
+        first + 7: Node("FluxGuidance", {"conditioning": [first + 6, 0], "guidance": 2.5}, 2, group=t),
+    }
+
+
+def _sample(
+    first: int, model: list, positive: list, negative: list, latent: list, vae: list, prefix: str | None, col: int = 4
+) -> dict[int, Node]:
+    """KSampler -> VAE Decode (-> Save Image when ``prefix``): ids ``first`` .. ``first + 2``."""
+    g = "Sampling"
+    out = {
+        first: Node(
+            "KSampler",
+            {
+                "model": model,
+                "positive": positive,
+                "negative": negative,
+                "latent_image": latent,
+                "seed": 0,
+                "steps": 20,
+                "cfg": 1.0,
+                "sampler_name": "euler",
+                "scheduler": "simple",
+                "denoise": 1.0,
+            },
+            col,
+            group=g,
+        ),
+        first + 1: Node("VAEDecode", {"samples": [first, 0], "vae": vae}, col, group=g),
+    }
+    if prefix:
+        out[first + 2] = Node(
+            "SaveImage", {"images": [first + 1, 0], "filename_prefix": prefix}, col + 1, group=g, tall=260
+        )
+    return out
+
+
+def _negative(first: int, positive: list) -> dict[int, Node]:
+    return {first: Node("ConditioningZeroOut", {"conditioning": positive}, 2, title="Negative (empty)", group="Text")}
+
+
+def auto_edit() -> Workflow:
+    nodes = {
+        1: Node(
+            "InstructMoLE_LoadKontext",
+            {
+                "unet_name": KONTEXT,
+                "weight_dtype": "default",
+                "adapter": ADAPTER,
+                "lora_strength": 1.0,
+                "expert_strength": 1.0,
+            },
+            0,
+            group="Model",
+            models=(KONTEXT,),
+        ),
+        **_text_and_image(10),
+        **_negative(20, [11, 0]),
+        **_sample(30, [1, 0], [17, 0], [20, 0], [15, 0], [12, 0], "instructmole_auto"),
+    }
+    note = (
+        "InstructMoLE, auto routing (the recommended way)\n\n"
+        "'Load Kontext + InstructMoLE' loads FLUX.1 Kontext [dev] and the adapter in one node. Each image is "
+        "routed from its own instruction: the router reads the text and picks, per layer, a council of experts.\n\n"
+        "'InstructMoLE Text Encode' is CLIP Text Encode plus the exact routing signal the adapter was trained with: "
+        "use it for the instruction.\n\n"
+        "Put your image in 'Load Image', type the edit, press Run. Files: see the README of workflows/."
+    )
+    return Workflow("1_auto_edit", "Kontext edit, auto routing", note, nodes)
+
+
+def _model_and_adapter_file() -> dict[int, Node]:
+    """Kontext (1), the adapter alone (2) applied to it (3), and the text and image parts (10-20)."""
+    return {
+        1: Node("UNETLoader", {"unet_name": KONTEXT, "weight_dtype": "default"}, 0, group="Model", models=(KONTEXT,)),
+        2: Node("InstructMoLE_AdapterFile", {"adapter": ADAPTER}, 0, group="Council"),
+        3: Node(
+            "InstructMoLE_ApplyAdapter",
+            {"model": [1, 0], "adapter": [2, 0], "lora_strength": 1.0, "expert_strength": 1.0},
+            1,
+            group="Model",
+        ),
+        **_text_and_image(10),
+        **_negative(20, [11, 0]),
+    }
+
+
+def creative_control() -> Workflow:
+    nodes = {
+        **_model_and_adapter_file(),
+        40: Node(
+            "InstructMoLE_Route",
+            {"adapter": [2, 0], "conditioning": [11, 0], "text": ""},
+            1,
+            title="Route (the instruction of Text Encode)",
+            group="Council",
+        ),
+        41: Node(
+            "InstructMoLE_OverrideCouncil",
+            {"council": [40, 0], "rules": "double:0-9 force 1\nsingle ban 2"},
+            2,
+            group="Council",
+            tall=200,
+        ),
+        42: Node(
+            "InstructMoLE_CouncilPreview", {"council": [41, 0]}, 3, title="Council map", group="Council", tall=320
+        ),
+        43: Node(
+            "InstructMoLE_ApplyCouncil", {"model": [3, 0], "council": [41, 0], "mode": "merged"}, 3, group="Model"
+        ),
+        **_sample(30, [43, 0], [17, 0], [20, 0], [15, 0], [12, 0], "instructmole_council"),
+    }
+    note = (
+        "InstructMoLE, creative control\n\n"
+        "'InstructMoLE Adapter File' loads the adapter alone, so routing and your rules are checked before the "
+        "diffusion model loads. 'Route' reads the instruction from the Text Encode conditioning (type it once).\n\n"
+        "'Override Council' edits the council: click the grid (auto -> force -> ban) or write rules, e.g. "
+        "'double:0-9 force 1' or 'single ban 2'. The council map shows which experts each layer uses.\n\n"
+        "'Apply Council' (merged) folds the council into the weights: sampling then costs what the base model costs."
+    )
+    return Workflow("2_creative_control", "Creative control: override and apply a council", note, nodes)
+
+
+def route_and_blend() -> Workflow:
+    other = "Turn the scene into a watercolour painting"
+    nodes = {
+        **_model_and_adapter_file(),
+        40: Node(
+            "InstructMoLE_Route",
+            {"adapter": [2, 0], "conditioning": [11, 0], "text": ""},
+            1,
+            title="Route: the edit",
+            group="Council",
+        ),
+        41: Node(
+            "InstructMoLE_Route",
+            {"adapter": [2, 0], "clip": [10, 0], "text": other},
+            1,
+            title="Route: another instruction",
+            group="Council",
+            tall=60,
+        ),
+        42: Node(
+            "InstructMoLE_BlendCouncils",
+            {"council_a": [40, 0], "council_b": [41, 0], "factor": 0.5, "layers": "all"},
+            2,
+            group="Council",
+        ),
+        43: Node(
+            "InstructMoLE_CouncilPreview",
+            {"council": [42, 0]},
+            3,
+            title="Council map (blend)",
+            group="Council",
+            tall=320,
+        ),
+        44: Node(
+            "InstructMoLE_ApplyCouncil", {"model": [3, 0], "council": [42, 0], "mode": "merged"}, 3, group="Model"
+        ),
+        **_sample(30, [44, 0], [17, 0], [20, 0], [15, 0], [12, 0], "instructmole_blend"),
+    }
+    note = (
+        "InstructMoLE, routing by another instruction\n\n"
+        "The image is edited by the Text Encode instruction, but the experts can come from elsewhere: "
+        "'Route: another instruction' picks the councils a different edit would use, and 'Blend Councils' mixes "
+        "the two (factor 0 = the edit's own councils, 1 = the other's; 'layers' limits it, e.g. 'single').\n\n"
+        "Connect 'Route: another instruction' straight to 'Apply Council' to route by it alone."
+    )
+    return Workflow("3_route_and_blend", "Route by another instruction, blend two councils", note, nodes)
+
+
+def comparison() -> Workflow:
+    g = "Four ways, one seed"
+    nodes = {
+        1: Node("UNETLoader", {"unet_name": KONTEXT, "weight_dtype": "default"}, 0, group="Model", models=(KONTEXT,)),
+        2: Node(
+            "InstructMoLE_LoadAdapter",
+            {"model": [1, 0], "adapter": ADAPTER, "lora_strength": 1.0, "expert_strength": 1.0},
+            1,
+            group="Model",
+        ),
+        **_text_and_image(10),
+        **_negative(20, [11, 0]),
+        40: Node("InstructMoLE_Route", {"adapter": [2, 1], "conditioning": [11, 0], "text": ""}, 2, group="Councils"),
+        41: Node(
+            "InstructMoLE_OverrideCouncil",
+            {"council": [40, 0], "rules": "all top 1"},
+            3,
+            title="Council A: one expert per layer",
+            group="Councils",
+            tall=80,
+        ),
+        42: Node(
+            "InstructMoLE_OverrideCouncil",
+            {"council": [40, 0], "rules": "all scale 2"},
+            3,
+            title="Council B: experts at double weight",
+            group="Councils",
+            tall=80,
+        ),
+        43: Node(
+            "InstructMoLE_ApplyCouncil", {"model": [2, 0], "council": [41, 0], "mode": "merged"}, 4, group="Councils"
+        ),
+        44: Node(
+            "InstructMoLE_ApplyCouncil", {"model": [2, 0], "council": [42, 0], "mode": "merged"}, 4, group="Councils"
+        ),
+    }
+    for i, (model, title) in enumerate(
+        (([1, 0], "base"), ([2, 0], "auto"), ([43, 0], "council A"), ([44, 0], "council B"))
+    ):
+        part = _sample(50 + 3 * i, model, [17, 0], [20, 0], [15, 0], [12, 0], None, col=5)
+        part[50 + 3 * i].title = f"KSampler: {title}"
+        for n in part.values():
+            n.group = g
+        nodes.update(part)
+    stitch = {"direction": "right", "match_image_size": True, "spacing_width": 8, "spacing_color": "white"}
+    for node_id, (left, right) in zip(
+        (70, 71, 72), (([51, 0], [54, 0]), ([70, 0], [57, 0]), ([71, 0], [60, 0])), strict=True
+    ):
+        nodes[node_id] = Node("ImageStitch", {"image1": left, "image2": right, **stitch}, 6, group=g)
+    nodes[73] = Node(
+        "SaveImage", {"images": [72, 0], "filename_prefix": "instructmole_comparison"}, 7, group=g, tall=260
+    )
+    note = (
+        "InstructMoLE, a comparison\n\n"
+        "One image, one instruction, one seed, four models, side by side (left to right): the base Kontext, the "
+        "adapter with auto routing, and two hand-made councils (A: each layer keeps only its strongest expert; "
+        "B: every expert weight doubled). Change the rules of A and B to compare your own councils."
+    )
+    return Workflow("4_comparison", "Comparison: base, auto and two councils", note, nodes)
+
+
+def two_references() -> Workflow:
+    nodes = {
+        1: Node("UNETLoader", {"unet_name": KONTEXT, "weight_dtype": "default"}, 0, group="Model", models=(KONTEXT,)),
+        2: Node(
+            "InstructMoLE_LoadAdapter",
+            {"model": [1, 0], "adapter": ADAPTER, "lora_strength": 1.0, "expert_strength": 1.0},
+            1,
+            group="Model",
+        ),
+        **_text_and_image(10, "Put the cat from the second image on the sofa in the first image"),
+        **_negative(20, [11, 0]),
+        60: Node(
+            "LoadImage",
+            {"image": "example_2.png"},
+            0,
+            title="Load Image (second reference)",
+            group="Second reference",
+            tall=260,
+        ),
+        61: Node("FluxKontextImageScale", {"image": [60, 0]}, 1, group="Second reference"),
+        62: Node("VAEEncode", {"pixels": [61, 0], "vae": [12, 0]}, 1, group="Second reference"),
+        63: Node(
+            "ReferenceLatent",
+            {"conditioning": [17, 0], "latent": [62, 0]},
+            3,
+            title="ReferenceLatent (second)",
+            group="Text",
+        ),
+        **_sample(30, [2, 0], [63, 0], [20, 0], [15, 0], [12, 0], "instructmole_two_references"),
+    }
+    note = (
+        "InstructMoLE with two reference images\n\n"
+        "Kontext takes several references: each 'ReferenceLatent' appends one image to the conditioning (ComfyUI "
+        "places them side by side in the model's positions, as it does without InstructMoLE). The adapter routes "
+        "from the instruction as usual (auto). The output has the size of the first image."
+    )
+    return Workflow("5_two_references", "Two reference images (multi-reference Kontext)", note, nodes)
+
+
+WORKFLOWS = (auto_edit, creative_control, route_and_blend, comparison, two_references)
+
+# ---- API-style definition -> the frontend's format ---------------------------------------------------------
+
+
+def _spec(info: dict[str, Any], class_type: str) -> list[tuple[str, Any, dict]]:
+    """``(name, type, options)`` of every input, required first, as the frontend orders them."""
+    if class_type not in info:
+        raise KeyError(f"node type {class_type!r} is not installed on this server")
+    inputs = info[class_type]["input"]
+    out = []
+    for section in ("required", "optional"):
+        for name, spec in inputs.get(section, {}).items():
+            out.append((name, spec[0], spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}))
+    return out
+
+
+def _is_widget(kind: Any) -> bool:
+    return isinstance(kind, list) or kind in WIDGET_TYPES
+
+
+def _extra_values(kind: Any, options: dict) -> list[Any]:
+    """Values the frontend saves after a widget's own: a seed's control mode, an image upload button."""
+    if options.get("control_after_generate"):
+        return ["fixed"]
+    if options.get("image_upload"):
+        return ["image"]
+    return []
+
+
+def _height(n_sockets: int, n_widgets: int, tall: int) -> int:
+    return 46 + 24 * max(n_sockets, 1) + 26 * n_widgets + tall
+
+
+def build(workflow: Workflow, info: dict[str, Any]) -> dict[str, Any]:
+    """The frontend's saved format (version 0.4) of one definition."""
+    width, gap_x, gap_y, title_h = 340, 60, 40, 30
+    nodes, links = [], []
+    out_links: dict[tuple[int, int], list[int]] = {}
+    column_y: dict[int, int] = {}
+    order = sorted(workflow.nodes, key=lambda i: (workflow.nodes[i].col, i))
+    for node_id in order:
+        node = workflow.nodes[node_id]
+        sockets, widgets, values = [], [], []
+        for name, kind, options in _spec(info, node.class_type):
+            value = node.inputs.get(name)
+            linked = isinstance(value, list) and len(value) == 2 and isinstance(value[0], int)
+            if _is_widget(kind):
+                if linked:
+                    raise ValueError(f"{workflow.name}: node {node_id} links its widget input {name!r}")
+                default = options.get("default", kind[0] if isinstance(kind, list) and kind else None)
+                values += [value if name in node.inputs else default, *_extra_values(kind, options)]
+                widgets.append(
+                    {
+                        "name": name,
+                        "type": "COMBO" if isinstance(kind, list) else kind,
+                        "widget": {"name": name},
+                        "link": None,
+                    }
+                )
+                if options.get("image_upload"):
+                    widgets.append(
+                        {"name": "upload", "type": "IMAGEUPLOAD", "widget": {"name": "upload"}, "link": None}
+                    )
+                continue
+            link_id = None
+            if linked:
+                link_id = len(links) + 1
+                links.append([link_id, value[0], value[1], node_id, len(sockets), kind])
+                out_links.setdefault((value[0], value[1]), []).append(link_id)
+            sockets.append({"name": name, "type": kind, "link": link_id})
+        unknown = set(node.inputs) - {name for name, _, _ in _spec(info, node.class_type)}
+        if unknown:
+            raise ValueError(f"{workflow.name}: node {node_id} ({node.class_type}) has no input {sorted(unknown)[0]!r}")
+        height = _height(len(sockets), len(widgets), node.tall)
+        y = column_y.get(node.col, 0)
+        column_y[node.col] = y + height + title_h + gap_y
+        entry: dict[str, Any] = {
+            "id": node_id,
+            "type": node.class_type,
+            "pos": [node.col * (width + gap_x), y],
+            "size": [width, height],
+            "flags": {},
+            "order": len(nodes),
+            "mode": 0,
+            "inputs": sockets + widgets,
+            "outputs": [],
+            "properties": {"Node name for S&R": node.class_type},
+            "widgets_values": values,
+        }
+        if node.title:
+            entry["title"] = node.title
+        if node.models:
+            entry["properties"]["models"] = [
+                {"name": name, "url": MODELS[name][0], "directory": MODELS[name][1]} for name in node.models
+            ]
+        nodes.append(entry)
+    for entry in nodes:
+        spec = info[entry["type"]]
+        names = spec.get("output_name") or spec["output"]
+        entry["outputs"] = [
+            {"name": name, "type": kind, "links": out_links.get((entry["id"], slot), []), "slot_index": slot}
+            for slot, (name, kind) in enumerate(zip(names, spec["output"], strict=True))
+        ]
+    _place_note_and_groups(workflow, nodes, width, gap_y, title_h)
+    return {
+        "last_node_id": max(n["id"] for n in nodes),
+        "last_link_id": len(links),
+        "nodes": nodes,
+        "links": links,
+        "groups": workflow_groups(workflow, nodes, title_h),
+        "config": {},
+        "extra": {"ds": {"scale": 0.6, "offset": [40, 80]}, "instructmole": {"title": workflow.title}},
+        "version": 0.4,
+    }
+
+
+def _place_note_and_groups(workflow: Workflow, nodes: list[dict], width: int, gap_y: int, title_h: int) -> None:
+    bottom = max(n["pos"][1] + n["size"][1] for n in nodes) + title_h + gap_y + 60
+    right = max(n["pos"][0] + n["size"][0] for n in nodes)
+    nodes.append(
+        {
+            "id": max(n["id"] for n in nodes) + 1,
+            "type": "Note",
+            "pos": [0, bottom],
+            "size": [max(right, 2 * width), 220],
+            "flags": {},
+            "order": len(nodes),
+            "mode": 0,
+            "inputs": [],
+            "outputs": [],
+            "properties": {},
+            "widgets_values": [workflow.note],
+            "title": f"About: {workflow.title}",
+        }
+    )
+
+
+def workflow_groups(workflow: Workflow, nodes: list[dict], title_h: int) -> list[dict]:
+    by_id = {n["id"]: n for n in nodes}
+    names = sorted(
+        {n.group for n in workflow.nodes.values() if n.group},
+        key=lambda g: min(i for i, n in workflow.nodes.items() if n.group == g),
+    )
+    colours = ["#3f789e", "#8A8", "#b06634", "#a1309b", "#88A", "#b58b2a"]
+    groups = []
+    for i, name in enumerate(names):
+        members = [by_id[node_id] for node_id, n in workflow.nodes.items() if n.group == name]
+        x0 = min(m["pos"][0] for m in members) - 15
+        y0 = min(m["pos"][1] for m in members) - title_h - 45
+        x1 = max(m["pos"][0] + m["size"][0] for m in members) + 15
+        y1 = max(m["pos"][1] + m["size"][1] for m in members) + 15
+        groups.append(
+            {
+                "id": i + 1,
+                "title": name,
+                "bounding": [x0, y0, x1 - x0, y1 - y0],
+                "color": colours[i % len(colours)],
+                "font_size": 24,
+                "flags": {},
+            }
+        )
+    return groups
+
+
+# ---- the frontend's format -> the prompt it queues ---------------------------------------------------------
+
+
+def to_prompt(ui: dict[str, Any], info: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The API prompt of a saved workflow, as the frontend's ``graphToPrompt`` builds it."""
+    links = {link[0]: link for link in ui["links"]}
+    prompt: dict[str, dict[str, Any]] = {}
+    for node in ui["nodes"]:
+        if node["type"] in FRONTEND_ONLY:
+            continue
+        if node.get("mode", 0) != 0:
+            raise ValueError(
+                f"node {node['id']} ({node['type']}) is muted or bypassed; shipped workflows run every node"
+            )
+        linked = {i["name"]: links[i["link"]] for i in node.get("inputs", []) if i.get("link") is not None}
+        values = list(node.get("widgets_values") or [])
+        inputs: dict[str, Any] = {}
+        for name, kind, options in _spec(info, node["type"]):
+            if name in linked:
+                link = linked[name]
+                inputs[name] = [str(link[1]), link[2]]
+                if _is_widget(kind):
+                    values.pop(0)
+                    values = values[len(_extra_values(kind, options)) :]
+                continue
+            if _is_widget(kind):
+                if not values:
+                    raise ValueError(f"node {node['id']} ({node['type']}) has no saved value for {name!r}")
+                inputs[name] = values.pop(0)
+                values = values[len(_extra_values(kind, options)) :]
+        if values:
+            raise ValueError(f"node {node['id']} ({node['type']}) has {len(values)} saved values no input takes")
+        entry: dict[str, Any] = {"class_type": node["type"], "inputs": inputs}
+        if node.get("title"):
+            entry["_meta"] = {"title": node["title"]}
+        prompt[str(node["id"])] = entry
+    return prompt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", help="a running ComfyUI with this pack (its /object_info is read)")
+    parser.add_argument("--object-info", help="or a saved /object_info JSON file")
+    parser.add_argument("--out", default=str(ROOT / "workflows"))
+    args = parser.parse_args(argv)
+    if args.url:
+        import urllib.request
+
+        with urllib.request.urlopen(f"{args.url.rstrip('/')}/object_info", timeout=60) as r:
+            info = json.load(r)
+    elif args.object_info:
+        info = json.loads(Path(args.object_info).read_text())
+    else:
+        parser.error("give --url or --object-info")
+    for make in WORKFLOWS:
+        workflow = make()
+        path = Path(args.out, f"{workflow.name}.json")
+        path.write_text(json.dumps(build(workflow, info), indent=1) + "\n")
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
