@@ -9,6 +9,7 @@ canonical layer maps onto a BFL module plus, where fused, a slice of its output 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "block_of",
     "double_ff_out",
     "reference_targets",
+    "rule_names",
     "single_proj_out",
     "to_bfl",
 ]
@@ -88,6 +90,18 @@ def block_of(name: str) -> tuple[str, int]:
         f"layer {name!r} is not inside a Flux block; expected 'transformer_blocks.N.…' or "
         "'single_transformer_blocks.N.…'"
     )
+
+
+def rule_names(layers: Sequence[str]) -> list[str]:
+    """How people read and write each layer: the rule selector ``double:3`` / ``single:12``.
+
+    One naming everywhere a person reads a layer (council summaries, maps, rule text, errors); the
+    canonical name stays for files and hovers. A block holding more than one of ``layers`` keeps
+    the canonical names of those layers, which rules accept as selectors too.
+    """
+    blocks = [block_of(name) for name in layers]
+    short = [f"{kind}:{n}" for kind, n in blocks]
+    return [s if short.count(s) == 1 else name for s, name in zip(short, layers, strict=True)]
 
 
 @dataclass(frozen=True)
