@@ -15,7 +15,9 @@ selector means ``all``):
     force 1:0.5,5      expert gets the given weight, else the council's mean weight
     only 1,5           the council becomes exactly these experts (same weight rule)
     ban 2              expert 2 leaves and stays out (later refills skip it; force lifts it); the
-                       best remaining expert by router probability fills in
+                       best remaining expert by router probability fills in and takes over its
+                       weight, so the layer keeps its strength
+    ban 2 routed       the same, but the newcomer keeps its own routed weight (its probability)
     scale 1.5          every council weight times 1.5 (0 switches the layer's experts off)
     top 2              re-pick the top-2 experts by router probability (banned ones excluded)
 
@@ -414,16 +416,32 @@ def only(council: Council, experts: Mapping[int, float | None] | Sequence[int], 
     return _unban(_edit(council, w, mask), w != 0, mask)
 
 
-def ban(council: Council, experts: Sequence[int], where: str | Tensor = "all") -> Council:
-    """Remove ``experts``; the best remaining experts by router probability take their places."""
+def ban(council: Council, experts: Sequence[int], where: str | Tensor = "all", inherit: bool = True) -> Council:
+    """Remove ``experts``; the best remaining experts by router probability take their places.
+
+    ``inherit=True`` (the rule ``ban 2``): each newcomer takes over the weight of an expert it
+    replaces (the heaviest banned weight goes to the most probable newcomer), so the layer keeps
+    its strength: banning a dominant expert (weight 0.98) hands 0.98 on, instead of leaving the
+    layer with a newcomer's own tiny probability. ``inherit=False`` (``ban 2 routed``): newcomers
+    keep the weight the router gave them, their probability.
+    """
     council = _council(council)
     experts = _expert_weights(council, experts, with_weights=False)
+    if not isinstance(inherit, bool):
+        raise CouncilRuleError(f"inherit must be True or False, got {describe_value(inherit)}")
     mask = _where(council, where)
     now = torch.zeros(council.num_experts, dtype=torch.bool, device=council.weights.device)
     now[list(experts)] = True
     banned = council.banned_mask | (now & mask)
     size = (council.weights != 0).sum(-1, keepdim=True)
-    w = _fill(council.weights.masked_fill(banned, 0.0), council.probs, size, banned)
+    kept = council.weights.masked_fill(banned, 0.0)
+    w = _fill(kept, council.probs, size, banned)
+    if inherit:
+        newcomers = (w != 0) & (kept == 0)
+        removed = (council.weights - kept).sort(-1, descending=True).values  # banned members' weights first
+        order = torch.where(newcomers, council.probs, torch.full_like(council.probs, -1.0))
+        rank = order.argsort(-1, descending=True).argsort(-1)  # newcomers first, most probable first
+        w = torch.where(newcomers, torch.gather(removed, -1, rank), w)
     return replace(council, weights=torch.where(mask, w, council.weights), banned=banned)
 
 
@@ -517,6 +535,7 @@ class Rule:
     args: tuple
     text: str
     target: Selector | None = field(default=None, compare=False)  # the parsed selector
+    options: tuple[tuple[str, Any], ...] = ()  # keyword options, e.g. (("inherit", False),) for 'ban 2 routed'
 
     def __post_init__(self) -> None:
         if self.target is None:
@@ -524,7 +543,7 @@ class Rule:
 
     def __call__(self, council: Council) -> Council:
         fn: Callable[..., Council] = {"force": force, "only": only, "ban": ban, "scale": scale, "top": top}[self.action]
-        return fn(council, *self.args, where=self.target)
+        return fn(council, *self.args, where=self.target, **dict(self.options))
 
 
 def _quote(text: str, limit: int = 60) -> str:
@@ -574,10 +593,15 @@ def _parse_rule(text: str) -> Rule:
     if not arg:
         raise CouncilRuleError(f"'{action}' needs an argument, e.g. '{action} {'1.5' if action == 'scale' else '2'}'")
     target = parse_selector(selector)
+    options: tuple[tuple[str, Any], ...] = ()
     if action in ("force", "only"):
         args: tuple = (_expert_list(arg, with_weights=True),)
     elif action == "ban":
-        args = (list(_expert_list(arg, with_weights=False)),)
+        words = tokens[2].split()
+        routed = len(words) > 1 and words[-1] == "routed"
+        experts = "".join(words[:-1]) if routed else arg
+        args = (list(_expert_list(experts, with_weights=False)),)
+        options = (("inherit", False),) if routed else ()
     elif action == "scale":
         if len(arg) > _MAX_NUMBER_CHARS or not _DECIMAL.fullmatch(arg):
             raise CouncilRuleError(f"scale needs a number, got {_quote(arg, 20)}; choose one from 0 to {MAX_FACTOR:g}")
@@ -592,7 +616,7 @@ def _parse_rule(text: str) -> Rule:
                 f"{MAX_EXPERTS})"
             )
         args = (k,)
-    return Rule(selector, action, args, text, target)
+    return Rule(selector, action, args, text, target, options)
 
 
 def parse_rules(text: str) -> list[Rule]:

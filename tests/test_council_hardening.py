@@ -371,7 +371,7 @@ def test_long_rule_texts_are_refused_or_parsed_quickly():
 def test_valid_rules_still_work():
     c = apply_rules(council(), "double:0-10000 force 1:0.5,5; single:* ban 0; all scale 1.5")
     assert dict(c.members(0, 0)) == pytest.approx({1: 0.75, 5: 0.4125})
-    assert dict(c.members(1, 3)) == pytest.approx({1: 0.375, 2: 0.3})
+    assert dict(c.members(1, 3)) == pytest.approx({1: 0.375, 2: 0.45})  # 2 inherits the banned weight
 
 
 # ---- 5. the Python override functions -----------------------------------------------------------

@@ -59,15 +59,29 @@ def test_only_sets_exact_council():
     assert members(c, 0) == {0: 0.30, 1: 0.25}
 
 
-def test_ban_refills_with_next_best():
-    c = ban(council(), [0], where="all")
+def test_ban_refills_with_next_best_routed():
+    """``ban 2 routed``: the newcomer keeps its own router probability as its weight."""
+    c = ban(council(), [0], where="all", inherit=False)
     assert members(c, 3) == {1: 0.25, 2: 0.20}
-    c = ban(c, [1, 2], where="single:1")
+    c = ban(c, [1, 2], where="single:1", inherit=False)
     assert members(c, 3) == {3: 0.12, 4: 0.08}  # 0 stays banned: refills skip it
     assert members(top(c, 2), 3) == {3: 0.12, 4: 0.08}
     assert members(top(c, 2), 0) == {1: 0.25, 2: 0.20}
     assert members(force(c, [0], where="single:1"), 3) == {0: 0.10, 3: 0.12}  # force lifts the ban
     assert members(top(force(c, [0], where="single:1"), 2), 3) == {0: 0.30, 3: 0.12}
+    assert members(apply_rules(council(), "ban 0 routed"), 3) == {1: 0.25, 2: 0.20}
+
+
+def test_ban_newcomer_inherits_the_banned_weight():
+    """``ban 2`` (the default): the layer keeps its strength; the heaviest banned weight goes to the
+    most probable newcomer."""
+    c = ban(council(), [0], where="all")
+    assert members(c, 3) == {1: 0.25, 2: 0.30}
+    c = ban(c, [1, 2], where="single:1")
+    assert members(c, 3) == {3: 0.30, 4: 0.25}
+    assert members(apply_rules(council(), "single:1 ban 0"), 3) == {1: 0.25, 2: 0.30}
+    total = council().weights.sum(-1)
+    torch.testing.assert_close(ban(council(), [0, 1]).weights.sum(-1), total)
 
 
 def test_scale_and_top():
@@ -92,9 +106,9 @@ def test_blend_mixes_probabilities_then_top_k():
 def test_text_form_composes_rules_in_order():
     c = apply_rules(council(), "single:0-1 force 4,5; double:* ban 0\nall scale 2")
     assert members(c, 2) == {4: 0.55, 5: 0.55}
-    assert members(c, 0) == {1: 0.5, 2: 0.4}
+    assert members(c, 0) == {1: 0.5, 2: 0.6}  # 2 took over the banned expert's 0.3, then x2
     c = apply_rules(council(), "ban 1  # no selector means all")
-    assert members(c, 0) == {0: 0.30, 2: 0.20}
+    assert members(c, 0) == {0: 0.30, 2: 0.25}  # 2 inherits 0.25 from the banned 1
 
 
 def test_text_form_layer_name_selector_and_weights():
@@ -140,7 +154,7 @@ def test_parse_is_pure_and_reusable():
     for rule in rules:
         out = rule(out)
     assert members(c0, 0) == {0: 0.30, 1: 0.25}  # the input council is unchanged
-    assert members(out, 0) == {1: 0.125, 2: 0.10}
+    assert members(out, 0) == {1: 0.125, 2: 0.15}  # 2 took over 0's 0.3, then x0.5
 
 
 def test_council_json_round_trip_and_mismatch():
