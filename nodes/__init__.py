@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .common import register_folder
+from .council_io import LoadCouncil
 from .council_nodes import ApplyCouncil, BlendCouncils, CouncilPreview, OverrideCouncil
 from .loaders import AdapterFile, ApplyAdapter, LoadAdapter, LoadKontext
 from .routing_nodes import Route, TextEncode
@@ -20,6 +21,7 @@ NODES: list[type[io.ComfyNode]] = [
     BlendCouncils,
     ApplyCouncil,
     CouncilPreview,
+    LoadCouncil,
 ]
 
 

@@ -57,6 +57,7 @@ NODES: dict[str, tuple[list[str], list[str], list[str]]] = {
     "InstructMoLE_BlendCouncils": (["council_a", "council_b", "factor", "layers"], [], ["INSTRUCTMOLE_COUNCIL"]),
     "InstructMoLE_ApplyCouncil": (["model", "council", "mode"], [], ["MODEL"]),
     "InstructMoLE_CouncilPreview": (["council"], [], ["IMAGE", "STRING"]),
+    "InstructMoLE_LoadCouncil": (["file", "council_json"], [], ["INSTRUCTMOLE_COUNCIL"]),
 }
 
 
