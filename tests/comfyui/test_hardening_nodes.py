@@ -118,3 +118,56 @@ def test_text_encoder_without_pooled_output(setup):
     )
     msg = error_of(nodes.Route.execute, setup["adapter"], clip=NoPooledClip(), text="make it red")
     assert msg == f"InstructMoLE Route, input 'clip': {want}"
+
+
+def _save_variant(setup, name: str, edit) -> str:
+    """The tiny adapter file with one edit to its tensors, saved under ``name`` in models/instructmole."""
+    import folder_paths
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    folder = folder_paths.get_folder_paths("instructmole")[0]
+    source = os.path.join(folder, "tiny.safetensors")
+    with safe_open(source, framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(source)
+    edit(tensors)
+    save_file(tensors, os.path.join(folder, name), metadata=metadata)
+    return name
+
+
+def test_adapter_file_with_nan_names_the_tensor(setup):
+    key = "mole.transformer_blocks.1.ff.net.2.B"
+
+    def poison(tensors):
+        tensors[key][0, 0, 0] = float("nan")
+
+    name = _save_variant(setup, "nan.safetensors", poison)
+    msg = error_of(setup["nodes"].loaders.LoadAdapter.execute, setup["base"], name, 1.0, 1.0)
+    assert msg.startswith(f"{NODE}, input 'adapter': nan.safetensors: tensor '{key}' holds NaN")
+
+
+def test_fp8_adapter_file_loads_and_equals_its_upcast(setup):
+    """An fp8 export is cast at load (never a RuntimeError at the first forward) and computes what its
+    bf16 upcast computes."""
+    from .comfy_tiny import run_comfy
+    from .test_patched_model import inputs
+
+    def to_fp8(tensors):
+        for k, v in tensors.items():
+            if k.startswith("mole."):
+                tensors[k] = v.to(torch.float8_e4m3fn)
+
+    def via_fp8(tensors):
+        to_fp8(tensors)
+        for k, v in tensors.items():
+            if k.startswith("mole."):
+                tensors[k] = v.to(torch.bfloat16)
+
+    loaders = setup["nodes"].loaders
+    outs = []
+    for name, edit in (("fp8.safetensors", to_fp8), ("fp8_upcast.safetensors", via_fp8)):
+        model, adapter = loaders.LoadAdapter.execute(setup["base"], _save_variant(setup, name, edit), 1.0, 1.0).result
+        assert adapter.model.layer("transformer_blocks.0.ff.net.2").A.dtype == torch.float32  # the widest present
+        outs.append(run_comfy(model, **inputs(2)))
+    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
