@@ -12,7 +12,7 @@ import textwrap
 from PIL import Image, ImageDraw, ImageFont
 
 from .council import Council
-from .layers import block_of
+from .layers import block_of, rule_names
 
 __all__ = ["council_heatmap"]
 
@@ -36,15 +36,24 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 
 def _short(name: str) -> str:
+    """The compact ``D3`` / ``S12`` tag of a layer, for dense training plots (training/report.py);
+    the heat map and node summaries use the rule names of ``rule_names`` instead."""
     kind, n = block_of(name)
     return f"{'D' if kind == 'double' else 'S'}{n}"
 
 
 def council_heatmap(council: Council, cell: int = 40, title: str = "") -> Image.Image:
-    """Render every instance of ``council`` side by side as one RGB image."""
+    """Render every instance of ``council`` side by side as one RGB image.
+
+    Rows are labelled the way rules name layers (``double:3``, ``single:12``; see ``rule_names``).
+    """
     n_layers, n_exp = len(council.layers), council.num_experts
     font, small = _font(max(cell // 2, 9)), _font(max(cell // 3, 8))
-    left, top, gap = 4 * cell // 2 + 8, 5 * cell // 2 + (cell if title else 0), cell
+    names = rule_names(council.layers)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = max((measure.textlength(name, font=small) for name in names), default=0)
+    left = max(4 * cell // 2 + 8, int(label_w) + 14)
+    top, gap = 5 * cell // 2 + (cell if title else 0), cell
     panel_w = n_exp * cell
     width = left + council.batch_size * (panel_w + gap)
     height = top + n_layers * cell + cell // 2
@@ -52,9 +61,9 @@ def council_heatmap(council: Council, cell: int = 40, title: str = "") -> Image.
     draw = ImageDraw.Draw(img)
     if title:
         draw.text((8, 4), title, fill=(235, 235, 235), font=font)
-    for row, name in enumerate(council.layers):
+    for row, name in enumerate(names):
         y = top + row * cell
-        draw.text((6, y + cell // 4), _short(name), fill=(200, 200, 200), font=small)
+        draw.text((6, y + cell // 4), name, fill=(200, 200, 200), font=small)
     peak = float(council.probs.max()) or 1.0
     for b in range(council.batch_size):
         x0 = left + b * (panel_w + gap)

@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 
 from ..instructmole import Council, CouncilMismatchError, CouncilRuleError, apply_rules, blend, parse_rules
 from ..instructmole.council import describe_value
+from ..instructmole.layers import rule_names
 from ..instructmole.overrides import parse_selector
 from ..instructmole.viz import council_heatmap
 from .common import CATEGORY, COUNCIL, NodeInputError
@@ -33,6 +34,8 @@ MODES = ("merged", "fixed")
 PREVIEW_INSTANCES = 16
 PREVIEW_CELLS = 20_000
 PREVIEW_LINES = 2_000
+# The ui key the frontend's council map (web/council_map.js) reads; see ``council_ui``.
+UI_KEY = "instructmole_council"
 
 _RULES_HELP = (
     "Rules, one per line or separated by ';': '<layers> <action> <args>'. Layers: all, double, single, "
@@ -98,11 +101,13 @@ class OverrideCouncil(io.ComfyNode):
         node = "InstructMoLE Override Council"
         council = _council_input(node, "council", council)
         try:
-            return io.NodeOutput(apply_rules(council, rules))
+            edited = apply_rules(council, rules)
         except CouncilRuleError as err:
             raise NodeInputError(node, "rules", str(err)) from None
         except CouncilMismatchError as err:
             raise NodeInputError(node, "council", str(err)) from None
+        # The edited council's layout for the frontend (the council map, the expert grid).
+        return io.NodeOutput(edited, ui={UI_KEY: [council_ui(edited)]})
 
 
 class BlendCouncils(io.ComfyNode):
@@ -212,13 +217,49 @@ def _shown_part(council: Council) -> tuple[Council, str]:
     return part, f"(showing {instances} of {b} instances and {layers} of {num_layers} layers)"
 
 
+def _finite(t: torch.Tensor, high: float) -> torch.Tensor:
+    return torch.nan_to_num(t.detach().float().cpu(), nan=0.0, posinf=high, neginf=0.0)
+
+
+def council_ui(council: Council) -> dict[str, Any]:
+    """The council as the frontend's council map reads it (ui key ``instructmole_council``).
+
+    Instance 0 only (``instances`` says how many the council holds) and at most the layers the
+    preview shows; numbers rounded to 4 decimals and made finite (the browser's JSON has no NaN).
+    ``names`` are the rule-form names people read (``double:3``), ``layers`` the canonical ones.
+    """
+    part, _ = _shown_part(council)
+    layers = list(part.layers)
+    b = council.batch_size
+    label = (council.label[0] if len(council.label) else "") if b else ""
+
+    def rows(t: torch.Tensor, high: float) -> list[list[float]]:
+        return [[round(float(v), 4) for v in row] for row in _finite(t[0], high).tolist()] if b else []
+
+    return {
+        "layers": layers,
+        "names": rule_names(layers),
+        "num_experts": council.num_experts,
+        "top_k": council.top_k,
+        "adapter_id": council.adapter_id,
+        "label": label,
+        "probs": rows(part.probs, 1.0),
+        "weights": rows(part.weights, 0.0),
+        "banned": part.banned[0].tolist() if part.banned is not None and b else None,
+        "instances": b,
+    }
+
+
 def _summary(council: Council, note: str = "") -> str:
+    """One line per layer, named the way rules name it (``double:3``): ``expert:weight`` heaviest first."""
     lines = [note] if note else []
+    names = rule_names(council.layers)
+    width = max((len(n) for n in names), default=0)
     for b in range(council.batch_size):
         lines.append(council.label[b] if council.label else f"instance {b}")
-        for row, name in enumerate(council.layers):
+        for row, name in enumerate(names):
             members = ", ".join(f"{e}:{w:.2f}" for e, w in council.members(b, row)) or "(off)"
-            lines.append(f"  {name}: {members}")
+            lines.append(f"  {name:<{width}}  {members}")
             if len(lines) >= PREVIEW_LINES:
                 return "\n".join([*lines, "  …"])
     return "\n".join(lines)
@@ -265,4 +306,5 @@ class CouncilPreview(io.ComfyNode):
         image = torch.from_numpy(np.asarray(_picture(part), dtype=np.float32) / 255.0)[None]
         text = json.dumps(council.to_dict())
         shown = ui.PreviewImage(image, cls=cls).as_dict()
-        return io.NodeOutput(image, text, ui={**shown, "text": [_summary(part, note)]})
+        summary = _summary(part, note)
+        return io.NodeOutput(image, text, ui={**shown, "text": [summary], UI_KEY: [council_ui(council)]})

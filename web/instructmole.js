@@ -1,83 +1,83 @@
-// InstructMoLE frontend extension: after "InstructMoLE Council Preview" runs, show the council
-// summary it returns (ui.text, a list of one string) in a read-only text box. The box sits above
-// the heat map: ComfyUI draws an output image from its widget's top to the node's bottom edge, so
-// any widget placed after it would be drawn over the image.
+// InstructMoLE frontend extension: the council map (web/council_map.js) on "InstructMoLE Council
+// Preview" (from the start, filled when the node runs) and on "InstructMoLE Override Council" (after
+// it runs: the edited council). Both read the nodes' "instructmole_council" ui output; the Preview
+// also shows its summary text (ui "text") under the map, wrapped at the node's edge.
+// The map is a DOM widget placed before ComfyUI's image preview, which draws from its widget's top
+// to the node's bottom edge. It is never saved in the workflow nor sent to the server.
 // Defensive on purpose: any failure here is logged and ignored, never thrown into the frontend.
 import { app } from "../../scripts/app.js";
+import { councilData, createCouncilMap, preferredHeight, summaryText } from "./council_map.js";
 
-const NODE_TYPE = "InstructMoLE_CouncilPreview";
-const WIDGET_NAME = "council_summary";
+const PREVIEW = "InstructMoLE_CouncilPreview";
+const OVERRIDE = "InstructMoLE_OverrideCouncil";
+const WIDGET_NAME = "council_map";
 
-function summaryText(message) {
-  const text = message && message.text;
-  if (Array.isArray(text)) return text.map((t) => String(t ?? "")).join("\n");
-  return typeof text === "string" ? text : null;
+function addMapWidget(node) {
+  if (node.instructmoleCouncilMap) return node.instructmoleCouncilMap;
+  if (typeof node.addDOMWidget !== "function") return null;
+  const map = createCouncilMap();
+  const widget = node.addDOMWidget(WIDGET_NAME, "instructmole_council_map", map.element, {
+    serialize: false, // output only: not in widgets_values, not in the prompt
+    hideOnZoom: false,
+    getMinHeight: () => preferredHeight(map.data, map.hasSummary),
+    getHeight: () => preferredHeight(map.data, map.hasSummary),
+    getMaxHeight: () => Math.max(preferredHeight(map.data, map.hasSummary), 40),
+  });
+  if (widget) widget.serialize = false;
+  map.widget = widget;
+  node.instructmoleCouncilMap = map;
+  return map;
 }
 
-function findWidget(node) {
-  return (node.widgets || []).find((w) => w && w.name === WIDGET_NAME) || null;
-}
-
-function addSummaryWidget(node) {
-  // The same multiline STRING widget ComfyUI uses for prompts, made read-only.
-  const make = app.widgets && app.widgets.STRING;
-  if (typeof make !== "function") return null;
-  const widget = make(node, WIDGET_NAME, ["STRING", { multiline: true }], app).widget;
-  if (!widget) return null;
-  const el = widget.inputEl || widget.element;
-  if (el) {
-    el.readOnly = true;
-    el.wrap = "off"; // one layer per line, scroll sideways
-    el.placeholder = "council summary (after the node runs)";
-    el.style.opacity = "0.85";
-  }
-  // Between 5 and 12 lines of text; the heat map below takes the rest of the node.
-  if (widget.options) {
-    widget.options.getMinHeight = () => 90;
-    widget.options.getMaxHeight = () => 200;
-  }
-  // Output only: never saved in the workflow (serialize) nor sent to the server (options.serialize).
-  widget.serialize = false;
-  if (widget.options) widget.options.serialize = false;
-  return widget;
-}
-
-// Make room once, when the box first appears: the text plus ComfyUI's image preview (220 high at least).
 function makeRoom(node) {
   const min = node.computeSize?.();
   if (!min || !node.size || typeof node.setSize !== "function") return;
-  node.setSize([Math.max(node.size[0], 420), Math.max(node.size[1], min[1] + 240)]);
+  node.setSize([Math.max(node.size[0], 440), Math.max(node.size[1], min[1])]);
 }
 
-function showSummary(node, text) {
-  let widget = findWidget(node);
-  if (!widget) {
-    widget = addSummaryWidget(node);
-    if (!widget) return;
-    makeRoom(node);
-  }
-  widget.value = text;
-  const el = widget.inputEl || widget.element;
-  if (el && "value" in el) el.value = text;
+function show(node, message, withSummary) {
+  const data = councilData(message);
+  const text = withSummary ? summaryText(message) : null;
+  if (!data && text === null) return;
+  const map = addMapWidget(node);
+  if (!map) return;
+  map.hasSummary = Boolean(text);
+  map.update(data, text);
+  map.element.dataset.nodeId = String(node.id); // the node's id now (it can change while a graph loads)
+  makeRoom(node);
   node.setDirtyCanvas?.(true, true);
 }
 
+function wrap(nodeType, method, after) {
+  const original = nodeType.prototype[method];
+  nodeType.prototype[method] = function () {
+    const result = original?.apply(this, arguments);
+    try {
+      after.apply(this, arguments);
+    } catch (err) {
+      console.warn(`[InstructMoLE] council map (${method}) failed:`, err);
+    }
+    return result;
+  };
+}
+
 app.registerExtension({
-  name: "instructmole.councilPreview",
+  name: "instructmole.councilMap",
   async beforeRegisterNodeDef(nodeType, nodeData) {
     try {
-      if (!nodeData || nodeData.name !== NODE_TYPE) return;
-      const onExecuted = nodeType.prototype.onExecuted;
-      nodeType.prototype.onExecuted = function (message) {
-        const result = onExecuted?.apply(this, arguments);
-        try {
-          const text = summaryText(message);
-          if (text !== null) showSummary(this, text);
-        } catch (err) {
-          console.warn("[InstructMoLE] could not show the council summary:", err);
-        }
-        return result;
-      };
+      const name = nodeData && nodeData.name;
+      if (name === PREVIEW) {
+        wrap(nodeType, "onNodeCreated", function () {
+          addMapWidget(this);
+        });
+        wrap(nodeType, "onExecuted", function (message) {
+          show(this, message, true);
+        });
+      } else if (name === OVERRIDE) {
+        wrap(nodeType, "onExecuted", function (message) {
+          show(this, message, false);
+        });
+      }
     } catch (err) {
       console.warn("[InstructMoLE] extension setup failed:", err);
     }

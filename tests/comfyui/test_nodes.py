@@ -147,7 +147,18 @@ def test_preview_gives_image_json_and_ui(setup):
     assert data["format"] == "instructmole-council" and len(data["layers"]) == 4
     ui = out.ui if isinstance(out.ui, dict) else out.ui.as_dict()
     assert ui["images"] and ui["images"][0]["type"] == "temp"
-    assert "transformer_blocks.0.ff.net.2:" in ui["text"][0]
+    assert "\n  double:0  " in ui["text"][0] and "transformer_blocks.0.ff.net.2" not in ui["text"][0]
+    (mapped,) = ui["instructmole_council"]
+    assert json.loads(json.dumps(mapped)) == mapped  # JSON-able as it is
+    assert mapped["layers"] == data["layers"] and mapped["names"] == ["double:0", "double:1", "single:0", "single:1"]
+    assert (mapped["num_experts"], mapped["top_k"], mapped["instances"]) == (data["num_experts"], data["top_k"], 1)
+    assert mapped["adapter_id"] == data["adapter_id"] and mapped["label"] == data["label"][0]
+    assert mapped["weights"] == [[round(w, 4) for w in row] for row in data["weights"][0]]
+    assert mapped["probs"] == [[round(p, 4) for p in row] for row in data["probs"][0]]
+    assert mapped["banned"] == data["banned"][0] and any(mapped["banned"][0]) and not any(mapped["banned"][2])
+    override = setup["nodes"].council_nodes.OverrideCouncil.execute(council, "all scale 1.0")
+    edited = override.ui if isinstance(override.ui, dict) else override.ui.as_dict()
+    assert edited["instructmole_council"][0]["weights"] == mapped["weights"]
 
 
 def test_example_workflows_use_existing_nodes_and_inputs(setup):

@@ -1,0 +1,205 @@
+"""The shipped workflows and the council map in the real ComfyUI frontend (headless Chromium).
+
+One browser session (``browser_driver.mjs``, playwright-core from node) against the session's
+headless server: every ``workflows/*.json`` is loaded with ``app.loadGraphData`` and converted
+with the frontend's own ``app.graphToPrompt``; then a small graph (tiny CLIP, the test adapter
+file, Route, Override Council, Council Preview; no sampler) is queued from the page, and the
+council map the frontend draws is checked against the server's result.
+
+Needs, besides COMFYUI_PATH (skipped with the reason otherwise):
+
+- ``node`` on PATH;
+- Chromium: ``INSTRUCTMOLE_CHROMIUM``, else ``chromium`` on PATH, else ``/usr/bin/chromium``;
+- playwright-core: ``INSTRUCTMOLE_PLAYWRIGHT_DIR`` (a ``node_modules`` folder, or a folder holding
+  one, e.g. the ``--prefix`` of ``npm install --prefix /tmp/shot playwright-core``), else a
+  ``NODE_PATH`` entry holding ``playwright-core``.
+
+Screenshots of each loaded workflow (1600x900, graph fitted to the view) and of the run go to
+``INSTRUCTMOLE_BROWSER_ARTIFACTS`` (default: a pytest temp folder). With
+``INSTRUCTMOLE_UPDATE_SCREENSHOTS=1`` the workflow pictures are also copied to docs/workflows/
+(what the README shows).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from scripts import workflows as wf
+
+from .conftest import REPO_ROOT, SERVER_ADAPTER
+
+HERE = Path(__file__).resolve().parent
+DRIVER = HERE / "browser_driver.mjs"
+SHIPPED = sorted((REPO_ROOT / "workflows").glob("*.json"))
+DOCS = REPO_ROOT / "docs" / "workflows"
+IMAGES = {"example.png": 0, "example_2.png": 1}  # the placeholder inputs the workflows name
+INSTRUCTION = "make the sky a stormy purple"
+RULES = "double:0 ban 1"
+# The run: ids as the page keeps them (loadApiJson keeps API ids).
+RUN_PROMPT: dict[str, dict[str, Any]] = {
+    "1": {"class_type": "InstructMoLETest_TinyCLIP", "inputs": {"seed": 0}},
+    "2": {"class_type": "InstructMoLE_AdapterFile", "inputs": {"adapter": SERVER_ADAPTER}},
+    "3": {"class_type": "InstructMoLE_Route", "inputs": {"adapter": ["2", 0], "clip": ["1", 0], "text": INSTRUCTION}},
+    "4": {"class_type": "InstructMoLE_OverrideCouncil", "inputs": {"council": ["3", 0], "rules": RULES}},
+    "5": {"class_type": "InstructMoLE_CouncilPreview", "inputs": {"council": ["4", 0]}},
+}
+PREVIEW_ID, OVERRIDE_ID = "5", "4"
+
+
+def _chromium() -> str | None:
+    found = os.environ.get("INSTRUCTMOLE_CHROMIUM") or shutil.which("chromium")
+    found = found or ("/usr/bin/chromium" if Path("/usr/bin/chromium").is_file() else None)
+    return found if found and Path(found).is_file() else None
+
+
+def _playwright_modules() -> str | None:
+    """The node_modules folder holding playwright-core, from INSTRUCTMOLE_PLAYWRIGHT_DIR or NODE_PATH."""
+    candidates = []
+    if chosen := os.environ.get("INSTRUCTMOLE_PLAYWRIGHT_DIR"):
+        candidates += [Path(chosen), Path(chosen) / "node_modules"]
+    candidates += [Path(p) for p in os.environ.get("NODE_PATH", "").split(os.pathsep) if p]
+    return next((str(c) for c in candidates if (c / "playwright-core" / "package.json").is_file()), None)
+
+
+def _missing_tool() -> str | None:
+    if not shutil.which("node"):
+        return "node is not on PATH"
+    if not _chromium():
+        return "no Chromium: set INSTRUCTMOLE_CHROMIUM or install chromium (/usr/bin/chromium)"
+    if not _playwright_modules():
+        return (
+            "playwright-core not found: `npm install --prefix DIR playwright-core`, then set "
+            "INSTRUCTMOLE_PLAYWRIGHT_DIR=DIR (or NODE_PATH=DIR/node_modules)"
+        )
+    return None
+
+
+def ours(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The console errors/warnings that come from this pack: logged by or mentioning it, or thrown
+    from its scripts. Other frontend noise (e.g. a missing placeholder image's 404) is not ours."""
+    return [m for m in messages if "instructmole" in json.dumps(m).lower()]
+
+
+def expected_prompt(ui: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+    """``to_prompt`` with the one thing it leaves out: the frontend puts ``_meta.title`` on every
+    node, the node's title when it has one, else its display name or its type name (``to_prompt`` only sets it for
+    nodes saved with a title)."""
+    prompt = wf.to_prompt(ui, info)
+    for entry in prompt.values():
+        spec = info[entry["class_type"]]
+        entry.setdefault("_meta", {"title": spec.get("display_name") or spec["name"]})
+    return prompt
+
+
+@pytest.fixture(scope="module")
+def browser(comfy_server: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One driver run: every shipped workflow loaded and screenshotted, then the council run."""
+    if reason := _missing_tool():
+        pytest.skip(reason)
+    rng = np.random.default_rng(0)
+    for name, seed in IMAGES.items():
+        target = Path(comfy_server.base_directory, "input", name)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            pixels = (rng.random((48 + 16 * seed, 64, 3)) * 255).astype(np.uint8)
+            Image.fromarray(pixels).save(target)
+    env_dir = os.environ.get("INSTRUCTMOLE_BROWSER_ARTIFACTS")
+    shots = Path(env_dir) if env_dir else tmp_path_factory.mktemp("browser_shots")
+    work = tmp_path_factory.mktemp("browser_job")
+    job = {
+        "url": comfy_server.url,
+        "chromium": _chromium(),
+        "width": 1600,
+        "height": 900,
+        "shotsDir": str(shots),
+        "workflows": [{"stem": p.stem, "path": str(p)} for p in SHIPPED],
+        "run": {"prompt": RUN_PROMPT, "previewId": PREVIEW_ID, "overrideId": OVERRIDE_ID, "timeoutMs": 180_000},
+    }
+    (work / "job.json").write_text(json.dumps(job))
+    env = {**os.environ, "NODE_PATH": _playwright_modules() or ""}
+    done = subprocess.run(
+        ["node", str(DRIVER), str(work / "job.json"), str(work / "result.json")],
+        cwd=str(REPO_ROOT),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if not (work / "result.json").is_file():
+        pytest.fail(f"the browser driver wrote no result ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    result = json.loads((work / "result.json").read_text())
+    assert result["error"] is None, f"{result['error']}\n{done.stderr[-4000:]}\n{comfy_server.log()[-3000:]}"
+    if os.environ.get("INSTRUCTMOLE_UPDATE_SCREENSHOTS") == "1":
+        DOCS.mkdir(parents=True, exist_ok=True)
+        for path in SHIPPED:
+            shutil.copyfile(shots / f"{path.stem}.png", DOCS / f"{path.stem}.png")
+        shutil.copyfile(shots / "council_map_run.png", DOCS / "council_map.png")
+    return result
+
+
+def test_frontend_version_is_the_installed_package(browser: dict[str, Any]) -> None:
+    installed = metadata.version("comfyui-frontend-package")
+    print(f"ComfyUI frontend {installed} (page reports {browser['frontendVersion']})")
+    assert browser["frontendVersion"] in (None, installed)
+    assert not ours(browser["startup"]["console"]), browser["startup"]["console"]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_workflow_loads_in_the_frontend(comfy_server: Any, browser: dict[str, Any], path: Path) -> None:
+    entry = browser["workflows"][path.stem]
+    assert entry["error"] is None, entry["error"]
+    assert entry["missing"] == [], f"node types the frontend does not know: {entry['missing']}"
+    assert not ours(entry["console"]), entry["console"]
+    assert not [t for t in entry["toasts"] if "instructmole" in t.lower()], entry["toasts"]
+    ui = json.loads(path.read_text())
+    assert entry["nodes"] == len(ui["nodes"])
+    assert entry["prompt"] == expected_prompt(ui, comfy_server.object_info())
+    with Image.open(entry["screenshot"]) as shot:
+        assert shot.size == (1600, 900)
+        assert np.asarray(shot.convert("L")).std() > 5  # a graph, not a blank page
+
+
+def test_council_map_shows_the_executed_council(comfy_server: Any, browser: dict[str, Any]) -> None:
+    run = browser["run"]
+    assert run["queued"] is True, run["queued"]
+    assert run["error"] is None, f"{run['error']}\n{comfy_server.log()[-3000:]}"
+    assert not ours(run["console"]), run["console"]
+    history = comfy_server.request("/history")
+    entries = [e for e in history.values() if PREVIEW_ID in e.get("outputs", {}) and OVERRIDE_ID in e["outputs"]]
+    entries = [
+        e for e in entries if e["prompt"][2].get(PREVIEW_ID, {}).get("class_type") == RUN_PROMPT["5"]["class_type"]
+    ]
+    assert len(entries) == 1, list(history)
+    outputs = entries[0]["outputs"]
+    executed = outputs[PREVIEW_ID]["instructmole_council"][0]
+    assert run["map"]["state"] == "ready" and run["map"]["data"] == executed
+    layers, n = executed["layers"], executed["num_experts"]
+    assert run["map"]["cells"] == len(layers) * n
+    assert run["map"]["rows"] == executed["names"] == ["double:0", "double:1", "single:0", "single:1"]
+    chosen = {(row, e) for row, ws in enumerate(executed["weights"]) for e, w in enumerate(ws) if w != 0}
+    assert {(row, e) for row, e, _ in run["map"]["chosen"]} == chosen
+    assert chosen and all(any((row, e) in chosen for e in range(n)) for row in range(len(layers)))
+    assert run["map"]["banned"] == 1 and executed["banned"][0][1] and (0, 1) not in chosen  # double:0 ban 1
+    assert executed["label"] == INSTRUCTION and executed["instances"] == 1
+    assert run["map"]["summary"] == outputs[PREVIEW_ID]["text"][0] and "double:0" in run["map"]["summary"]
+    assert run["map"]["summaryWraps"] is True
+    # The Override node shows its edited council too (the same one here: Preview shows it as is).
+    assert run["overrideMap"]["state"] == "ready"
+    assert run["overrideMap"]["data"] == outputs[OVERRIDE_ID]["instructmole_council"][0] == executed
+    row, expert, text = run["map"]["chosen"][0]
+    weight = executed["weights"][row][expert]
+    assert text == (f"{weight:.2f}".replace("0.", ".", 1) if abs(weight) < 1 else f"{weight:.1f}")  # the weight shown
+    assert run["hover"] == (
+        f"layer {executed['names'][row]} ({layers[row]}) · expert {expert} · "
+        f"probability {executed['probs'][row][expert]:.4f} · weight {weight:.4f}"
+    )
