@@ -102,7 +102,9 @@ def comfy_server(comfy: ModuleType, tmp_path_factory: pytest.TempPathFactory) ->
 
     The pack is symlinked as ``custom_nodes/instructmole`` only once ``__init__.py`` exists, so the
     server smoke test works before the pack does; ``testing_pack`` is linked as
-    ``custom_nodes/instructmole_testing``.
+    ``custom_nodes/instructmole_testing``. ``INSTRUCTMOLE_FRONTEND_ROOT`` (a frontend's ``static``
+    folder, e.g. from an unpacked newer ``comfyui-frontend-package`` wheel) serves that frontend
+    instead of the one the checkout pins (``--front-end-root``), for the browser tests.
     """
     from .server import start_server
 
@@ -111,7 +113,9 @@ def comfy_server(comfy: ModuleType, tmp_path_factory: pytest.TempPathFactory) ->
     packs: dict[str, Path] = {"instructmole_testing": HERE / "testing_pack"}
     if (REPO_ROOT / "__init__.py").is_file():
         packs["instructmole"] = REPO_ROOT
-    with start_server(COMFYUI_PATH or "", base, custom_nodes=packs) as server:
+    frontend = os.environ.get("INSTRUCTMOLE_FRONTEND_ROOT")
+    extra = ["--front-end-root", frontend] if frontend else None
+    with start_server(COMFYUI_PATH or "", base, custom_nodes=packs, extra_args=extra) as server:
         yield server
 
 

@@ -90,15 +90,17 @@ def ours(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [m for m in messages if "instructmole" in json.dumps(m).lower()]
 
 
-def expected_prompt(ui: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
-    """``to_prompt`` with the one thing it leaves out: the frontend puts ``_meta.title`` on every
-    node, the node's title when it has one, else its display name or its type name (``to_prompt`` only sets it for
-    nodes saved with a title)."""
-    prompt = wf.to_prompt(ui, info)
-    for entry in prompt.values():
-        spec = info[entry["class_type"]]
-        entry.setdefault("_meta", {"title": spec.get("display_name") or spec["name"]})
-    return prompt
+def comparable(prompt: dict[str, Any], ui: dict[str, Any]) -> dict[str, Any]:
+    """A prompt without the default titles: the frontend puts ``_meta.title`` on every node, the
+    node's display name when the workflow gives it no title, and which display name differs between
+    frontend versions (1.58 calls ReferenceLatent 'Set Reference Latent'). Titles are cosmetic (never
+    executed); those a workflow sets are kept and compared."""
+    titled = {str(n["id"]) for n in ui["nodes"] if n.get("title")}
+    out = json.loads(json.dumps(prompt))
+    for node_id, entry in out.items():
+        if node_id not in titled:
+            entry.pop("_meta", None)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -149,8 +151,11 @@ def browser(comfy_server: Any, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 def test_frontend_version_is_the_installed_package(browser: dict[str, Any]) -> None:
     installed = metadata.version("comfyui-frontend-package")
-    print(f"ComfyUI frontend {installed} (page reports {browser['frontendVersion']})")
-    assert browser["frontendVersion"] in (None, installed)
+    print(f"ComfyUI frontend {browser['frontendVersion']} (installed package {installed})")
+    if os.environ.get("INSTRUCTMOLE_FRONTEND_ROOT"):  # another frontend served on purpose (conftest)
+        assert browser["frontendVersion"]
+    else:
+        assert browser["frontendVersion"] in (None, installed)
     assert not ours(browser["startup"]["console"]), browser["startup"]["console"]
 
 
@@ -163,7 +168,7 @@ def test_workflow_loads_in_the_frontend(comfy_server: Any, browser: dict[str, An
     assert not [t for t in entry["toasts"] if "instructmole" in t.lower()], entry["toasts"]
     ui = json.loads(path.read_text())
     assert entry["nodes"] == len(ui["nodes"])
-    assert entry["prompt"] == expected_prompt(ui, comfy_server.object_info())
+    assert comparable(entry["prompt"], ui) == comparable(wf.to_prompt(ui, comfy_server.object_info()), ui)
     with Image.open(entry["screenshot"]) as shot:
         assert shot.size == (1600, 900)
         assert np.asarray(shot.convert("L")).std() > 5  # a graph, not a blank page
