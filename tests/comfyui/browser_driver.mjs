@@ -180,6 +180,37 @@ try {
       run.hover = null;
       run.error = run.error || `hover failed: ${err.message}`;
     }
+    // The expert grid on the Override node, after the run gave it the adapter's layout: a real
+    // mouse click, a click through the test hook, and typed rules, each read back both ways.
+    if (overrideId != null) {
+      const id = Number(overrideId);
+      const rules = () => page.evaluate((id) => window.app.graph.getNodeById(id).widgets.find((w) => w.name === "rules").value, id);
+      const state = (row, expert) => page.evaluate(([id, row, expert]) => window.InstructMoLEGrid.cellState(id, row, expert), [id, row, expert]);
+      const grid = { before: await rules(), layout: null, clicked: null, clickedState: null, second: null, secondState: null, typedState: null, error: null };
+      run.grid = grid;
+      try {
+        grid.layout = await page.evaluate((id) => window.InstructMoLEGrid.layout(id), id);
+        await page.locator('[data-instructmole-grid] td[data-row="double"][data-expert="2"]').first().click({ force: true, timeout: 5000 });
+        await page.waitForTimeout(200);
+        grid.clicked = await rules();
+        grid.clickedState = await state("double", 2);
+        await page.evaluate((id) => window.InstructMoLEGrid.click(id, "double", 2), id);
+        await page.waitForTimeout(200);
+        grid.second = await rules();
+        grid.secondState = await state("double", 2);
+        await page.evaluate((id) => {
+          const widget = window.app.graph.getNodeById(id).widgets.find((w) => w.name === "rules");
+          const box = widget.inputEl || widget.element;
+          box.value = "single ban 3";
+          box.dispatchEvent(new Event("input", { bubbles: true }));
+        }, id);
+        await page.waitForTimeout(300);
+        grid.typedState = await state("single", 3);
+        grid.typedOther = await state("double", 2);
+      } catch (err) {
+        grid.error = String(err?.stack || err);
+      }
+    }
     if (job.shotsDir) {
       run.screenshot = path.join(job.shotsDir, "council_map_run.png");
       await page.screenshot({ path: run.screenshot });

@@ -208,3 +208,30 @@ def test_council_map_shows_the_executed_council(comfy_server: Any, browser: dict
         f"layer {executed['names'][row]} ({layers[row]}) · expert {expert} · "
         f"probability {executed['probs'][row][expert]:.4f} · weight {weight:.4f}"
     )
+
+
+def test_expert_grid_and_rule_text_stay_in_sync(browser: dict[str, Any]) -> None:
+    """On the Override node of the run: clicking a cell writes the rule, clicking again cycles it,
+    and typed rules show in the grid; every text the grid writes is valid rule text."""
+    from instructmole.overrides import parse_rules
+
+    grid = browser["run"]["grid"]
+    assert grid["error"] is None, grid["error"]
+    assert grid["before"] == RUN_PROMPT[OVERRIDE_ID]["inputs"]["rules"] == "double:0 ban 1"
+    layout = grid["layout"]  # the executed adapter's, not the FLUX.1 default the grid assumes before a run
+    assert (layout["numExperts"], layout["double"], layout["single"], layout["assumed"]) == (4, [0, 1], [0, 1], False)
+
+    def actions(text: str) -> set[tuple[str, str, tuple]]:
+        out = set()
+        for rule in parse_rules(text):
+            experts = rule.args[0]
+            out.add((rule.selector, rule.action, tuple(sorted(experts))))
+        return out
+
+    assert grid["clickedState"] == "force"  # a real mouse click: auto -> force
+    assert ("double", "force", (2,)) in actions(grid["clicked"])
+    assert ("double:0", "ban", (1,)) in actions(grid["clicked"])  # the typed rule is kept
+    assert grid["secondState"] == "ban"  # force -> ban
+    assert ("double", "ban", (2,)) in actions(grid["second"])
+    assert ("double", "force", (2,)) not in actions(grid["second"])
+    assert grid["typedState"] == "ban" and grid["typedOther"] == "auto"  # typed text drives the grid
