@@ -40,8 +40,9 @@ UI_KEY = "instructmole_council"
 _RULES_HELP = (
     "Rules, one per line or separated by ';': '<layers> <action> <args>'. Layers: all, double, single, "
     "double:0-5, single:*, or a layer name. Actions: force 1,5 (or 1:0.5), only 2,3, ban 2, scale 1.5, top 2. "
-    "Example: 'single:0-37 force 1,5; double:* ban 2; all scale 1.5'. '#' starts a comment. Weights and scale "
-    "factors: 0 to 100; at most 1000 rules."
+    "Example: 'single:0-37 force 1,5; double:* ban 2; all scale 1.5'. '#' starts a comment. 'ban 2': the expert "
+    "that fills in takes over 2's weight, so the layer keeps its strength; 'ban 2 routed': it keeps its own routed "
+    "weight. Weights and scale factors: 0 to 100; at most 1000 rules."
 )
 
 
@@ -83,7 +84,9 @@ class OverrideCouncil(io.ComfyNode):
             node_id="InstructMoLE_OverrideCouncil",
             display_name="InstructMoLE Override Council",
             category=CATEGORY,
-            description="Edits a council by hand: force, ban or reweight experts on chosen layers.",
+            description="Edits a council by hand: force, ban or reweight experts on chosen layers. A banned "
+            "expert's weight goes to the expert that fills in (write 'ban 2 routed' to keep the newcomer's own "
+            "routed weight).",
             inputs=[
                 COUNCIL.Input("council", tooltip="The council to edit (from Route, Blend or another Override)."),
                 io.String.Input("rules", multiline=True, default="all scale 1.0", tooltip=_RULES_HELP),

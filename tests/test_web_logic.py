@@ -235,6 +235,7 @@ def test_grammar_agrees_with_parse_rules() -> None:
     rng = random.Random(7)
     texts = [fuzz_text(rng) for _ in range(1500)]
     texts += ["ban 1;" * 1000, "ban 1;" * 1001, " " * 65_537, "", "#", "all scale 1.0"]
+    texts += ["double ban 2 routed", "ban 1, 2 routed", "ban routed", "ban 2 routed routed", "single:3 ban 2  routed"]
     checked = run_cli({"layout": LAYOUT, "check": texts})["checked"]
     accepted = 0
     for text, out in zip(texts, checked, strict=True):

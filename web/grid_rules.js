@@ -64,6 +64,7 @@ export const HELP_SHORT =
 export const HELP_LONG = [
   "Layers: all, double, single, double:0-5,9, single:*, or a layer name (a rule without layers means all).",
   "Actions: force 1,5 (1:0.5 gives a weight) · only 2,3 · ban 2 · scale 1.5 · top 2.",
+  "ban 2: the expert filling in takes over 2's weight (the layer keeps its strength); 'ban 2 routed' keeps the newcomer's own routed weight.",
   "Rules apply in order; '#' starts a comment. Forced weights: above 0, at most 100 (blank: the council's mean).",
   "The grid writes double/single force and ban rules; other lines are kept as typed and also apply.",
   "A block row overrides its group row; faint cells are inherited from the group.",
@@ -247,7 +248,10 @@ function parseRule(text) {
   if (action === "force" || action === "only") {
     rule.experts = parseExpertList(arg, true);
   } else if (action === "ban") {
-    rule.experts = parseExpertList(arg, false);
+    // "ban 2 routed": the newcomer keeps its routed weight (Python's ban(inherit=False)); a text rule.
+    const words = pySplit(tokens[2]);
+    rule.routed = words.length > 1 && words[words.length - 1] === "routed";
+    rule.experts = parseExpertList(rule.routed ? words.slice(0, -1).join("") : arg, false);
   } else if (action === "scale") {
     if (arg.length > MAX_NUMBER_CHARS || !DECIMAL.test(arg)) {
       throw new RuleError(`scale needs a number, got ${quote(arg, 20)}; choose one from 0 to ${MAX_FACTOR}`);
@@ -479,6 +483,7 @@ export function setForce(state, row, expert, weight) {
 function gridRule(rule, layout) {
   const { selector, action } = rule;
   if (action !== "force" && action !== "ban") return { reason: `${action} rules are text-only` };
+  if (rule.routed) return { reason: "'ban … routed' is a text rule (the grid writes plain bans)" };
   if (selector.kind === "all") return { reason: "'all' is not a grid row (the rows are double and single)" };
   if (selector.kind === "name") return { reason: "a layer name is not a grid row" };
   const have = layout[selector.kind];
