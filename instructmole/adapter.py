@@ -222,7 +222,11 @@ class Adapter:
             state[f"experts.{key}.A"] = mole[f"mole.{name}.A"]
             state[f"experts.{key}.B"] = mole[f"mole.{name}.B"]
             state[f"experts.{key}.gate.weight"] = mole[f"mole.{name}.gate"]
-        state.update({f"router.{k[len('router.') :]}": v for k, v in mole.items() if k.startswith("router.")})
+        # The router gets memory of its own: a tensor read from a file may sit at any offset of the
+        # file's mapping, and the kernels (hence the last bits) of a matmul depend on its alignment.
+        # Owned, it computes bit for bit what the runtime's copy of it (DeviceCache) computes, so a
+        # council routed by the Route node equals the one the model routes for the same signal.
+        state.update({f"router.{k[len('router.') :]}": v.clone() for k, v in mole.items() if k.startswith("router.")})
         try:
             model.load_state_dict(state, assign=True, strict=True)
         except RuntimeError as err:  # every name and shape was checked above: this is a bug, worded
