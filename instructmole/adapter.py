@@ -498,10 +498,13 @@ def load_adapter(
     path = _source_path(path)
     meta = read_metadata(path)
     if meta.get("format") != FORMAT:
+        icedit = _load_icedit(path, meta, device, expect_base)
+        if icedit is not None:
+            return icedit
         raise AdapterError(
             f"'{path.name}' is a safetensors file but not an InstructMoLE adapter (its metadata has no "
-            f"format '{FORMAT}'); load a plain LoRA with a LoRA loader, or convert a reference checkpoint "
-            "with 'python -m instructmole convert'"
+            f"format '{FORMAT}' and no ICEdit MoE-LoRA keys); load a plain LoRA with a LoRA loader, or convert "
+            "a reference checkpoint with 'python -m instructmole convert'"
         )
     version = meta.get("format_version", "")
     if version != str(FORMAT_VERSION):
@@ -520,15 +523,40 @@ def load_adapter(
             f"'{path.name}' was made for {config.base_model!r}, not {_show(expect_base)}; pick an adapter for "
             "this model"
         )
+    tensors = _read_tensors(path, device)
+    extra = {k: v for k, v in meta.items() if k not in _RESERVED_METADATA}
+    return Adapter.from_tensors(config, tensors, extra, source=path.name)
+
+
+def _read_tensors(path: Path, device: torch.device) -> dict[str, Tensor]:
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     except (MemoryError, torch.OutOfMemoryError):
         raise
     except Exception as err:  # safetensors, the OS, an unknown dtype, a device that is not there
         raise _read_failure(path, err) from None
-    extra = {k: v for k, v in meta.items() if k not in _RESERVED_METADATA}
-    return Adapter.from_tensors(config, tensors, extra, source=path.name)
+
+
+def _load_icedit(path: Path, meta: dict[str, str], device: torch.device, expect_base: str | None) -> Adapter | None:
+    """An ICEdit MoE-LoRA file converted on the fly (see ``icedit.py``), or None if it is not one."""
+    from .icedit import ICEDIT_BASE, convert_icedit, is_icedit
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as err:
+        raise _read_failure(path, err) from None
+    if not is_icedit(keys):
+        return None
+    if expect_base is not None and expect_base != ICEDIT_BASE:
+        raise AdapterError(
+            f"'{path.name}' is an ICEdit MoE-LoRA, made for {ICEDIT_BASE!r}, not {_show(expect_base)}; pick an "
+            "adapter for this model"
+        )
+    return convert_icedit(_read_tensors(path, device), metadata=meta, source=path.name)
 
 
 def describe(adapter: Adapter) -> dict:

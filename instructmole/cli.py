@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+import torch
 from tqdm import tqdm
 
 from .adapter import AdapterError, describe, load_adapter
@@ -90,7 +91,38 @@ def check_output(out: str, folder: str, overwrite: bool) -> Path:
     return path
 
 
+def _convert_icedit(args: argparse.Namespace) -> int:
+    """``convert`` with an ICEdit MoE-LoRA .safetensors file as input (``icedit.py``)."""
+    from .adapter import _read_tensors, read_metadata
+    from .icedit import convert_icedit
+
+    source = Path(args.folder)
+    for flag in ("alpha", "router_heads", "router_head_dim", "lora_alpha"):
+        if getattr(args, flag) is not None:
+            raise UsageError(
+                f"--{flag.replace('_', '-')} does not apply to an ICEdit MoE-LoRA file (its scale is 1 and it has "
+                "no instruction router); only --top-k does"
+            )
+    if _same_file(Path(args.out), source):
+        raise AdapterError(f"output '{args.out}' is the ICEdit file the conversion reads; write the adapter elsewhere")
+    out = check_output(args.out, args.folder, args.overwrite)
+    meta = read_metadata(source)
+    if meta.get("format") == "instructmole":
+        raise AdapterError(f"'{source.name}' is already an InstructMoLE adapter; there is nothing to convert")
+    top_k = 1 if args.top_k is None else args.top_k
+    adapter = convert_icedit(_read_tensors(source, torch.device("cpu")), top_k=top_k, metadata=meta, source=source.name)
+    try:
+        path = adapter.save(out)
+    except OSError as err:
+        raise AdapterError(f"could not write '{out}': {err.strerror or err}; nothing was written") from None
+    n = len(adapter.config.layers)
+    print(f"wrote {path} ({n} token-routed layers, {len(adapter.lora_parts())} LoRA modules, id {adapter.adapter_id})")
+    return 0
+
+
 def _convert(args: argparse.Namespace) -> int:
+    if Path(args.folder).is_file():
+        return _convert_icedit(args)
     out = check_output(args.out, args.folder, args.overwrite)
     with tqdm(desc="importing layers", unit="layer", disable=args.quiet) as bar:
 
@@ -125,14 +157,16 @@ def _parser() -> _Parser:
     p.set_defaults(run=_inspect)
     p = sub.add_parser(
         "convert",
-        help="convert a reference checkpoint folder into one adapter file",
+        help="convert a reference checkpoint folder (or an ICEdit MoE-LoRA file) into one adapter file",
         description="Settings the tensors cannot tell come from the folder's train_config.json; the flags "
         "replace them (and are required where the config does not record them).",
     )
-    p.add_argument("folder", help="the reference training checkpoint folder")
+    p.add_argument("folder", help="the reference training checkpoint folder, or an ICEdit MoE-LoRA .safetensors file")
     p.add_argument("out", help=f"the adapter file to write (must end in {ADAPTER_SUFFIX})")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--top-k", type=int, help="council size (moe_config.num_experts_per_tok)")
+    p.add_argument(
+        "--top-k", type=int, help="council size (moe_config.num_experts_per_tok); for ICEdit, experts per token (1)"
+    )
     p.add_argument("--alpha", type=float, help="experts' LoRA alpha (moe_config.alpha)")
     p.add_argument("--router-heads", type=int, help="router attention heads (reference code: 12)")
     p.add_argument("--router-head-dim", type=int, help="router attention head width (reference code: 64)")

@@ -19,10 +19,22 @@ from typing import Any, Literal
 from .errors import InstructMoLEError
 from .layers import block_of
 
-__all__ = ["LIMITS", "MAX_ALPHA", "MAX_LAYERS", "MAX_PARAMETERS", "ConfigError", "LayerSpec", "MoLEConfig", "Routing"]
+__all__ = [
+    "LIMITS",
+    "MAX_ALPHA",
+    "MAX_LAYERS",
+    "MAX_PARAMETERS",
+    "ConfigError",
+    "LayerSpec",
+    "MoLEConfig",
+    "Routing",
+    "TokenWeights",
+]
 
 Routing = Literal["instruction", "token"]
 _ROUTINGS = ("instruction", "token")
+TokenWeights = Literal["probs", "renormalised"]
+_TOKEN_WEIGHTS = ("probs", "renormalised")
 
 # Inclusive (min, max) of every integer field. Generous (the paper's adapter uses a fraction of each)
 # but finite, so that a config can never ask for more than a machine could hold.
@@ -200,6 +212,10 @@ class MoLEConfig:
     gate_noise: bool = True  # Gaussian logit noise of std 1/N, training only
     text_length: int = 512  # T5 padding length the router was trained with (no attention mask)
     base_model: str = "flux.1-kontext-dev"
+    # Weights of a token-routed layer's top-k experts: "probs", the softmax over all N experts
+    # (unnormalised top-k, the reference's); "renormalised", the softmax over the k selected
+    # logits only (they sum to 1; ICEdit's MoE-LoRA, where k = 1 gives weight 1).
+    token_weights: TokenWeights = "probs"
     extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance, kept on round trips
 
     def __post_init__(self) -> None:
@@ -223,6 +239,8 @@ class MoLEConfig:
                 f"base_model={_show(self.base_model)} must be a non-empty string of at most {_MAX_NAME} characters, "
                 "such as 'flux.1-kontext-dev'"
             )
+        if not isinstance(self.token_weights, str) or self.token_weights not in _TOKEN_WEIGHTS:
+            raise ConfigError(f"token_weights={_show(self.token_weights)} must be one of {_TOKEN_WEIGHTS}")
         self._check_extra()
         self._check_layers()
         total = self.parameter_count()

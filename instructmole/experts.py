@@ -87,11 +87,20 @@ def dense_delta(x: Tensor, A: Tensor, B: Tensor, weights: Tensor, scale: float) 
 
 
 def token_route(
-    x: Tensor, gate: Tensor, top_k: int, noise_std: float = 0.0, noise: Tensor | None = None
+    x: Tensor,
+    gate: Tensor,
+    top_k: int,
+    noise_std: float = 0.0,
+    noise: Tensor | None = None,
+    renormalise: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-token gates: ``(probs [b, t, n], indices [b, t, k], weights [b, t, k])``, unnormalised top-k.
+    """Per-token gates: ``(probs [b, t, n], indices [b, t, k], weights [b, t, k])``.
 
-    ``noise`` (standard normal, ``[b, t, n]``): the draw to scale by ``noise_std`` instead of drawing one.
+    ``weights``: the top-k of the softmax over all ``n`` experts (unnormalised top-k), or with
+    ``renormalise`` the softmax over the ``k`` selected logits only (they sum to 1; ICEdit's
+    MoE-LoRA). ``probs`` is the softmax over all experts either way (the load-balancing loss
+    reads it). ``noise`` (standard normal, ``[b, t, n]``): the draw to scale by ``noise_std``
+    instead of drawing one.
     """
     xf, _ = _flat(x)
     logits = (xf @ gate.t().to(xf.dtype)).float()
@@ -99,7 +108,11 @@ def token_route(
         draw = torch.randn_like(logits) if noise is None else noise.to(logits)
         logits = logits + draw * noise_std
     probs = logits.softmax(-1)
-    weights, indices = probs.topk(top_k, dim=-1)
+    if renormalise:
+        chosen, indices = logits.topk(top_k, dim=-1)
+        weights = chosen.softmax(-1)
+    else:
+        weights, indices = probs.topk(top_k, dim=-1)
     return probs, indices, weights
 
 

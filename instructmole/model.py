@@ -89,7 +89,9 @@ class InstructMoLE(nn.Module):
 
     def fingerprint(self) -> str:
         """A short id of the routing weights: councils remember it to refuse another adapter."""
-        gates = [self.layer(name).gate.weight for name in self.config.instruction_layers]
+        # An adapter routed only per token (ICEdit's) has no instruction gates: its token gates tell it apart.
+        names = self.config.instruction_layers or self.config.layer_names
+        gates = [self.layer(name).gate.weight for name in names]
         # In-place updates bump _version; inference tensors (ComfyUI loads under inference_mode) have
         # none, and cannot be updated in place outside inference mode anyway.
         version = tuple((g.data_ptr(), -1 if g.is_inference() else g._version) for g in gates)

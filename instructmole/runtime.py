@@ -125,6 +125,7 @@ class MoLERuntime:
         self.layers = set(self.config.layer_names) if layers is None else set(layers)
         self.cache = cache or DeviceCache(model)
         self._token_layers = {s.name for s in self.config.layers if s.routing == "token"}
+        self._renormalise = self.config.token_weights == "renormalised"
         self._council: Council | None = None
         self._fixed: dict[torch.device, tuple[Tensor, Tensor]] = {}  # compacted fixed council per device
         self._active: dict[str, tuple[Tensor, Tensor]] | None = None
@@ -294,13 +295,15 @@ class MoLERuntime:
         cfg = self.config
         if not self.training:
             gate = self.cache.token_gate(name, x.device, x.dtype)
-            _, indices, weights = token_route(x, gate, cfg.top_k)
+            _, indices, weights = token_route(x, gate, cfg.top_k, renormalise=self._renormalise)
             return token_delta(x, A, B, indices, weights * self.expert_strength, cfg.scale)
         gate = self.model.layer(name).gate.weight
         std = self.model.gate_noise_std
         noise = self._token_noise(name, (x.shape[0], x[0].numel() // x.shape[-1], cfg.num_experts), x.device)
         with torch.autocast(x.device.type, enabled=False):
-            probs, indices, weights = token_route(x.float(), gate.float(), cfg.top_k, std, noise if std else None)
+            probs, indices, weights = token_route(
+                x.float(), gate.float(), cfg.top_k, std, noise if std else None, renormalise=self._renormalise
+            )
         out, proj = token_delta_with_projections(x, A, B, indices, weights.to(x.dtype), cfg.scale)
         self._record(name, gram=projection_gram(proj), token=(probs, indices))
         return out
