@@ -55,12 +55,12 @@ def comfy_unet_config(transformer: Any) -> dict[str, Any]:
     builds ``FluxParams(**unet_config)`` and rejects unknown keys (``with_installed_flux_fields``).
     """
     c = transformer.config
-    if c.patch_size != 1 or c.in_channels != LATENT_CHANNELS * 4:
-        raise ValueError("expected a Flux with patch_size 1 and 64 (2x2-packed) input channels")
+    if c.patch_size != 1 or c.in_channels % 4:
+        raise ValueError("expected a Flux with patch_size 1 and 2x2-packed input channels (64 Kontext, 384 Fill)")
     out_channels = c.out_channels or c.in_channels
     config = {
         "image_model": "flux",
-        "in_channels": LATENT_CHANNELS,
+        "in_channels": c.in_channels // 4,
         "out_channels": out_channels // 4,
         "vec_in_dim": c.pooled_projection_dim,
         "context_in_dim": c.joint_attention_dim,
@@ -123,7 +123,9 @@ def diffusers_to_comfy_state_dict(transformer: Any, unet_config: dict[str, Any])
     return out
 
 
-def comfy_flux_from_diffusers(transformer: Any, weight_dtype: torch.dtype = torch.float32) -> ModelPatcher:
+def comfy_flux_from_diffusers(
+    transformer: Any, weight_dtype: torch.dtype = torch.float32, model_config: str = "Flux"
+) -> ModelPatcher:
     """A CPU ComfyUI Flux (``model_base.Flux`` in a ``ModelPatcher``) with the twin's weights.
 
     ``weight_dtype`` other than fp32 (e.g. ``torch.float8_e4m3fn``) stores the weights in that format
@@ -141,10 +143,10 @@ def comfy_flux_from_diffusers(transformer: Any, weight_dtype: torch.dtype = torc
     import comfy.supported_models
 
     unet_config = comfy_unet_config(transformer)
-    model_config = comfy.supported_models.Flux(unet_config)
+    config = getattr(comfy.supported_models, model_config)(unet_config)  # "FluxInpaint" for FLUX.1 Fill
     manual_cast = None if weight_dtype == torch.float32 else torch.float32
-    model_config.set_inference_dtype(weight_dtype, manual_cast)
-    model = model_config.get_model({}, device=torch.device("cpu"))
+    config.set_inference_dtype(weight_dtype, manual_cast)
+    model = config.get_model({}, device=torch.device("cpu"))
     sd = diffusers_to_comfy_state_dict(transformer, unet_config)
     # disable_weight_init leaves parameters uninitialised: strict loading guarantees all are set.
     model.diffusion_model.load_state_dict(sd, strict=True)

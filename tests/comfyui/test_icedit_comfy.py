@@ -17,53 +17,14 @@ import torch
 
 from tests.test_icedit import icedit_state_dict, moe_modules
 
-from .comfy_tiny import (
-    diffusers_to_comfy_state_dict,
-    pack_latents,
-    run_comfy,
-    unpack_latents,
-    with_installed_flux_fields,
-)
+from .comfy_tiny import comfy_flux_from_diffusers, pack_latents, run_comfy, unpack_latents
 
 FILE = "icedit_moe_lora.safetensors"
 
 
 def fill_twin(transformer: Any) -> Any:
     """A CPU ComfyUI FLUX.1 Fill (``FluxInpaint``) in a ModelPatcher with the diffusers twin's weights."""
-    import comfy.model_management
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    c = transformer.config
-    unet_config = with_installed_flux_fields(
-        {
-            "image_model": "flux",
-            "in_channels": c.in_channels // 4,
-            "out_channels": c.out_channels // 4,
-            "vec_in_dim": c.pooled_projection_dim,
-            "context_in_dim": c.joint_attention_dim,
-            "hidden_size": c.num_attention_heads * c.attention_head_dim,
-            "mlp_ratio": 4.0,
-            "num_heads": c.num_attention_heads,
-            "depth": c.num_layers,
-            "depth_single_blocks": c.num_single_layers,
-            "axes_dim": list(c.axes_dims_rope),
-            "theta": 10000,
-            "patch_size": 2,
-            "qkv_bias": True,
-            "guidance_embed": bool(c.guidance_embeds),
-        }
-    )
-    model_config = comfy.supported_models.FluxInpaint(unet_config)
-    model_config.set_inference_dtype(torch.float32, None)
-    model = model_config.get_model({}, device=torch.device("cpu"))
-    model.diffusion_model.load_state_dict(diffusers_to_comfy_state_dict(transformer, unet_config), strict=True)
-    model.diffusion_model.eval()
-    return comfy.model_patcher.ModelPatcher(
-        model,
-        load_device=comfy.model_management.get_torch_device(),
-        offload_device=comfy.model_management.unet_offload_device(),
-    )
+    return comfy_flux_from_diffusers(transformer, model_config="FluxInpaint")
 
 
 def fill_inputs(seed: int = 1) -> dict[str, torch.Tensor]:
