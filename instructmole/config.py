@@ -16,6 +16,7 @@ import reprlib
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from .checks import real_number
 from .errors import InstructMoLEError
 from .layers import block_of
 
@@ -123,15 +124,12 @@ def _checked_int(value: Any, what: str, bounds: tuple[int, int]) -> int:
 
 def _checked_real(value: Any, what: str) -> float:
     """``value`` as a finite float; an int is fine, a bool or a string is not."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    number = real_number(value)
+    if number is None:
         raise ConfigError(f"{what}={_show(value)} must be a number")
-    try:
-        value = float(value)
-    except OverflowError:  # an int beyond any float, e.g. 10**400
-        raise ConfigError(f"{what}={_show(value)} must be a finite number") from None
-    if not math.isfinite(value):
-        raise ConfigError(f"{what}={value} must be a finite number")
-    return value
+    if not math.isfinite(number):  # NaN, inf, or an int beyond any float (10**400)
+        raise ConfigError(f"{what}={_show(value)} must be a finite number")
+    return number
 
 
 def _checked_layer_name(name: Any) -> str:

@@ -45,7 +45,6 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-import numbers
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -54,6 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .checks import real_number
 from .council import MAX_EXPERTS, MAX_WEIGHT, Council, CouncilMismatchError, describe_value, whole_number
 from .errors import InstructMoLEError
 from .layers import block_of
@@ -102,16 +102,6 @@ def _small_int(digits: str) -> int | None:
     return int(digits) if len(digits) <= 6 else None
 
 
-def _real(value: Any) -> float | None:
-    """``value`` as a float if it is a real number (not a bool), else None."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None
-    try:
-        return float(value)
-    except (OverflowError, ValueError, TypeError):  # an int with hundreds of digits, an odd Real
-        return math.inf
-
-
 def _expert_number(council: Council, value: Any) -> int:
     """An expert of ``council``'s adapter, given as a whole number (bools are not)."""
     e = whole_number(value)
@@ -126,7 +116,7 @@ def _weight(value: Any, expert: Any) -> float | None:
     """A forced weight: None (the council's mean) or a number in (0, MAX_WEIGHT]."""
     if value is None:
         return None
-    w = _real(value)
+    w = real_number(value)
     if w is None or not (math.isfinite(w) and 0 < w <= MAX_WEIGHT):
         raise CouncilRuleError(
             f"weight {describe_value(value)} of expert {describe_value(expert)} is not possible; a forced weight is "
@@ -135,10 +125,12 @@ def _weight(value: Any, expert: Any) -> float | None:
     return w
 
 
-def _factor(value: Any, what: str, high: float) -> float:
-    f = _real(value)
-    if f is None or not (math.isfinite(f) and 0 <= f <= high):
-        raise CouncilRuleError(f"{what} {describe_value(value)} is not possible; choose a number from 0 to {high:g}")
+def _factor(value: Any, what: str, high: float, low: float = 0.0) -> float:
+    f = real_number(value)
+    if f is None or not (math.isfinite(f) and low <= f <= high):
+        raise CouncilRuleError(
+            f"{what} {describe_value(value)} is not possible; choose a number from {low:g} to {high:g}"
+        )
     return f
 
 
@@ -470,12 +462,7 @@ def with_strength(council: Council, strength: float) -> Council:
     Not an override: the council it returns is meant for folding, not for sharing or editing.
     """
     council = _council(council)
-    s = _real(strength)
-    if s is None or not (math.isfinite(s) and -MAX_FACTOR <= s <= MAX_FACTOR):
-        raise CouncilRuleError(
-            f"expert_strength {describe_value(strength)} is not possible; choose a number from "
-            f"{-MAX_FACTOR:g} to {MAX_FACTOR:g}"
-        )
+    s = _factor(strength, "expert_strength", MAX_FACTOR, low=-MAX_FACTOR)
     return replace(council, weights=council.weights * s)
 
 

@@ -24,13 +24,16 @@ MAX_FILES = 500
 
 
 def council_files() -> list[str]:
-    """``.json`` files under the output folder (newest first, at most ``MAX_FILES``), relative to it."""
+    """``.json`` files in the output folder and its direct subfolders (newest first, at most
+    ``MAX_FILES``), relative to it. Not deeper: this runs whenever the frontend asks for the node
+    list, and an output folder may hold a deep tree of many thousands of images."""
     import folder_paths
 
     root = Path(folder_paths.get_output_directory())
     if not root.is_dir():
         return []
-    found = sorted(root.rglob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)[:MAX_FILES]
+    found = [*root.glob("*.json"), *root.glob("*/*.json")]
+    found = sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)[:MAX_FILES]
     return [p.relative_to(root).as_posix() for p in found]
 
 

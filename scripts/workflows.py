@@ -460,7 +460,7 @@ def build(workflow: Workflow, info: dict[str, Any]) -> dict[str, Any]:
             {"name": name, "type": kind, "links": out_links.get((entry["id"], slot), []), "slot_index": slot}
             for slot, (name, kind) in enumerate(zip(names, spec["output"], strict=True))
         ]
-    _place_note_and_groups(workflow, nodes, width, gap_y, title_h)
+    _add_note(workflow, nodes, width, gap_y, title_h)
     return {
         "last_node_id": max(n["id"] for n in nodes),
         "last_link_id": len(links),
@@ -473,7 +473,7 @@ def build(workflow: Workflow, info: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _place_note_and_groups(workflow: Workflow, nodes: list[dict], width: int, gap_y: int, title_h: int) -> None:
+def _add_note(workflow: Workflow, nodes: list[dict], width: int, gap_y: int, title_h: int) -> None:
     bottom = max(n["pos"][1] + n["size"][1] for n in nodes) + title_h + gap_y + 60
     right = max(n["pos"][0] + n["size"][0] for n in nodes)
     nodes.append(

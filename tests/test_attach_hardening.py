@@ -37,7 +37,7 @@ def assert_untouched(transformer, before) -> None:
     assert getattr(transformer, "_instructmole_attached", None) is None
 
 
-@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, 1e308, 11.0, "1.0", None, True])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, 1e308, 10**400, 11.0, "1.0", None, True])
 @pytest.mark.parametrize("which", ["expert_strength", "lora_strength"])
 def test_strengths_are_checked(transformer, adapter, which, value):
     before = snapshot(transformer)
