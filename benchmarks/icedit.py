@@ -2,16 +2,19 @@
 
 One routed Linear of FLUX at scaled shapes (default 1/4 of FLUX.1's widths and token counts):
 single-block ``proj_out`` (15360 -> 3072 at full size, text + image tokens) and double-block
-``ff.net.2`` (12288 -> 3072, image tokens), N = 4 experts of rank 32 (ICEdit's), k = 1 and 2.
+``ff.net.2`` (12288 -> 3072, image tokens), experts of rank 32: ICEdit's N = 4 with k = 1 (as it
+runs) and k = 2, and N = 8 with k = 2.
 
-* ``token`` — ours (``token_route`` with renormalised weights + ``token_delta``): one matmul of
-  width N·r for every expert's down-projection, masked to each token's choice, then one matmul
-  with the stacked up-projections: the ``t × o`` output is formed once.
+* ``token`` — ours (``token_route`` with renormalised weights + ``token_delta``): with k ≤ N/4
+  the tokens are grouped by expert and each group meets only its own expert (one grouped GEMM
+  for the down- and one for the up-projection); above that, every expert's down-projection in one
+  matmul of width N·r, masked to each token's choice, then one matmul with the stacked B.
 * ``dense`` — every expert's full output ``[t, N, o]`` materialised, then mixed (the plain way).
 * ``base`` — the frozen Linear ``W0 x`` alone, for scale.
 
 The variants run interleaved round by round and report medians; their outputs are compared.
-Run: ``python -m benchmarks.icedit [--quick] [--device cpu] [--out benchmarks/results/icedit-cpu.json]``.
+Run: ``python -m benchmarks.icedit [--quick] [--device cpu] [--dtype float32]
+[--out benchmarks/results/icedit-cpu.json]``.
 """
 
 from __future__ import annotations
@@ -41,19 +44,20 @@ def ours(x, A, B, gate, k):
     return token_delta(x, A, B, idx, w.to(x.dtype), 1.0)
 
 
-def measure(
-    scale: float, experts: int, rank: int, ks: Sequence[int], rounds: int, device: torch.device
-) -> tuple[list, dict]:
+CASES = ((4, 1), (4, 2), (8, 2))  # (experts, k)
+
+
+def measure(scale: float, rank: int, rounds: int, device: torch.device, dtype: torch.dtype) -> tuple[list, dict]:
     rows, data = [], {}
     g = torch.Generator().manual_seed(0)
     for layer, (fin, fout, tokens) in FULL.items():
         i, o, t = int(fin * scale), int(fout * scale), int(tokens * scale)
-        x = torch.randn(1, t, i, generator=g).to(device)
-        W = (torch.randn(o, i, generator=g) / i**0.5).to(device)
-        A = (torch.randn(experts, i, rank, generator=g) / i**0.5).to(device)
-        B = (torch.randn(experts, rank, o, generator=g) * 0.1).to(device)
-        gate = torch.randn(experts, i, generator=g).to(device)
-        for k in ks:
+        x = torch.randn(1, t, i, generator=g).to(device, dtype)
+        W = (torch.randn(o, i, generator=g) / i**0.5).to(device, dtype)
+        for experts, k in CASES:
+            A = (torch.randn(experts, i, rank, generator=g) / i**0.5).to(device, dtype)
+            B = (torch.randn(experts, rank, o, generator=g) * 0.1).to(device, dtype)
+            gate = torch.randn(experts, i, generator=g).to(device, dtype)
             args = (x, A, B, gate, k)
             fns = {
                 "base": lambda x=x, W=W: x @ W.t(),
@@ -72,9 +76,9 @@ def measure(
                         fns[n]()
                         sync(device)
                         samples[n].append(time.perf_counter() - start)
-            diff = float((outs["token"] - outs["dense"]).abs().max())
+            diff = float((outs["token"].float() - outs["dense"].float()).abs().max())
             ms = {n: median(s) * 1e3 for n, s in samples.items()}
-            key = f"{layer} k={k}"
+            key = f"{layer} N={experts} k={k}"
             data[key] = {
                 "shape": [t, i, o],
                 "ms": ms,
@@ -95,18 +99,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--scale", type=float, default=0.25, help="fraction of FLUX.1's widths and token counts")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16"), help="bfloat16: the CUDA grouped GEMM's type"
+    )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     scale, rounds = (0.02, 2) if args.quick else (args.scale, args.rounds)
-    rows, data = measure(scale, 4, 32, (1, 2), rounds, device)
+    dtype = getattr(torch, args.dtype)
+    rows, data = measure(scale, 32, rounds, device, dtype)
     print(
         markdown_table(
             ["layer", "tokens x in -> out", "base W0x ms", "token (ours) ms", "dense ms", "dense/token", "max |diff|"],
             rows,
         )
     )
-    result = {"scale": scale, "experts": 4, "rank": 32, "results": data, "environment": environment(device)}
+    result = {"scale": scale, "rank": 32, "dtype": args.dtype, "results": data, "environment": environment(device)}
     if args.out:
         write_json(args.out, result)
     return result

@@ -10,16 +10,19 @@ A bank holds A as one ``n × i × r`` tensor and B as one ``n × r × o`` tensor
   concatenated into one rank ``k·r`` product per row (the 1.03× path);
 * ``council_delta_with_projections`` — training: ``P = x [A_1..A_n]`` once, which feeds both the
   council output and the Gram-form orthogonality loss, never the ``n × t × o`` stack;
-* ``token_delta`` — per-token top-k routing for layers configured so (``…_with_projections``
-  for training);
+* ``token_delta`` — per-token top-k routing for layers configured so: tokens grouped by expert,
+  each group multiplied by its own expert only (``…_with_projections`` for training, which needs
+  every expert's projection anyway);
 * ``dense_delta`` — every expert materialised, weighted; the plain formula tests compare against.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -119,10 +122,58 @@ def token_route(
 def token_delta(x: Tensor, A: Tensor, B: Tensor, indices: Tensor, weights: Tensor, scale: float) -> Tensor:
     """Token-routed experts: each token mixes its own top-k (``indices``/``weights``: ``[b, t, k]``).
 
-    The per-expert projections ``x A_n`` are computed for all experts at once (one matmul of
-    width ``n·r``), masked to each token's choice, then one matmul with the stacked B.
+    When each token uses at most a quarter of the experts (ICEdit: 1 of 4), the tokens are grouped
+    by expert and every group meets only its own expert's ``A`` and ``B``: the down-projection, the
+    bulk of the work (``in`` is 4-5× ``out`` on FLUX's routed layers), costs ``k/n`` of computing
+    every expert's. With a larger share the saving no longer pays for gathering the input ``k``
+    times (measured on CPU, ``benchmarks/icedit.py``), so the masked all-experts path runs.
     """
-    return token_delta_with_projections(x, A, B, indices, weights, scale)[0]
+    if 4 * indices.shape[-1] > A.shape[0]:
+        return token_delta_with_projections(x, A, B, indices, weights, scale)[0]
+    xf, shape = _flat(x)
+    rows = xf.reshape(-1, xf.shape[-1])
+    chosen, mix = indices.reshape(rows.shape[0], -1), (weights * scale).reshape(rows.shape[0], -1).to(B.dtype)
+    experts = torch.arange(A.shape[0], device=chosen.device)
+    out = None
+    for slot in range(chosen.shape[1]):  # slot by slot: one gathered copy of the input, never k
+        order = chosen[:, slot].argsort(stable=True)
+        ends = torch.searchsorted(chosen[order, slot], experts, right=True)  # where each expert's group ends
+        down = _grouped_matmul(rows.index_select(0, order), A, ends) * mix[order, slot, None]
+        up = _grouped_matmul(down, B, ends)
+        part = torch.empty_like(up).index_copy_(0, order, up)  # back to token order
+        out = part if out is None else out + part  # a fixed order over slots: deterministic
+    return out.reshape(*shape[:-1], B.shape[-1])
+
+
+def _grouped_matmul(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
+    """``a``'s rows in consecutive groups (group ``j`` ends at ``ends[j]``), group ``j`` times ``b[j]``.
+
+    torch's grouped GEMM (``F.grouped_mm``: CPU, or bf16 on CUDA from sm80, 16-byte strides) runs
+    all groups in one kernel without reading the group sizes back to the host; elsewhere one
+    matmul per expert (one host sync per layer).
+    """
+    if _grouped_gemm_fits(a, b):
+        try:
+            return F.grouped_mm(a, b, offs=ends.to(torch.int32))
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as err:  # a build whose kernel refuses this layout: the loop is exact too
+            warnings.warn(f"InstructMoLE: torch's grouped GEMM failed ({err}); one matmul per expert", stacklevel=2)
+    counts = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
+    return torch.cat([part @ weight for part, weight in zip(a.split(counts), b, strict=True)])
+
+
+def _grouped_gemm_fits(a: Tensor, b: Tensor) -> bool:
+    if not hasattr(F, "grouped_mm") or a.dtype != b.dtype:
+        return False
+    if a.device.type == "cpu":
+        kernel = a.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    elif a.device.type == "cuda":
+        kernel = a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device) >= (8, 0)
+    else:
+        kernel = False
+    size = a.element_size()
+    return kernel and all(s * size % 16 == 0 for s in (*a.stride()[:-1], *b.stride()[:-1]))
 
 
 def token_delta_with_projections(

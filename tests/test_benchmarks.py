@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from benchmarks import inference, routing_fidelity
+from benchmarks import icedit, inference, routing_fidelity
 
 
 def test_inference_benchmark_quick(tmp_path):
@@ -19,3 +19,9 @@ def test_routing_fidelity_measures_both_paddings():
     result = routing_fidelity.measure(seeds=(0,), short=8, long=16)
     assert 0.0 <= result["identical_council_share"] <= 1.0 and result["mean_abs_prob_diff"] >= 0.0
     assert result["padding"] == {"exact": 16, "comfyui": 8}
+
+
+def test_icedit_benchmark_quick_agrees_with_dense():
+    data = icedit.main(["--quick"])
+    assert len(data["results"]) == 2 * len(icedit.CASES)
+    assert all(r["max_abs_diff"] < 1e-4 for r in data["results"].values())

@@ -95,6 +95,82 @@ def test_token_routing_equals_per_token_formula(bank):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def per_token_formula(x, A, B, indices, weights, scale):
+    """The definition, one token and one chosen expert at a time (fp64 accumulation)."""
+    want = torch.zeros(*x.shape[:-1], B.shape[-1], dtype=torch.float64)
+    for b in range(x.shape[0]):
+        for t in range(x.shape[1]):
+            for j, w in zip(indices[b, t].tolist(), weights[b, t].tolist(), strict=True):
+                want[b, t] += w * scale * (x[b, t].double() @ A[j].double() @ B[j].double())
+    return want
+
+
+@pytest.mark.parametrize("grouped_kernel", [True, False], ids=["grouped-gemm", "loop"])
+@pytest.mark.parametrize(("n", "k"), [(4, 1), (8, 2), (4, 2), (8, 3)])
+def test_token_paths_equal_formula(n, k, grouped_kernel, monkeypatch):
+    """Grouped (4k <= n: each token meets only its experts) and masked (4k > n) token paths both
+    give the formula, with torch's grouped GEMM (16-byte aligned widths) and with the per-expert loop,
+    including experts no token chose (an empty group)."""
+    import instructmole.experts as experts
+
+    if not grouped_kernel:
+        monkeypatch.setattr(experts, "_grouped_gemm_fits", lambda a, b: False)
+    g = torch.Generator().manual_seed(n * 10 + k)
+    i, r, o = 32, 8, 16
+    A, B = torch.randn(n, i, r, generator=g), torch.randn(n, r, o, generator=g)
+    x = torch.randn(2, 9, i, generator=g)
+    # each token picks k distinct experts among the first n-1: the last expert's group stays empty
+    indices = torch.stack([torch.randperm(n - 1, generator=g)[:k] for _ in range(18)]).reshape(2, 9, k)
+    weights = torch.rand(2, 9, k, generator=g)
+    got = token_delta(x, A, B, indices, weights, SCALE)
+    torch.testing.assert_close(got.double(), per_token_formula(x, A, B, indices, weights, SCALE), atol=1e-4, rtol=1e-5)
+
+
+def test_grouped_token_path_uses_the_grouped_gemm_on_aligned_shapes(monkeypatch):
+    """On CPU with 16-byte aligned widths the one-kernel grouped GEMM runs (no per-expert loop)."""
+    import instructmole.experts as experts
+
+    if not hasattr(torch.nn.functional, "grouped_mm"):
+        pytest.skip("this torch has no grouped GEMM")
+    calls = []
+    real = torch.nn.functional.grouped_mm
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    A, B = torch.randn(4, 32, 8), torch.randn(4, 8, 16)
+    x = torch.randn(1, 6, 32)
+    _, indices, weights = token_route(x, torch.randn(4, 32), 1, renormalise=True)
+    token_delta(x, A, B, indices, weights, 1.0)
+    assert len(calls) == 2  # down and up
+    assert not experts._grouped_gemm_fits(torch.randn(6, 20), torch.randn(4, 20, 3))  # 12-byte rows
+
+
+def test_grouped_gemm_refused_by_the_build_falls_back_to_the_exact_loop(monkeypatch):
+    """A torch whose grouped kernel rejects the layout (e.g. a CUDA build's stricter rules) warns
+    once and gives the same result through one matmul per expert."""
+    A, B = torch.randn(4, 32, 8), torch.randn(4, 8, 16)
+    x = torch.randn(1, 6, 32)
+    _, indices, weights = token_route(x, torch.randn(4, 32), 1, renormalise=True)
+    want = per_token_formula(x, A, B, indices, weights, 1.0)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("grouped gemm is not supported for this layout")
+
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", refuse)
+    with pytest.warns(UserWarning, match="one matmul per expert"):
+        got = token_delta(x, A, B, indices, weights, 1.0)
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
+
+
+def test_grouped_token_path_in_half_precision_is_close_to_fp32():
+    g = torch.Generator().manual_seed(3)
+    A, B = torch.randn(4, 64, 16, generator=g) / 8, torch.randn(4, 16, 32, generator=g) / 4
+    x = torch.randn(1, 10, 64, generator=g)
+    _, indices, weights = token_route(x, torch.randn(4, 64, generator=g), 1, renormalise=True)
+    want = token_delta(x, A, B, indices, weights, 1.0)
+    got = token_delta(x.bfloat16(), A.bfloat16(), B.bfloat16(), indices, weights, 1.0)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)
+
+
 def test_layer_starts_as_identity_and_has_expected_shapes():
     layer = MoLELayer(I, O, num_experts=N, rank=R, gate_in=8)
     assert layer.A.shape == (N, I, R) and layer.B.shape == (N, R, O) and layer.gate.weight.shape == (N, 8)
