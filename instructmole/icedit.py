@@ -34,9 +34,14 @@ from .config import ConfigError, LayerSpec, MoLEConfig, _show
 from .layers import block_of
 from .model import make_router
 
-__all__ = ["ICEDIT_BASE", "convert_icedit", "is_icedit"]
+__all__ = ["ICEDIT_BASE", "ICEDIT_PROMPT", "convert_icedit", "is_icedit"]
 
 ICEDIT_BASE = "flux.1-fill-dev"
+# ICEdit's fixed instruction prefix (its training captions): the edit follows "but".
+ICEDIT_PROMPT = (
+    "A diptych with two side-by-side images of the same scene. "
+    "On the right, the scene is exactly the same as on the left but "
+)
 _MODULE = r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*?"
 _EXPERT = re.compile(rf"transformer\.({_MODULE})\.lora_(A|B)\.expert_(\d+)\.weight")
 _ROUTE = re.compile(rf"transformer\.({_MODULE})\.lora_route\.weight")

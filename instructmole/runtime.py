@@ -131,6 +131,7 @@ class MoLERuntime:
         self._active: dict[str, tuple[Tensor, Tensor]] | None = None
         self._last: tuple[Tensor, Tensor, Tensor] | None = None  # router output, left on the device
         self._records: dict[str, Any] = {}  # training: what the aux losses need, per forward
+        self._token_choices: dict[str, Tensor] = {}  # inference: each token's first choice, per token layer
         self._seeds: Tensor | None = None  # training: per-row seeds of the current forward
         self.council = council
 
@@ -153,6 +154,12 @@ class MoLERuntime:
             return None
         probs, indices, weights = (t.detach().cpu() for t in self._last)
         return Council.from_topk(self.config.instruction_layers, probs, indices, weights, adapter_id=self.adapter_id)
+
+    @property
+    def last_token_experts(self) -> dict[str, Tensor]:
+        """Per token-routed layer, the expert each token ranked first in the latest inference forward
+        (``[rows, tokens]``, on the CPU; built on demand: nothing waits on the device per step)."""
+        return {name: choice.cpu() for name, choice in self._token_choices.items()}
 
     # ---- per forward --------------------------------------------------------------------------
 
@@ -213,6 +220,7 @@ class MoLERuntime:
         ``seeds``: per-row seeds for training's random draws (see ``route``)."""
         layers = self.config.instruction_layers
         self._records = {"grams": {}, "token": {}}
+        self._token_choices = {}
         self._seeds = seeds if self.training else None
         if not layers or not self.layers.intersection(layers):
             self._active = None
@@ -296,6 +304,7 @@ class MoLERuntime:
         if not self.training:
             gate = self.cache.token_gate(name, x.device, x.dtype)
             _, indices, weights = token_route(x, gate, cfg.top_k, renormalise=self._renormalise)
+            self._token_choices[name] = indices[..., 0].reshape(x.shape[0], -1)
             return token_delta(x, A, B, indices, weights * self.expert_strength, cfg.scale)
         gate = self.model.layer(name).gate.weight
         std = self.model.gate_noise_std

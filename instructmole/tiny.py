@@ -217,6 +217,7 @@ TINY_VAE: dict[str, Any] = {
     "mid_block_add_attention": True,
 }
 
+
 def tiny_vae(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A random diffusers ``AutoencoderKL`` shaped like the FLUX VAE, with a near-deterministic encoder.
 

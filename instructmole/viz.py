@@ -1,20 +1,28 @@
-"""Council heat maps: layers down, experts across, one panel per instance.
+"""Pictures of routing: council heat maps, and per-token expert maps.
 
+Council heat map (per-image routing): layers down, experts across, one panel per instance.
 Colour is the router probability of each expert (dark = unlikely, bright = likely); council
 members carry a white frame and their weight printed inside, so forced, banned and scaled
-councils are visible at a glance. Only Pillow is needed.
+councils are visible at a glance.
+
+Token expert map (per-token routing, e.g. ICEdit's MoE-LoRA): one colour per expert over the
+image, for the expert most of the chosen layers gave each token first place; darker where the
+layers disagree. Only Pillow (and torch for the counting) is needed.
 """
 
 from __future__ import annotations
 
 import textwrap
 
+import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
 
 from .council import Council
 from .layers import block_of, rule_names
 
-__all__ = ["council_heatmap"]
+__all__ = ["EXPERT_COLOURS", "council_heatmap", "dominant_experts", "token_expert_map"]
 
 # A perceptually ordered dark-to-bright ramp (viridis-like), interpolated linearly.
 _RAMP = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]
@@ -88,3 +96,86 @@ def council_heatmap(council: Council, cell: int = 40, title: str = "") -> Image.
                 if council.banned is not None and bool(council.banned[b, row, e]):
                     draw.line((box[0], box[1], box[2], box[3]), fill=(230, 60, 60), width=3)
     return img
+
+
+# One colour per expert (Okabe-Ito, distinguishable with the common colour-vision deficiencies),
+# then evenly spaced hues for adapters with more than eight experts.
+EXPERT_COLOURS = [
+    (230, 159, 0),
+    (86, 180, 233),
+    (0, 158, 115),
+    (240, 228, 66),
+    (0, 114, 178),
+    (213, 94, 0),
+    (204, 121, 167),
+    (235, 235, 235),
+]
+
+
+def _expert_colour(e: int) -> tuple[int, int, int]:
+    if e < len(EXPERT_COLOURS):
+        return EXPERT_COLOURS[e]
+    hue = ((e - len(EXPERT_COLOURS)) * 0.618034) % 1.0  # golden-ratio steps: neighbours differ
+    h6 = hue * 6
+    x = 1 - abs(h6 % 2 - 1)
+    r, g, b = [(1, x, 0), (x, 1, 0), (0, 1, x), (0, x, 1), (x, 0, 1), (1, 0, x)][int(h6) % 6]
+    return round(60 + 180 * r), round(60 + 180 * g), round(60 + 180 * b)
+
+
+def dominant_experts(choices: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+    """Per token, the expert most layers ranked first, and the share of layers that did.
+
+    ``choices``: ``[layers, tokens]`` expert indices. Ties go to the lower expert index.
+    """
+    counts = torch.nn.functional.one_hot(choices.long(), num_experts).sum(0)  # [tokens, n]
+    top = counts.argmax(-1)
+    return top, counts.gather(-1, top[:, None])[:, 0].float() / choices.shape[0]
+
+
+def token_expert_map(
+    dominant: Tensor,
+    agreement: Tensor,
+    num_experts: int,
+    size: tuple[int, int],
+    *,
+    under: Image.Image | None = None,
+    opacity: float = 0.55,
+    title: str = "",
+) -> Image.Image:
+    """The map of one image: ``dominant``/``agreement`` ``[h, w]`` (token grid), drawn at ``size``
+    (width, height) over ``under`` (the image, when given), with a legend strip below that gives
+    each expert's colour and its share of the tokens."""
+    h, w = dominant.shape
+    colours = np.array([_expert_colour(e) for e in range(num_experts)], dtype=np.float32)
+    shade = 0.35 + 0.65 * agreement.clamp(0, 1).numpy()[..., None]  # dark where the layers disagree
+    grid = (colours[dominant.numpy()] * shade).round().clip(0, 255).astype(np.uint8)
+    picture = Image.fromarray(grid, "RGB").resize(size, Image.Resampling.NEAREST)
+    if under is not None:
+        picture = Image.blend(under.convert("RGB").resize(size), picture, opacity)
+    font = _font(12)
+    line_h, swatch = 18, 12
+    entries = []
+    counts = torch.bincount(dominant.flatten(), minlength=num_experts)
+    for e in range(num_experts):
+        entries.append((e, f"{e}: {100 * float(counts[e]) / max(h * w, 1):.0f}%"))
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    widths = [swatch + 6 + int(measure.textlength(text, font=font)) + 14 for _, text in entries]
+    lines, x = 1, 0
+    for width in widths:
+        if x and x + width > size[0]:
+            lines, x = lines + 1, 0
+        x += width
+    head = line_h if title else 0
+    out = Image.new("RGB", (size[0], size[1] + head + lines * line_h + 6), (24, 24, 28))
+    out.paste(picture, (0, head))
+    draw = ImageDraw.Draw(out)
+    if title:
+        draw.text((4, 2), title, fill=(235, 235, 235), font=font)
+    x, y = 4, size[1] + head + 4
+    for (e, text), width in zip(entries, widths, strict=True):
+        if x > 4 and x + width > size[0]:
+            x, y = 4, y + line_h
+        draw.rectangle((x, y + 2, x + swatch, y + 2 + swatch), fill=_expert_colour(e))
+        draw.text((x + swatch + 6, y), text, fill=(220, 220, 220), font=font)
+        x += width
+    return out

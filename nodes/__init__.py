@@ -7,8 +7,10 @@ from comfy_api.latest import ComfyExtension, io
 from .common import register_folder
 from .council_io import LoadCouncil
 from .council_nodes import ApplyCouncil, BlendCouncils, CouncilPreview, OverrideCouncil
+from .icedit_nodes import ICEditDiptych, ICEditRightHalf
 from .loaders import AdapterFile, ApplyAdapter, LoadAdapter, LoadKontext
 from .routing_nodes import Route, TextEncode
+from .token_map import TokenExpertMap
 
 NODES: list[type[io.ComfyNode]] = [
     LoadAdapter,
@@ -22,6 +24,9 @@ NODES: list[type[io.ComfyNode]] = [
     ApplyCouncil,
     CouncilPreview,
     LoadCouncil,
+    TokenExpertMap,
+    ICEditDiptych,
+    ICEditRightHalf,
 ]
 
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import os
 from functools import lru_cache
+from typing import Any
 
+import torch
 from comfy_api.latest import io
 
 from ..instructmole import Adapter, AdapterError, InstructMoLEError, load_adapter
+from ..instructmole.checks import real_number
+from ..instructmole.council import describe_value
 
 CATEGORY = "InstructMoLE"
 ADAPTER = io.Custom("INSTRUCTMOLE_ADAPTER")
@@ -24,6 +29,22 @@ class NodeInputError(InstructMoLEError):
 
 # ComfyUI imports a pack under its folder path, which would make the error's type name a long path.
 NodeInputError.__module__ = "instructmole"
+
+
+def fraction_input(node: str, name: str, value: Any) -> float:
+    """A number from 0 to 1 (ComfyUI's own range check lets NaN through, and skips inputs that
+    ``validate_inputs`` takes)."""
+    number = real_number(value)
+    if number is None or not (math.isfinite(number) and 0 <= number <= 1):
+        raise NodeInputError(node, name, f"{describe_value(value)} is not possible; choose a number from 0 to 1")
+    return number
+
+
+def image_input(node: str, name: str, value: Any) -> torch.Tensor:
+    """A ComfyUI IMAGE: ``[batch, height, width, 3 or 4]``, not empty."""
+    if not isinstance(value, torch.Tensor) or value.ndim != 4 or value.shape[-1] not in (3, 4) or value.numel() == 0:
+        raise NodeInputError(node, name, f"got {describe_value(value)}; connect an IMAGE (e.g. Load Image)")
+    return value
 
 
 def register_folder() -> None:

@@ -9,7 +9,6 @@ text and layer selectors typed into a widget are checked before the graph runs
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -24,7 +23,7 @@ from ..instructmole.council import describe_value
 from ..instructmole.layers import rule_names
 from ..instructmole.overrides import parse_selector
 from ..instructmole.viz import council_heatmap
-from .common import CATEGORY, COUNCIL, NodeInputError
+from .common import CATEGORY, COUNCIL, NodeInputError, fraction_input
 from .runtime import ModelMismatchError, apply_council
 
 MODES = ("merged", "fixed")
@@ -64,17 +63,6 @@ def _council_input(node: str, name: str, value: Any) -> Council:
             node, name, f"got {describe_value(value)}, not a council; connect the COUNCIL output of a Route node"
         )
     return value
-
-
-def _factor_input(node: str, value: Any) -> float:
-    """A blend factor: a finite number from 0 to 1 (ComfyUI's own range check lets NaN through)."""
-    try:
-        factor = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
-    except OverflowError:  # an int with hundreds of digits
-        factor = math.nan
-    if not (math.isfinite(factor) and 0 <= factor <= 1):
-        raise NodeInputError(node, "factor", f"{describe_value(value)} is not possible; choose a number from 0 to 1")
-    return factor
 
 
 class OverrideCouncil(io.ComfyNode):
@@ -153,7 +141,7 @@ class BlendCouncils(io.ComfyNode):
         node = "InstructMoLE Blend Councils"
         council_a = _council_input(node, "council_a", council_a)
         council_b = _council_input(node, "council_b", council_b)
-        factor = _factor_input(node, factor)
+        factor = fraction_input(node, "factor", factor)
         try:
             where = parse_selector(layers)
         except CouncilRuleError as err:

@@ -83,6 +83,30 @@ def place(adapter: Adapter, patcher: Any) -> list[Placement]:
     return placements
 
 
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where a Flux forward's tokens sit, for maps of per-token routing.
+
+    ComfyUI's Flux runs the image tokens alone through the double blocks (the target image's
+    ``grid`` first, reference images after) and ``[text; image]`` through the single blocks.
+    ``cond_or_uncond``: ComfyUI's order of the batch's equal chunks (0 = positive, 1 = negative).
+    """
+
+    text_tokens: int
+    grid: tuple[int, int]
+    cond_or_uncond: tuple[int, ...]
+
+    def image_tokens(self, name: str, choices: Tensor) -> Tensor:
+        """The target image's tokens of layer ``name``'s ``[rows, tokens]`` choices, positive rows only."""
+        start = self.text_tokens if name.startswith("single_transformer_blocks.") else 0
+        picked = choices[:, start : start + self.grid[0] * self.grid[1]]
+        if 0 in self.cond_or_uncond and len(self.cond_or_uncond) > 1:
+            chunk = picked.shape[0] // len(self.cond_or_uncond)
+            first = self.cond_or_uncond.index(0) * chunk
+            picked = picked[first : first + chunk]
+        return picked
+
+
 class ComfyRuntime:
     """The core ``MoLERuntime`` of one adapter on one MODEL clone, fed from ComfyUI's forward.
 
@@ -112,6 +136,7 @@ class ComfyRuntime:
             cache=cache,
         )
         self.last_exact: bool | None = None  # whether the latest councils came from the exact signal
+        self.last_layout: TokenLayout | None = None  # where the image tokens sat in the latest forward
         self._warned = False
         self.merged_patches: list = []  # the weight-patch keys this runtime merged (to undo on replace)
 
@@ -148,6 +173,12 @@ class ComfyRuntime:
     @torch.no_grad()
     def begin(self, x: Tensor, context: Tensor, y: Tensor | None, kwargs: dict) -> None:
         cfg = self.adapter.config
+        options = kwargs.get("transformer_options") or {}
+        self.last_layout = TokenLayout(
+            text_tokens=context.shape[1],
+            grid=((x.shape[-2] + 1) // 2, (x.shape[-1] + 1) // 2),  # Flux pads to its 2x2 patches
+            cond_or_uncond=tuple(options.get("cond_or_uncond") or ()),
+        )
         if self.merged or self.council is not None or not cfg.instruction_layers:
             self.core.begin(None, None, rows=x.shape[0], device=x.device)
             return

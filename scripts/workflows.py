@@ -11,7 +11,7 @@ own ``graphToPrompt`` agrees.
 
 Rebuild the shipped files after changing a definition or a node's inputs (a server with this pack)::
 
-    python scripts/workflows.py --url http://127.0.0.1:8188      # writes workflows/*.json
+    python -m scripts.workflows --url http://127.0.0.1:8188      # writes workflows/*.json
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ KONTEXT = "flux1-dev-kontext_fp8_scaled.safetensors"
 CLIP_L, T5 = "clip_l.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors"
 VAE = "ae.safetensors"
 ADAPTER = "instructmole_kontext.safetensors"
+FILL = "flux1-fill-dev.safetensors"
+ICEDIT = "icedit_moe_lora.safetensors"  # ICEdit's MoE-LoRA, saved under this name in models/loras
 MODELS = {
     KONTEXT: (
         f"{HF}/Comfy-Org/flux1-kontext-dev_ComfyUI/resolve/main/split_files/diffusion_models/{KONTEXT}",
@@ -42,6 +44,7 @@ MODELS = {
     CLIP_L: (f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/{CLIP_L}", "text_encoders"),
     T5: (f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/{T5}", "text_encoders"),
     VAE: (f"{HF}/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/{VAE}", "vae"),
+    FILL: (f"{HF}/black-forest-labs/FLUX.1-Fill-dev/resolve/main/{FILL}", "diffusion_models"),
 }
 INSTRUCTION = "Make the sky a stormy purple at dusk, keep everything else unchanged"
 
@@ -66,7 +69,7 @@ class Workflow:
     groups: dict[str, str] = field(default_factory=dict)  # group name -> colour
 
 
-# ---- the five workflows ------------------------------------------------------------------------------------
+# ---- the six workflows -------------------------------------------------------------------------------------
 
 
 def _text_and_image(first: int, instruction: str = INSTRUCTION, image: str = "example.png") -> dict[int, Node]:
@@ -356,7 +359,96 @@ def two_references() -> Workflow:
     return Workflow("5_two_references", "Two reference images (multi-reference Kontext)", note, nodes)
 
 
-WORKFLOWS = (auto_edit, creative_control, route_and_blend, comparison, two_references)
+def icedit_diptych() -> Workflow:
+    from instructmole.icedit import ICEDIT_PROMPT
+
+    m, t, d, s = "Model", "Text", "Diptych", "Sampling"
+    nodes = {
+        1: Node("UNETLoader", {"unet_name": FILL, "weight_dtype": "default"}, 0, group=m, models=(FILL,)),
+        2: Node(
+            "InstructMoLE_LoadAdapter",
+            {"model": [1, 0], "adapter": ICEDIT, "lora_strength": 1.0, "expert_strength": 1.0},
+            0,
+            title="Load InstructMoLE Adapter (ICEdit MoE-LoRA)",
+            group=m,
+        ),
+        10: Node(
+            "DualCLIPLoader",
+            {"clip_name1": CLIP_L, "clip_name2": T5, "type": "flux", "device": "default"},
+            1,
+            group=t,
+            models=(CLIP_L, T5),
+        ),
+        11: Node(
+            "CLIPTextEncode",
+            {"clip": [10, 0], "text": ICEDIT_PROMPT + "make the sky a stormy purple at dusk"},
+            1,
+            title="Prompt (ICEdit's diptych sentence + your edit)",
+            group=t,
+            tall=80,
+        ),
+        12: Node("FluxGuidance", {"conditioning": [11, 0], "guidance": 50.0}, 1, group=t),
+        13: Node("ConditioningZeroOut", {"conditioning": [11, 0]}, 1, title="Negative (empty)", group=t),
+        14: Node("VAELoader", {"vae_name": VAE}, 2, group=d, models=(VAE,)),
+        15: Node("LoadImage", {"image": "example.png"}, 2, group=d, tall=260),
+        16: Node("InstructMoLE_ICEditDiptych", {"image": [15, 0], "width": 512}, 2, group=d),
+        17: Node(
+            "InpaintModelConditioning",
+            {
+                "positive": [12, 0],
+                "negative": [13, 0],
+                "vae": [14, 0],
+                "pixels": [16, 0],
+                "mask": [16, 1],
+                "noise_mask": False,
+            },
+            2,
+            group=d,
+        ),
+        30: Node(
+            "KSampler",
+            {
+                "model": [2, 0],
+                "positive": [17, 0],
+                "negative": [17, 1],
+                "latent_image": [17, 2],
+                "seed": 0,
+                "steps": 28,
+                "cfg": 1.0,
+                "sampler_name": "euler",
+                "scheduler": "simple",
+                "denoise": 1.0,
+            },
+            3,
+            group=s,
+        ),
+        31: Node("VAEDecode", {"samples": [30, 0], "vae": [14, 0]}, 3, group=s),
+        32: Node("InstructMoLE_ICEditRightHalf", {"image": [31, 0]}, 4, group=s),
+        33: Node("SaveImage", {"images": [32, 0], "filename_prefix": "icedit"}, 4, group=s, tall=260),
+        40: Node(
+            "InstructMoLE_TokenExpertMap",
+            {"model": [2, 0], "samples": [30, 0], "layers": "single", "image": [31, 0], "opacity": 0.55},
+            5,
+            title="Which expert each region used",
+            group="Expert map",
+            tall=300,
+        ),
+    }
+    note = (
+        "ICEdit's MoE-LoRA on FLUX.1 Fill, as ICEdit runs it\n\n"
+        "Files: FLUX.1 Fill [dev] in models/diffusion_models; ICEdit's MoE-LoRA (huggingface.co/sanaka87/"
+        "ICEdit-MoE-LoRA) saved as models/loras/icedit_moe_lora.safetensors. 'Load InstructMoLE Adapter' reads it "
+        "as it is: its experts are routed per token, each token of each routed layer picks its own expert.\n\n"
+        "'ICEdit Diptych' puts your image twice side by side and masks the right half; Fill repaints that half "
+        "following the prompt, which must keep ICEdit's sentence and end with your edit. Guidance 50, 28 steps. "
+        "'ICEdit Right Half' cuts out the result.\n\n"
+        "'Token Expert Map' shows, over the whole diptych, which expert each region used at the last step "
+        "('layers': single, double, all, or e.g. single:0-18)."
+    )
+    return Workflow("6_icedit_diptych", "ICEdit MoE-LoRA: a diptych edit on FLUX.1 Fill", note, nodes)
+
+
+WORKFLOWS = (auto_edit, creative_control, route_and_blend, comparison, two_references, icedit_diptych)
 
 # ---- API-style definition -> the frontend's format ---------------------------------------------------------
 
@@ -566,6 +658,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--object-info", help="or a saved /object_info JSON file")
     parser.add_argument("--out", default=str(ROOT / "workflows"))
     args = parser.parse_args(argv)
+    if str(ROOT) not in sys.path:  # run as a file: the ICEdit workflow reads its prompt from instructmole
+        sys.path.insert(0, str(ROOT))
     if args.url:
         import urllib.request
 

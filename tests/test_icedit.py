@@ -142,8 +142,9 @@ def test_icedit_file_runs_exactly_as_its_formula(tmp_path, top_k):
     for h in hooks:
         h.remove()
     base = run(transformer, inputs)
-    with im.attach(transformer, adapter):
+    with im.attach(transformer, adapter) as attached:
         got = run(transformer, inputs)
+        recorded = attached.runtime.last_token_experts
     assert (want - base).abs().max() > 1e-3  # the adapter really changes the output
     torch.testing.assert_close(got, want, atol=ATOL, rtol=ATOL)
     assert torch.equal(run(transformer, inputs), base)  # detached cleanly
@@ -153,6 +154,10 @@ def test_icedit_file_runs_exactly_as_its_formula(tmp_path, top_k):
     chosen = seen[single][..., 0]
     assert chosen.shape[1] == inputs["encoder_hidden_states"].shape[1] + inputs["hidden_states"].shape[1]
     assert len(chosen.unique()) > 1
+    # The runtime keeps each token's first choice of the latest forward, for maps (every layer).
+    assert set(recorded) == set(cfg.layer_names)
+    for name in cfg.layer_names:
+        assert torch.equal(recorded[name], seen[name][..., 0]), name
 
 
 def test_lora_strength_zero_leaves_only_the_experts(tmp_path):

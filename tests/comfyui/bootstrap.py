@@ -95,4 +95,3 @@ def load_pack(pack_root: Path = REPO_ROOT) -> ModuleType:
     if not asyncio.run(nodes.load_custom_node(str(pack_root))):
         raise RuntimeError("ComfyUI failed to load the pack; see the log above")
     return sys.modules[name]
-

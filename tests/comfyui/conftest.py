@@ -68,12 +68,14 @@ def instructmole_pack(comfy: ModuleType) -> Any:
 
 
 SERVER_ADAPTER = "tiny.safetensors"
+SERVER_ICEDIT = "tiny_icedit.safetensors"
 SERVER_VAE = "tiny_taesd16.safetensors"
 
 
 def write_server_models(base_directory: Path) -> None:
     """Model files the server workflows load: a random adapter for ``tiny_flux(0)`` in
-    models/instructmole, and a random TAESD VAE with 16 latent channels in models/vae.
+    models/instructmole, a random ICEdit-format MoE-LoRA for its Fill-shaped twin in models/loras,
+    and a random TAESD VAE with 16 latent channels in models/vae.
 
     TAESD's layers are ``comfy.ops.disable_weight_init`` (left uninitialised), so every tensor is
     drawn from a seeded normal: decoded images are finite and the same on every run.
@@ -84,10 +86,15 @@ def write_server_models(base_directory: Path) -> None:
 
     from instructmole.tiny import tiny_flux
     from tests.helpers import random_adapter
+    from tests.test_icedit import icedit_state_dict
 
     adapters = base_directory / "models" / "instructmole"
     adapters.mkdir(parents=True, exist_ok=True)
     random_adapter(tiny_flux(0)).save(str(adapters / SERVER_ADAPTER))
+    loras = base_directory / "models" / "loras"
+    loras.mkdir(parents=True, exist_ok=True)
+    fill = tiny_flux(0, in_channels=384, out_channels=64)
+    save_file(icedit_state_dict(fill), str(loras / SERVER_ICEDIT), metadata={"format": "pt"})
     vae = base_directory / "models" / "vae"
     vae.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(0)

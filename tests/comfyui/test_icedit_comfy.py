@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.test_icedit import icedit_state_dict, moe_modules
+from tests.test_icedit import N, icedit_state_dict, moe_modules
 
 from .comfy_tiny import comfy_flux_from_diffusers, pack_latents, run_comfy, unpack_latents
 
@@ -127,3 +127,114 @@ def test_icedit_on_a_kontext_model_is_refused(icedit, setup):
     nodes = icedit["nodes"]
     with pytest.raises(nodes.common.NodeInputError, match=r"input 'model'.*FLUX\.1 Fill \[dev\] \(384\)"):
         nodes.loaders.LoadAdapter.execute(setup["base"], FILE, 1.0, 1.0)
+
+
+def _record_routed_inputs(diffusion: Any) -> tuple[dict, list]:
+    """Forward pre-hooks on ComfyUI's routed Linears (double: img_mlp.2, single: linear2): their inputs."""
+    seen: dict[tuple[str, int], torch.Tensor] = {}
+    hooks = []
+    for kind, blocks in (("double", diffusion.double_blocks), ("single", diffusion.single_blocks)):
+        for i, block in enumerate(blocks):
+            module = block.img_mlp[2] if kind == "double" else block.linear2
+            hooks.append(module.register_forward_pre_hook(lambda m, a, key=(kind, i): seen.__setitem__(key, a[0])))
+    return seen, hooks
+
+
+@pytest.mark.parametrize("selector", ["single", "double", "all"])
+def test_token_expert_map_colours_each_region_by_its_first_choice(icedit, selector):
+    """Each 16x16 patch of the map has the colour of the expert most of the selected layers ranked
+    first for that token, computed here from the layer inputs and the file's own route weights."""
+    from instructmole.viz import EXPERT_COLOURS
+
+    nodes = icedit["nodes"]
+    model = nodes.loaders.LoadAdapter.execute(icedit["base"], FILE, 1.0, 1.0).result[0]
+    seen, hooks = _record_routed_inputs(icedit["base"].model.diffusion_model)
+    x = fill_inputs()
+    try:
+        comfy_out(model, x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    h, w = x["latents"].shape[-2] // 2, x["latents"].shape[-1] // 2
+    text = x["t5"].shape[1]
+    votes = []
+    for (kind, i), inp in sorted(seen.items()):
+        if selector != "all" and kind != selector:
+            continue
+        name = f"transformer_blocks.{i}.ff.net.2" if kind == "double" else f"single_transformer_blocks.{i}.proj_out"
+        start = text if kind == "single" else 0
+        route = icedit["sd"][f"transformer.{name}.lora_route.weight"]
+        votes.append((inp[:, start : start + h * w] @ route.t()).argmax(-1))  # [rows, tokens]
+    votes = torch.stack(votes)
+    assert len(votes) == (4 if selector == "all" else 2)  # tiny Flux: 2 double + 2 single blocks
+    maps = nodes.token_map.TokenExpertMap.execute(model, {"samples": x["latents"]}, selector, None, 0.55).result[0]
+    assert maps.shape[0] == 2 and maps.shape[2] == w * 16
+    distinct = set()
+    for row in range(2):
+        counts = torch.nn.functional.one_hot(votes[:, row], N).sum(0)
+        top = counts.argmax(-1)
+        share = counts.max(-1).values / len(votes)
+        for t in range(h * w):
+            r, c = divmod(t, w)
+            pixel = (maps[row, 18 + 16 * r + 8, 16 * c + 8] * 255).round().tolist()
+            shade = 0.35 + 0.65 * float(share[t])
+            want = [round(v * shade) for v in EXPERT_COLOURS[int(top[t])]]
+            assert pixel == pytest.approx(want, abs=1), (row, t)
+            distinct.add(int(top[t]))
+    assert len(distinct) > 1  # the regions really differ
+
+
+def test_token_expert_map_refuses_what_it_cannot_draw(icedit, setup):
+    nodes = icedit["nodes"]
+    TokenExpertMap, NodeInputError = nodes.token_map.TokenExpertMap, nodes.common.NodeInputError
+    model = nodes.loaders.LoadAdapter.execute(icedit["base"], FILE, 1.0, 1.0).result[0]
+    x = fill_inputs()
+    with pytest.raises(NodeInputError, match="input 'samples': this MODEL has not sampled yet"):
+        TokenExpertMap.execute(model, {"samples": x["latents"]}, "single", None, 0.5)
+    with pytest.raises(NodeInputError, match="input 'model': this MODEL carries no InstructMoLE adapter"):
+        TokenExpertMap.execute(icedit["base"], {"samples": x["latents"]}, "single", None, 0.5)
+    kontext = setup["nodes"].loaders.LoadAdapter.execute(setup["base"], "tiny.safetensors", 1.0, 1.0).result[0]
+    with pytest.raises(NodeInputError, match="routes per image, not per token"):
+        TokenExpertMap.execute(kontext, {"samples": x["latents"]}, "single", None, 0.5)
+    comfy_out(model, x)
+    with pytest.raises(NodeInputError, match=r"input 'samples': this latent is 64x64 pixels.*was 48x64"):
+        TokenExpertMap.execute(model, {"samples": torch.zeros(1, 16, 8, 8)}, "single", None, 0.5)
+    with pytest.raises(NodeInputError, match="input 'layers': selector 'single:9' picks no layer"):
+        TokenExpertMap.execute(model, {"samples": x["latents"]}, "single:9", None, 0.5)
+    assert "input 'layers'" in TokenExpertMap.validate_inputs(layers="singel")
+    assert "input 'opacity'" in TokenExpertMap.validate_inputs(opacity=float("nan"))
+    assert TokenExpertMap.validate_inputs(layers="double:0-1", opacity=0.3) is True
+    # over the decoded image: same size as the image, the map blended in
+    image = torch.rand(1, 64, 48, 3)
+    out = TokenExpertMap.execute(model, {"samples": x["latents"]}, "all", image, 1.0).result[0]
+    alone = TokenExpertMap.execute(model, {"samples": x["latents"]}, "all", None, 0.5).result[0]
+    assert out.shape[1:3] == alone.shape[1:3] and torch.equal(out[:1], alone[:1])  # opacity 1: the map alone
+
+
+def test_token_layout_keeps_the_positive_rows_and_the_target_image_tokens(instructmole_pack):
+    TokenLayout = instructmole_pack.nodes.runtime.TokenLayout
+    choices = torch.arange(4 * 20).reshape(4, 20)  # rows [uncond, uncond, cond, cond], 5 text + 12 image + 3 ref
+    layout = TokenLayout(text_tokens=5, grid=(3, 4), cond_or_uncond=(1, 0))
+    single = layout.image_tokens("single_transformer_blocks.0.proj_out", choices)
+    assert torch.equal(single, choices[2:, 5:17])
+    double = layout.image_tokens("transformer_blocks.0.ff.net.2", choices)
+    assert torch.equal(double, choices[2:, :12])
+
+
+def test_diptych_and_right_half(instructmole_pack):
+    icedit_nodes = instructmole_pack.nodes.icedit_nodes
+    NodeInputError = instructmole_pack.nodes.common.NodeInputError
+    image = torch.rand(2, 40, 50, 3)
+    diptych, mask = icedit_nodes.ICEditDiptych.execute(image, 64).result
+    assert diptych.shape == (2, 48, 128, 3)  # 40 * 64/50 = 51.2 -> 48, a multiple of 16
+    assert torch.equal(diptych[:, :, :64], diptych[:, :, 64:])
+    assert mask.shape == (2, 48, 128) and mask[:, :, :64].sum() == 0 and bool((mask[:, :, 64:] == 1).all())
+    # the scaled image is the source's content: its mean colour is kept
+    torch.testing.assert_close(diptych[:, :, :64].mean((1, 2)), image.mean((1, 2)), atol=0.02, rtol=0)
+    (right,) = icedit_nodes.ICEditRightHalf.execute(diptych).result
+    assert torch.equal(right, diptych[:, :, 64:])
+    assert "multiple of 16" in icedit_nodes.ICEditDiptych.validate_inputs(width=500)
+    with pytest.raises(NodeInputError, match="input 'image'"):
+        icedit_nodes.ICEditDiptych.execute("not an image", 64)
+    with pytest.raises(NodeInputError, match="input 'width'"):
+        icedit_nodes.ICEditDiptych.execute(image, 100)

@@ -19,7 +19,7 @@ from PIL import Image
 
 from scripts import workflows as wf
 
-from .conftest import REPO_ROOT, SERVER_ADAPTER, SERVER_VAE
+from .conftest import REPO_ROOT, SERVER_ADAPTER, SERVER_ICEDIT, SERVER_VAE
 from .test_server_workflow import run_ok
 
 SHIPPED = sorted((REPO_ROOT / "workflows").glob("*.json"))
@@ -121,6 +121,23 @@ EXPECTED: dict[str, Counter] = {
         VAEDecode=1,
         SaveImage=1,
     ),
+    "6_icedit_diptych": Counter(
+        UNETLoader=1,
+        InstructMoLE_LoadAdapter=1,
+        DualCLIPLoader=1,
+        CLIPTextEncode=1,
+        FluxGuidance=1,
+        ConditioningZeroOut=1,
+        VAELoader=1,
+        LoadImage=1,
+        InstructMoLE_ICEditDiptych=1,
+        InpaintModelConditioning=1,
+        KSampler=1,
+        VAEDecode=1,
+        InstructMoLE_ICEditRightHalf=1,
+        SaveImage=1,
+        InstructMoLE_TokenExpertMap=1,
+    ),
 }
 LOADER_FOLDERS = {"UNETLoader": "diffusion_models", "InstructMoLE_LoadKontext": "diffusion_models",
                   "DualCLIPLoader": "text_encoders", "VAELoader": "vae"}  # fmt: skip
@@ -143,7 +160,8 @@ def swap_loaders(prompt: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str,
     for node_id, node in list(out.items()):
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "UNETLoader":
-            out[node_id] = {"class_type": "InstructMoLETest_TinyFlux", "inputs": {"seed": 0}}
+            family = "fill" if inputs["unet_name"] == wf.FILL else "kontext"
+            out[node_id] = {"class_type": "InstructMoLETest_TinyFlux", "inputs": {"seed": 0, "family": family}}
         elif kind == "InstructMoLE_LoadKontext":  # = Load Diffusion Model + Load InstructMoLE Adapter
             out[f"{node_id}_model"] = {"class_type": "InstructMoLETest_TinyFlux", "inputs": {"seed": 0}}
             kept = {k: inputs[k] for k in ("lora_strength", "expert_strength")}
@@ -156,8 +174,7 @@ def swap_loaders(prompt: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str,
         elif kind == "VAELoader":
             inputs["vae_name"] = SERVER_VAE
         elif kind in ("InstructMoLE_LoadAdapter", "InstructMoLE_AdapterFile"):
-            assert inputs["adapter"] == wf.ADAPTER
-            inputs["adapter"] = SERVER_ADAPTER
+            inputs["adapter"] = {wf.ADAPTER: SERVER_ADAPTER, wf.ICEDIT: SERVER_ICEDIT}[inputs["adapter"]]
         elif kind == "LoadImage":
             assert inputs["image"] in IMAGES, inputs
         else:
@@ -219,6 +236,10 @@ def test_workflow_runs_end_to_end(server: Any, path: Path) -> None:
     assert pixels.std() > 0
     if path.stem == "4_comparison":  # four results side by side, 8 px apart
         assert pixels.shape[1] > 4 * pixels.shape[0] - 1
+    if path.stem == "6_icedit_diptych":  # the right half of a 2 x 512 px diptych, and the expert map
+        assert pixels.shape[1] == 512
+        (map_node,) = [i for i, n in prompt.items() if n["class_type"] == "InstructMoLE_TokenExpertMap"]
+        assert len(outputs[map_node]["images"]) == 1
     for node_id, node in prompt.items():
         if node["class_type"] == "InstructMoLE_CouncilPreview":
             assert outputs[node_id].get("images") and outputs[node_id].get("text"), outputs[node_id]

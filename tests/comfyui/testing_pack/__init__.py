@@ -4,8 +4,9 @@ Why it exists: a headless server can only run a workflow on models it can load, 
 is tiny -- ``UNETLoader`` detection hard-codes Flux's 3072 width, and ComfyUI's T5-XXL / CLIP-L
 configs are fixed. These nodes hand the server the same tiny models the in-process tests use:
 
-- ``InstructMoLETest_TinyFlux(seed)``: ComfyUI's own Flux with the weights of
-  ``instructmole.tiny.tiny_flux(seed)`` (so server results are comparable with in-process ones);
+- ``InstructMoLETest_TinyFlux(seed, family)``: ComfyUI's own Flux with the weights of
+  ``instructmole.tiny.tiny_flux(seed)`` (so server results are comparable with in-process ones),
+  Kontext-shaped or FLUX.1 Fill-shaped (384 input channels);
 - ``InstructMoLETest_TinyConditioning(seed, tokens, guidance)``: random T5 ``[1, tokens, 64]`` and
   pooled ``[1, 32]``;
 - ``InstructMoLETest_TinyCLIP(seed)``: ``tests/comfyui/tiny_clip.TinyCLIP``, a duck-typed CLIP.
@@ -59,12 +60,17 @@ class TinyFlux:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {"required": {"seed": SEED}}
+        family = (["kontext", "fill"], {"default": "kontext", "tooltip": "fill: FLUX.1 Fill shaped (384 inputs)."})
+        return {"required": {"seed": SEED}, "optional": {"family": family}}
 
-    def load(self, seed: int) -> tuple[Any]:
+    def load(self, seed: int, family: str = "kontext") -> tuple[Any]:
         from instructmole.tiny import tiny_flux
 
-        return (_helper("comfy_tiny").comfy_flux_from_diffusers(tiny_flux(seed)),)
+        comfy_tiny = _helper("comfy_tiny")
+        if family == "fill":
+            fill = tiny_flux(seed, in_channels=384, out_channels=64)
+            return (comfy_tiny.comfy_flux_from_diffusers(fill, model_config="FluxInpaint"),)
+        return (comfy_tiny.comfy_flux_from_diffusers(tiny_flux(seed)),)
 
 
 class TinyConditioning:
