@@ -166,6 +166,8 @@ def _grouped_matmul(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
 def _grouped_gemm_fits(a: Tensor, b: Tensor) -> bool:
     if not hasattr(F, "grouped_mm") or a.dtype != b.dtype:
         return False
+    if torch.compiler.is_compiling() and a.dtype != torch.bfloat16:  # the traced kernel takes bf16 only
+        return False
     if a.device.type == "cpu":
         kernel = a.dtype in (torch.float32, torch.float16, torch.bfloat16)
     elif a.device.type == "cuda":

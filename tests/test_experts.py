@@ -176,3 +176,22 @@ def test_layer_starts_as_identity_and_has_expected_shapes():
     assert layer.A.shape == (N, I, R) and layer.B.shape == (N, R, O) and layer.gate.weight.shape == (N, 8)
     x = torch.randn(1, 3, I)
     assert torch.count_nonzero(council_delta(x, layer.A, layer.B, torch.tensor([0, 1]), torch.ones(2), 1.0)) == 0
+
+
+def test_token_path_compiles_without_falling_back(caplog):
+    """Under torch.compile (ComfyUI's TorchCompileModel) the fp32 token path traces cleanly: the
+    traced grouped GEMM takes bf16 only, so fp32 takes the per-expert loop instead of an error."""
+    import logging
+
+    A, B, gate = torch.randn(4, 64, 32), torch.randn(4, 32, 64), torch.randn(4, 64)
+    x = torch.randn(1, 50, 64)
+
+    def routed(x):
+        _, indices, weights = token_route(x, gate, 1, renormalise=True)
+        return token_delta(x, A, B, indices, weights, 1.0)
+
+    torch._dynamo.reset()
+    with caplog.at_level(logging.ERROR):
+        got = torch.compile(routed, backend="aot_eager")(x)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text[-2000:]
+    torch.testing.assert_close(got, routed(x), atol=0, rtol=0)
