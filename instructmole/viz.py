@@ -157,7 +157,8 @@ def token_expert_map(
     entries = []
     counts = torch.bincount(dominant.flatten(), minlength=num_experts)
     for e in range(num_experts):
-        entries.append((e, f"{e}: {100 * float(counts[e]) / max(h * w, 1):.0f}%"))
+        share = 100 * float(counts[e]) / max(h * w, 1)
+        entries.append((e, f"{e}: {'<1' if 0 < share < 1 else f'{share:.0f}'}%"))
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     widths = [swatch + 6 + int(measure.textlength(text, font=font)) + 14 for _, text in entries]
     lines, x = 1, 0

@@ -29,3 +29,13 @@ def test_token_expert_map_draws_each_token_as_a_patch_with_a_legend():
     under = Image.new("RGB", (32, 32), (0, 0, 0))
     half = np.asarray(token_expert_map(dominant, agreement, 10, (32, 32), under=under, opacity=0.5))
     assert abs(int(half[8, 8, 0]) - EXPERT_COLOURS[0][0] // 2) <= 1  # blended over the image, no title band
+
+
+def test_legend_never_calls_a_used_expert_zero_percent():
+    dominant = torch.zeros(20, 20, dtype=torch.long)
+    dominant[0, 0] = 1  # one patch of 400
+    with_one = np.asarray(token_expert_map(dominant, torch.ones(20, 20), 3, (320, 320)))
+    dominant[0, 0] = 0
+    without = np.asarray(token_expert_map(dominant, torch.ones(20, 20), 3, (320, 320)))
+    legend = slice(320, None)
+    assert not np.array_equal(with_one[legend], without[legend])  # "1: <1%" is not "1: 0%"
