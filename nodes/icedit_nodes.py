@@ -1,10 +1,11 @@
-"""ICEdit's diptych: the image to edit twice side by side, the right half masked for inpainting.
+"""ICEdit's diptych: the image to edit on the left, an empty right half masked for inpainting.
 
-ICEdit edits with FLUX.1 Fill: the source image (scaled to 512 pixels wide, its height a multiple
-of 16) fills both halves of a diptych, the mask covers the right half, and the prompt asks for a
-diptych whose right side is the left one "but" edited (``ICEDIT_PROMPT``). The result is the right
-half of the sampled image. These two nodes build the diptych and cut the result out; the rest is
-ComfyUI's own inpainting (InpaintModelConditioning, FluxGuidance 50, 28 steps).
+ICEdit edits with FLUX.1 Fill: the source image (scaled to 512 pixels wide, its height rounded
+down to a multiple of 16, the patch size ComfyUI's Flux pads to) on the left half of a diptych, a
+black right half under the mask, and a prompt asking for a diptych whose right side is the left one
+"but" edited (``ICEDIT_PROMPT``). The result is the right half of the sampled image. These two
+nodes build the diptych and cut the result out; the rest is ComfyUI's own inpainting
+(InpaintModelConditioning, FluxGuidance 50, 28 steps).
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ class ICEditDiptych(io.ComfyNode):
             node_id="InstructMoLE_ICEditDiptych",
             display_name=DIPTYCH,
             category=CATEGORY,
-            description="ICEdit's input: the image scaled to 'width' (height a multiple of 16), twice side by side, "
-            "with a mask over the right half. Feed both to InpaintModelConditioning with FLUX.1 Fill. The prompt "
-            f"must read: '{ICEDIT_PROMPT}<your edit>'.",
+            description="ICEdit's input: the image scaled to 'width' (height a multiple of 16) on the left, an "
+            "empty right half, and a mask over the right half. Feed both to InpaintModelConditioning with FLUX.1 "
+            f"Fill. The prompt must read: '{ICEDIT_PROMPT}<your edit>'.",
             inputs=[
                 io.Image.Input("image", tooltip="The image to edit."),
                 io.Int.Input(
@@ -44,7 +45,7 @@ class ICEditDiptych(io.ComfyNode):
                 ),
             ],
             outputs=[
-                io.Image.Output(display_name="diptych", tooltip="The scaled image twice, side by side."),
+                io.Image.Output(display_name="diptych", tooltip="The scaled image on the left, black on the right."),
                 io.Mask.Output(display_name="mask", tooltip="1 over the right half (to inpaint), 0 over the left."),
             ],
         )
@@ -62,10 +63,10 @@ class ICEditDiptych(io.ComfyNode):
         image = image_input(DIPTYCH, "image", image)
         if not _is_width(width):
             raise NodeInputError(DIPTYCH, "width", f"{describe_value(width)} is not possible; choose a multiple of 16")
-        height = max(16, round(image.shape[1] * width / image.shape[2]) // 16 * 16)
+        height = max(16, int(image.shape[1] * width / image.shape[2]) // 16 * 16)
         scaled = comfy.utils.common_upscale(image[..., :3].movedim(-1, 1), width, height, "bicubic", "disabled")
         scaled = scaled.movedim(1, -1).clamp(0, 1)
-        diptych = torch.cat([scaled, scaled], dim=2)
+        diptych = torch.cat([scaled, torch.zeros_like(scaled)], dim=2)
         mask = torch.zeros(diptych.shape[:3], dtype=torch.float32)
         mask[:, :, width:] = 1.0
         return io.NodeOutput(diptych, mask)

@@ -439,9 +439,9 @@ def icedit_diptych() -> Workflow:
         "Files: FLUX.1 Fill [dev] in models/diffusion_models; ICEdit's MoE-LoRA (huggingface.co/sanaka87/"
         "ICEdit-MoE-LoRA) saved as models/loras/icedit_moe_lora.safetensors. 'Load InstructMoLE Adapter' reads it "
         "as it is: its experts are routed per token, each token of each routed layer picks its own expert.\n\n"
-        "'ICEdit Diptych' puts your image twice side by side and masks the right half; Fill repaints that half "
-        "following the prompt, which must keep ICEdit's sentence and end with your edit. Guidance 50, 28 steps. "
-        "'ICEdit Right Half' cuts out the result.\n\n"
+        "'ICEdit Diptych' puts your image on the left of a diptych and masks the empty right half; Fill paints "
+        "that half following the prompt, which must keep ICEdit's sentence and end with your edit. Guidance 50, "
+        "28 steps. 'ICEdit Right Half' cuts out the result.\n\n"
         "'Token Expert Map' shows, over the whole diptych, which expert each region used at the last step "
         "('layers': single, double, all, or e.g. single:0-18)."
     )
