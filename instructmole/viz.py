@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from .council import Council
-from .layers import block_of, rule_names
+from .layers import rule_names
 
 __all__ = ["EXPERT_COLOURS", "council_heatmap", "dominant_experts", "token_expert_map"]
 
@@ -41,13 +41,6 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1
         return ImageFont.load_default()
-
-
-def _short(name: str) -> str:
-    """The compact ``D3`` / ``S12`` tag of a layer, for dense training plots (training/report.py);
-    the heat map and node summaries use the rule names of ``rule_names`` instead."""
-    kind, n = block_of(name)
-    return f"{'D' if kind == 'double' else 'S'}{n}"
 
 
 def council_heatmap(council: Council, cell: int = 40, title: str = "") -> Image.Image:

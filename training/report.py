@@ -35,7 +35,8 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from instructmole.files import atomic_path
-from instructmole.viz import _RAMP, _colour, _font, _short
+from instructmole.layers import block_of
+from instructmole.viz import _RAMP, _colour, _font
 
 __all__ = [
     "agreement",
@@ -269,20 +270,20 @@ _METRIC_LABELS = {"decode_accuracy": "decode", "swap_gap": "swap gap"}
 
 
 def layer_labels(layer_names: Sequence[str]) -> list[str]:
-    """Short row labels (``D0``, ``S3``); the rest of the name is added where a block has several layers."""
-    short = []
-    for name in layer_names:
-        try:
-            short.append(_short(name))
-        except ValueError:  # not a Flux layer name: keep it as it is
-            short.append(name)
+    """Row labels as council rules name layers (``double:0``, ``single:3``): one naming in every
+    picture, node and rule. A block holding several of the layers keeps their full names; names
+    outside the Flux blocks stay as they are."""
+    kinds = [_block(name) for name in layer_names]
+    short = [f"{b[0]}:{b[1]}" if b else name for name, b in zip(layer_names, kinds, strict=True)]
     counts = Counter(short)
-    out = []
-    for name, s in zip(layer_names, short, strict=True):
-        if counts[s] > 1 and s != name:
-            s = f"{s} {name.split('.', 2)[-1]}"
-        out.append(s)
-    return out
+    return [s if counts[s] == 1 else name for s, name in zip(short, layer_names, strict=True)]
+
+
+def _block(name: str) -> tuple[str, int] | None:
+    try:
+        return block_of(name)
+    except ValueError:
+        return None
 
 
 def _format_metric(key: str, value: float | str) -> str:
@@ -354,7 +355,7 @@ def report_image(
     labels = layer_labels(layer_names)
     label_step = 1 if ch >= 12 else 2
     # Rows, with a small gap wherever the block kind changes (double -> single blocks).
-    kinds = [label[:1] if label[:1] in "DS" and label[1:2].isdigit() else "" for label in labels]
+    kinds = [b[0] if (b := _block(name)) else "" for name in layer_names]
     breaks = list(itertools.accumulate(int(r > 0 and kinds[r] != kinds[r - 1]) for r in range(len(kinds))))
     left = 12 + int(max((probe.textlength(s, font=small) for s in labels), default=0)) + 8
     gap, pad = max(ch // 2, 12), 12

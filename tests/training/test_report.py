@@ -266,13 +266,15 @@ def test_report_image_renders_one_task_and_odd_values():
         report_image(["a", "b"], means, modal, layers, metrics)
 
 
-def test_layer_labels_short_and_unambiguous():
-    assert layer_labels(reference_targets(2, 1)) == ["D0", "D1", "S0"]
-    assert layer_labels(["transformer_blocks.0.ff.net.2", "transformer_blocks.0.attn.to_q", "x.y"]) == [
-        "D0 ff.net.2",
-        "D0 attn.to_q",
+def test_layer_labels_are_the_rule_names_and_unambiguous():
+    assert layer_labels(reference_targets(2, 1)) == ["double:0", "double:1", "single:0"]
+    names = [
+        "transformer_blocks.0.ff.net.2",
+        "transformer_blocks.0.attn.to_q",
         "x.y",
+        "single_transformer_blocks.4.proj_out",
     ]
+    assert layer_labels(names) == [*names[:3], "single:4"]
 
 
 # ---- files ------------------------------------------------------------------------------------
