@@ -184,7 +184,12 @@ def _fail(message: str, status: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # a closed pipe (``inspect FILE | head``) surfaces here, not at exit
+        return status
+    except BrokenPipeError:  # the reader has gone: stop quietly, as ``cat`` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush stays silent too
+        return 1
     except InstructMoLEError as err:  # a user's mistake: one sentence, no traceback
         return _fail(str(err), 2)
     except OSError as err:  # the OS refused something outside the output (e.g. an unreadable input)

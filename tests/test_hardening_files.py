@@ -611,6 +611,27 @@ def test_cli_as_a_process_prints_no_traceback(tmp_path):
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
 
 
+def test_output_into_a_closed_pipe_stops_quietly(reference, tmp_path):
+    """``inspect FILE | head`` where head has already gone: no traceback, no error line."""
+    out = tmp_path / "a.safetensors"
+    assert main(["convert", str(reference), str(out), "--quiet"]) == 0
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "instructmole", "inspect", str(out)],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+    finally:
+        os.close(write)
+    assert run.returncode == 1 and run.stderr == "", run.stderr
+
+
 # ---- 5. atomic saves and their leftovers ----------------------------------------------------------------
 
 
