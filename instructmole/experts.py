@@ -150,7 +150,7 @@ def _grouped_matmul(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
 
     torch's grouped GEMM (``F.grouped_mm``: CPU, or bf16 on CUDA from sm80, 16-byte strides) runs
     all groups in one kernel without reading the group sizes back to the host; elsewhere one
-    matmul per expert (one host sync per layer).
+    matmul per expert, which needs the sizes on the host (a device sync).
     """
     if _grouped_gemm_fits(a, b):
         try:
