@@ -123,6 +123,10 @@ class TokenExpertMap(io.ComfyNode):
                 "the LATENT of the sampler that ran last with it",
             )
         per_layer = torch.stack([layout.image_tokens(name, recorded[name]) for name in chosen])  # [L, rows, t]
+        if per_layer.shape[-1] != grid[0] * grid[1]:  # not FLUX's [text; image] layout
+            raise NodeInputError(
+                NODE, "model", "its layers saw the image tokens in a layout the map cannot place; use a FLUX model"
+            )
         rows = min(per_layer.shape[1], latent.shape[0])
         size = _map_size(grid, image)
         title = f"{layers.strip()} ({len(chosen)} layer{'s' * (len(chosen) != 1)}), last step"
