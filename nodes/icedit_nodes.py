@@ -21,6 +21,7 @@ from .common import CATEGORY, NodeInputError, image_input
 
 DIPTYCH = "InstructMoLE ICEdit Diptych"
 RIGHT_HALF = "InstructMoLE ICEdit Right Half"
+MAX_HEIGHT = 4096  # a very tall image at 512 wide would be a diptych of gigapixel size
 
 
 class ICEditDiptych(io.ComfyNode):
@@ -64,6 +65,13 @@ class ICEditDiptych(io.ComfyNode):
         if not _is_width(width):
             raise NodeInputError(DIPTYCH, "width", f"{describe_value(width)} is not possible; choose a multiple of 16")
         height = max(16, int(image.shape[1] * width / image.shape[2]) // 16 * 16)
+        if height > MAX_HEIGHT:
+            raise NodeInputError(
+                DIPTYCH,
+                "image",
+                f"at {width} pixels wide it would be {height} pixels tall (at most {MAX_HEIGHT}); crop it or lower "
+                "'width'",
+            )
         scaled = comfy.utils.common_upscale(image[..., :3].movedim(-1, 1), width, height, "bicubic", "disabled")
         scaled = scaled.movedim(1, -1).clamp(0, 1)
         diptych = torch.cat([scaled, torch.zeros_like(scaled)], dim=2)

@@ -238,3 +238,5 @@ def test_diptych_and_right_half(instructmole_pack):
         icedit_nodes.ICEditDiptych.execute("not an image", 64)
     with pytest.raises(NodeInputError, match="input 'width'"):
         icedit_nodes.ICEditDiptych.execute(image, 100)
+    with pytest.raises(NodeInputError, match="input 'image': at 512 pixels wide it would be 51200 pixels tall"):
+        icedit_nodes.ICEditDiptych.execute(torch.rand(1, 1000, 10, 3), 512)
