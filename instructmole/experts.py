@@ -138,29 +138,32 @@ def token_delta(x: Tensor, A: Tensor, B: Tensor, indices: Tensor, weights: Tenso
     for slot in range(chosen.shape[1]):  # slot by slot: one gathered copy of the input, never k
         order = chosen[:, slot].argsort(stable=True)
         ends = torch.searchsorted(chosen[order, slot], experts, right=True)  # where each expert's group ends
-        down = _grouped_matmul(rows.index_select(0, order), A, ends) * mix[order, slot, None]
-        up = _grouped_matmul(down, B, ends)
+        up = _through_own_experts(rows.index_select(0, order), A, B, ends, mix[order, slot])
         part = torch.empty_like(up).index_copy_(0, order, up)  # back to token order
         out = part if out is None else out + part  # a fixed order over slots: deterministic
     return out.reshape(*shape[:-1], B.shape[-1])
 
 
-def _grouped_matmul(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
-    """``a``'s rows in consecutive groups (group ``j`` ends at ``ends[j]``), group ``j`` times ``b[j]``.
+def _through_own_experts(rows: Tensor, A: Tensor, B: Tensor, ends: Tensor, mix: Tensor) -> Tensor:
+    """Rows in consecutive groups (group ``j`` ends at ``ends[j]``), each through its own expert:
+    ``(rows A_j · mix) B_j``.
 
     torch's grouped GEMM (``F.grouped_mm``: CPU, or bf16 on CUDA from sm80, 16-byte strides) runs
-    all groups in one kernel without reading the group sizes back to the host; elsewhere one
-    matmul per expert, which needs the sizes on the host (a device sync).
+    all groups of a projection in one kernel without reading the group sizes back to the host;
+    elsewhere one pair of matmuls per expert, which needs the sizes on the host (one device sync).
     """
-    if _grouped_gemm_fits(a, b):
+    rank_aligned = A.shape[-1] * A.element_size() % 16 == 0  # the rows of the intermediate ``rows A_j``
+    if rank_aligned and _grouped_gemm_fits(rows, A) and _grouped_gemm_fits(rows, B):
+        offs = ends.to(torch.int32)
         try:
-            return F.grouped_mm(a, b, offs=ends.to(torch.int32))
+            return F.grouped_mm(F.grouped_mm(rows, A, offs=offs) * mix[:, None], B, offs=offs)
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as err:  # a build whose kernel refuses this layout: the loop is exact too
             warnings.warn(f"InstructMoLE: torch's grouped GEMM failed ({err}); one matmul per expert", stacklevel=2)
     counts = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
-    return torch.cat([part @ weight for part, weight in zip(a.split(counts), b, strict=True)])
+    groups = zip(rows.split(counts), mix.split(counts), A, B, strict=True)
+    return torch.cat([(part @ a * m[:, None]) @ b for part, m, a, b in groups])
 
 
 def _grouped_gemm_fits(a: Tensor, b: Tensor) -> bool:

@@ -147,29 +147,25 @@ def token_expert_map(
         picture = Image.blend(under.convert("RGB").resize(size), picture, opacity)
     font = _font(12)
     line_h, swatch = 18, 12
-    entries = []
     counts = torch.bincount(dominant.flatten(), minlength=num_experts)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    entries, x, y = [], 4, 0  # (expert, text, x, line offset): laid out once, wrapping at the width
     for e in range(num_experts):
         share = 100 * float(counts[e]) / max(h * w, 1)
-        entries.append((e, f"{e}: {'<1' if 0 < share < 1 else f'{share:.0f}'}%"))
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    widths = [swatch + 6 + int(measure.textlength(text, font=font)) + 14 for _, text in entries]
-    lines, x = 1, 0
-    for width in widths:
-        if x and x + width > size[0]:
-            lines, x = lines + 1, 0
+        text = f"{e}: {'<1' if 0 < share < 1 else f'{share:.0f}'}%"
+        width = swatch + 6 + int(measure.textlength(text, font=font)) + 14
+        if x > 4 and x + width > size[0]:
+            x, y = 4, y + line_h
+        entries.append((e, text, x, y))
         x += width
     head = line_h if title else 0
-    out = Image.new("RGB", (size[0], size[1] + head + lines * line_h + 6), (24, 24, 28))
+    out = Image.new("RGB", (size[0], size[1] + head + y + line_h + 6), (24, 24, 28))
     out.paste(picture, (0, head))
     draw = ImageDraw.Draw(out)
     if title:
         draw.text((4, 2), title, fill=(235, 235, 235), font=font)
-    x, y = 4, size[1] + head + 4
-    for (e, text), width in zip(entries, widths, strict=True):
-        if x > 4 and x + width > size[0]:
-            x, y = 4, y + line_h
-        draw.rectangle((x, y + 2, x + swatch, y + 2 + swatch), fill=_expert_colour(e))
-        draw.text((x + swatch + 6, y), text, fill=(220, 220, 220), font=font)
-        x += width
+    top = size[1] + head + 4
+    for e, text, x, y in entries:
+        draw.rectangle((x, top + y + 2, x + swatch, top + y + 2 + swatch), fill=_expert_colour(e))
+        draw.text((x + swatch + 6, top + y), text, fill=(220, 220, 220), font=font)
     return out
