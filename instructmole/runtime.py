@@ -24,6 +24,7 @@ that check off, the gradients silently change). The next ``begin`` replaces it.
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -199,9 +200,9 @@ class MoLERuntime:
         """Per row, the token gate noise of layer ``name`` from the row's seed (None: draw globally)."""
         if self._seeds is None:
             return None
-        offset = self.config.layer_names.index(name) + 1
+        layer = self.config.layer_names.index(name)
         rows = [
-            torch.randn(shape[1:], generator=torch.Generator().manual_seed(int(seed) * 1000 + offset))
+            torch.randn(shape[1:], generator=torch.Generator().manual_seed(_layer_seed(int(seed), layer)))
             for seed in self._seeds.tolist()
         ]
         return torch.stack(rows).to(device)
@@ -366,6 +367,17 @@ class MoLERuntime:
             layers = [orthogonality_from_gram(g, self.model.layer(n).B) for n, g in zip(names, stacked, strict=True)]
             ortho = agg(torch.stack(layers))
         return AuxLosses(lb, lb_token, ortho)
+
+
+def _layer_seed(seed: int, layer: int) -> int:
+    """A seed for one row's draws in one token-routed layer: a hash of (row seed, layer index).
+
+    Row seeds use the whole 63-bit range (the trainer draws them so), so arithmetic such as
+    ``seed * 1000 + layer`` would overflow the generator's 64-bit seed; a hash never does, and
+    nearby pairs give unrelated streams.
+    """
+    digest = hashlib.blake2b(f"{seed}:{layer}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 def _all_sum(t: Tensor, grad: bool = True) -> Tensor:
