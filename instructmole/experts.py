@@ -20,13 +20,17 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+ExpertInit = Literal["reference", "lora"]
+
 __all__ = [
+    "ExpertInit",
     "MoLELayer",
     "council_delta",
     "council_delta_with_projections",
@@ -201,19 +205,38 @@ class MoLELayer(nn.Module):
     routing). ``B`` starts at zero, so a fresh adapter leaves the base model's output unchanged.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, num_experts: int, rank: int, gate_in: int) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        num_experts: int,
+        rank: int,
+        gate_in: int,
+        init: ExpertInit = "reference",
+    ) -> None:
         super().__init__()
         self.A = nn.Parameter(torch.empty(num_experts, in_features, rank))
         self.B = nn.Parameter(torch.zeros(num_experts, rank, out_features))
         self.gate = nn.Linear(gate_in, num_experts, bias=False)
-        self.reset_parameters()
+        self.reset_parameters(init)
 
-    def reset_parameters(self) -> None:
-        # Same distribution as a LoRA ``A`` (kaiming-uniform, a=√5, fan_in=in), per expert.
-        bound = 1.0 / math.sqrt(self.A.shape[1])
+    def reset_parameters(self, init: ExpertInit = "reference") -> None:
+        """A uniform in ``±1/√fan_in``, B zero, the gate as torch's ``nn.Linear`` (``±1/√gate_in``).
+
+        ``"reference"``: the reference stores each ``A`` as ``in × r`` and applies
+        ``kaiming_uniform_(a=√5)``, whose fan-in is then the rank: bound ``1/√r`` (std 0.102 at
+        r = 32). ``"lora"``: a LoRA's ``A`` (``r × in``, fan-in ``in``): bound ``1/√in``, ≈20× smaller
+        on FLUX's routed layers, so the expert term grows ≈10× slower early in training. The gate
+        is the reference's plain Linear either way (std 0.021 over 768 instruction features,
+        0.0052 over a 12288-wide token-routed input).
+        """
+        if init not in ("reference", "lora"):
+            raise ValueError(f"expert init {init!r} is not 'reference' or 'lora'")
+        bound = 1.0 / math.sqrt(self.A.shape[2] if init == "reference" else self.A.shape[1])
         nn.init.uniform_(self.A, -bound, bound)
         nn.init.zeros_(self.B)
-        nn.init.normal_(self.gate.weight, std=0.02)
+        self.gate.reset_parameters()
 
     @property
     def num_experts(self) -> int:

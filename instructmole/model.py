@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .config import MoLEConfig
 from .council import Council
-from .experts import MoLELayer
+from .experts import ExpertInit, MoLELayer
 from .routing import PerceiverResampler, route_instances
 
 __all__ = ["InstructMoLE"]
@@ -39,7 +39,10 @@ def make_router(config: MoLEConfig) -> PerceiverResampler:
 
 
 class InstructMoLE(nn.Module):
-    def __init__(self, config: MoLEConfig) -> None:
+    """``init``: how fresh experts start (``MoLELayer.reset_parameters``): ``"reference"`` (the
+    paper's code, A bound ``1/√r``) or ``"lora"`` (A bound ``1/√in``). Loaded weights replace it."""
+
+    def __init__(self, config: MoLEConfig, *, init: ExpertInit = "reference") -> None:
         super().__init__()
         self.config = config
         self.router = make_router(config)
@@ -51,6 +54,7 @@ class InstructMoLE(nn.Module):
                     num_experts=config.num_experts,
                     rank=config.rank,
                     gate_in=config.router_dim if spec.routing == "instruction" else spec.in_features,
+                    init=init,
                 )
                 for spec in config.layers
             }

@@ -92,6 +92,9 @@ class AdapterSection:
     router_ff_mult: int = _f(4, "Perceiver feed-forward width multiplier", min=1, max=64)
     router_dropout: float = _f(0.1, "dropout on the router signal, training only", min=0, lt=1)
     gate_noise: bool = _f(True, "Gaussian gate-logit noise of std 1/N, training only")
+    expert_init: Literal["reference", "lora"] = _f(
+        "reference", "fresh expert A: 'reference' uniform ±1/√rank (the paper's code) or 'lora' ±1/√in_features"
+    )
     text_length: int = _f(512, "T5 padding length of the routing signal (recorded in the adapter)", min=1)
     lora: LoraSection = field(default_factory=LoraSection)
 

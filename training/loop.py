@@ -323,7 +323,7 @@ def train(config: TrainConfig, *, resume: str | None = None) -> RunResult:
     with torch.random.fork_rng(devices=[]):  # the initial adapter: the same in every run and process
         torch.manual_seed(t.seed)
         lora_modules = setup_transformer(transformer, config, mole_config)
-        mole = InstructMoLE(mole_config)  # fp32
+        mole = InstructMoLE(mole_config, init=config.adapter.expert_init)  # fp32
     lora = config.adapter.lora
     model = TrainingModel(transformer, mole, lora_modules, lora.alpha if lora.alpha is not None else lora.rank)
     model.train()
