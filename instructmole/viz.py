@@ -1,9 +1,10 @@
 """Pictures of routing: council heat maps, and per-token expert maps.
 
 Council heat map (per-image routing): layers down, experts across, one panel per instance.
-Colour is the router probability of each expert (dark = unlikely, bright = likely); council
+Colour is the router probability of each expert on a fixed scale from 0 to 1 (dark = unlikely,
+bright = likely), so the same colour means the same probability in every picture; council
 members carry a white frame and their weight printed inside, so forced, banned and scaled
-councils are visible at a glance.
+councils are visible at a glance. Both axes are titled and a legend explains the marks.
 
 Token expert map (per-token routing, e.g. ICEdit's MoE-LoRA): one colour per expert over the
 image, for the expert most of the chosen layers gave each token first place; darker where the
@@ -22,7 +23,7 @@ from torch import Tensor
 from .council import Council
 from .layers import rule_names
 
-__all__ = ["EXPERT_COLOURS", "council_heatmap", "dominant_experts", "token_expert_map"]
+__all__ = ["EXPERT_COLOURS", "council_heatmap", "dominant_experts", "ramp_legend", "token_expert_map", "vertical_text"]
 
 # A perceptually ordered dark-to-bright ramp (viridis-like), interpolated linearly.
 _RAMP = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]
@@ -43,29 +44,68 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
+def vertical_text(text: str, font: ImageFont.ImageFont, fill: tuple[int, int, int], background: tuple[int, int, int]):
+    """``text`` written bottom to top on its own ``background`` tile: a y-axis title to paste."""
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    _, _, right, bottom = measure.textbbox((0, 0), text, font=font)
+    tile = Image.new("RGB", (int(right) + 2, int(bottom) + 2), background)
+    ImageDraw.Draw(tile).text((0, 0), text, fill=fill, font=font)
+    return tile.rotate(90, expand=True)
+
+
+def ramp_legend(
+    draw: ImageDraw.ImageDraw, x: int, y: int, height: int, font, label: str, *, top: float = 1.0, width: int = 120
+) -> int:
+    """The colour ramp as a key, ``0 [ramp] <top> <label>``, drawn at (x, y); returns the x after it.
+    Every routing picture draws its key here, so they all read the ramp the same way."""
+    dim = (170, 170, 170)
+    draw.text((x, y), "0", fill=dim, font=font)
+    x += int(draw.textlength("0 ", font=font))
+    for i in range(width):
+        draw.line((x + i, y + 2, x + i, y + 2 + height), fill=_colour(i / (width - 1)))
+    x += width + 4
+    key = f"{top:g} {label}"
+    draw.text((x, y), key, fill=dim, font=font)
+    return x + int(draw.textlength(key, font=font))
+
+
+_PROBABILITY = "router probability"
+
+
 def council_heatmap(council: Council, cell: int = 40, title: str = "") -> Image.Image:
     """Render every instance of ``council`` side by side as one RGB image.
 
     Rows are labelled the way rules name layers (``double:3``, ``single:12``; see ``rule_names``).
+    The colour scale is fixed (probability 0 to 1), not stretched to the picture's own maximum:
+    two pictures compare by eye.
     """
     n_layers, n_exp = len(council.layers), council.num_experts
     font, small = _font(max(cell // 2, 9)), _font(max(cell // 3, 8))
     names = rule_names(council.layers)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = max((measure.textlength(name, font=small) for name in names), default=0)
-    left = max(4 * cell // 2 + 8, int(label_w) + 14)
+    label_w = max((measure.textlength(name, font=small) for name in (*names, "expert")), default=0)
+    axis = vertical_text("layer", small, (170, 170, 170), (24, 24, 28))
+    axis_w = axis.width + 8
+    left = axis_w + max(4 * cell // 2 + 8, int(label_w) + 14)
     top, gap = 5 * cell // 2 + (cell if title else 0), cell
     panel_w = n_exp * cell
-    width = left + council.batch_size * (panel_w + gap)
-    height = top + n_layers * cell + cell // 2
+    legend_h = max(cell // 3, 8) + 12
+    note = "frame: council member, its weight inside"
+    legend_w = 8 + ramp_legend(ImageDraw.Draw(Image.new("RGB", (1, 1))), 0, 0, 1, small, _PROBABILITY) + 16
+    width = max(left + council.batch_size * (panel_w + gap), legend_w + int(measure.textlength(note, font=small)) + 8)
+    height = top + n_layers * cell + cell // 2 + legend_h
     img = Image.new("RGB", (width, height), (24, 24, 28))
     draw = ImageDraw.Draw(img)
     if title:
         draw.text((8, 4), title, fill=(235, 235, 235), font=font)
+    img.paste(axis, (6, top + max((n_layers * cell - axis.height) // 2, 0)))
+    draw.text((axis_w + 6, top - cell + 2), "expert", fill=(170, 170, 170), font=small)
     for row, name in enumerate(names):
         y = top + row * cell
-        draw.text((6, y + cell // 4), name, fill=(200, 200, 200), font=small)
-    peak = float(council.probs.max()) or 1.0
+        draw.text((axis_w + 6, y + cell // 4), name, fill=(200, 200, 200), font=small)
+    legend_y = top + n_layers * cell + cell // 4
+    x = ramp_legend(draw, 8, legend_y, max(cell // 3, 8) - 2, small, _PROBABILITY)
+    draw.text((x + 16, legend_y), note, fill=(170, 170, 170), font=small)
     for b in range(council.batch_size):
         x0 = left + b * (panel_w + gap)
         label = council.label[b] if council.label else f"instance {b}"
@@ -78,7 +118,7 @@ def council_heatmap(council: Council, cell: int = 40, title: str = "") -> Image.
             y = top + row * cell
             for e in range(n_exp):
                 box = (x0 + e * cell, y, x0 + (e + 1) * cell - 2, y + cell - 2)
-                fill = _colour(float(council.probs[b, row, e]) / peak)
+                fill = _colour(float(council.probs[b, row, e]))
                 draw.rectangle(box, fill=fill)
                 w = float(council.weights[b, row, e])
                 if w != 0:

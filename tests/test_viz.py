@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import torch
 from PIL import Image
@@ -39,3 +41,37 @@ def test_legend_never_calls_a_used_expert_zero_percent():
     without = np.asarray(token_expert_map(dominant, torch.ones(20, 20), 3, (320, 320)))
     legend = slice(320, None)
     assert not np.array_equal(with_one[legend], without[legend])  # "1: <1%" is not "1: 0%"
+
+
+def _flat_council(p: float):
+    """One instance, two layers, four experts, every probability ``p``; experts 0 and 1 are members."""
+    from instructmole.council import Council
+    from instructmole.layers import reference_targets
+
+    probs = torch.full((1, 2, 4), p)
+    weights = torch.zeros(1, 2, 4)
+    weights[..., :2] = p
+    return Council(tuple(reference_targets(1, 1)), probs, weights, 2, "test", ("a",))
+
+
+def test_council_heatmap_colours_are_on_a_fixed_scale():
+    """A probability has one colour in every picture: a flat council at 0.25 is drawn in the ramp's
+    colour for 0.25, not in its top colour (which stretching to the picture's own maximum gave)."""
+    from instructmole.viz import _colour, council_heatmap
+
+    cell = 40
+    low, high = council_heatmap(_flat_council(0.25), cell), council_heatmap(_flat_council(0.5), cell)
+    pixels = Counter(low.getdata())
+    non_members = 2 * 2 * (cell - 2) ** 2  # two layers x experts 2 and 3: no frame, no text
+    assert pixels[_colour(0.25)] >= non_members
+    assert pixels[_colour(1.0)] < 2 * cell  # only the legend's ramp has the top colour
+    assert Counter(high.getdata())[_colour(0.5)] >= non_members
+    assert low.size == high.size  # same layout: the pictures lie side by side
+
+
+def test_vertical_text_is_a_rotated_tile():
+    from instructmole.viz import _font, vertical_text
+
+    tile = vertical_text("layer", _font(12), (200, 200, 200), (0, 0, 0))
+    assert tile.height > tile.width  # written bottom to top
+    assert (np.asarray(tile) > 0).any()

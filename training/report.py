@@ -36,7 +36,7 @@ from torch import Tensor
 
 from instructmole.files import atomic_path
 from instructmole.layers import block_of
-from instructmole.viz import _RAMP, _colour, _font
+from instructmole.viz import _RAMP, _colour, _font, ramp_legend, vertical_text
 
 __all__ = [
     "agreement",
@@ -330,11 +330,15 @@ def report_image(
     metrics: Mapping[str, float | str],
     title: str = "",
     cell: int | None = None,
+    scale: float = 1.0,
 ) -> Image.Image:
     """One panel per task: layers down, experts across, colour = mean council weight, modal council framed.
 
     ``mean_weights [T, L, n]`` is in the order of ``task_names`` (as ``task_mean_weights`` returns
-    them); the colour scale runs from 0 to the largest mean weight over all panels. Tasks missing
+    them). The colour scale is fixed, from 0 to ``scale`` (1 = the largest weight a council member
+    can have; larger values get the top colour), never the picture's own maximum: the same colour
+    means the same weight in every report, so two runs or two checkpoints compare by eye. The axes
+    are titled ("layer" down the left, "expert" before each panel's expert numbers). Tasks missing
     from ``modal`` (or ``modal=None``) get no frames. ``metrics`` are written under the panels in
     their order (``swap_gap`` and other ``*gap*`` keys as percentages, strings as given). ``cell``
     is the row height in pixels; by default it shrinks with the number of layers.
@@ -344,6 +348,8 @@ def report_image(
         raise ValueError(
             f"mean_weights {tuple(mean_weights.shape)} must be [tasks={n_tasks}, layers={len(layer_names)}, experts]"
         )
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"the colour scale must be a positive number, got {scale!r}")
     n_layers, n_exp = mean_weights.shape[1], mean_weights.shape[2]
     ch = cell or _auto_cell(n_layers)  # row height
     cw = max(ch, 14, -(-96 // max(n_exp, 1)))  # column width: panels at least ~96 px wide for their header
@@ -357,7 +363,9 @@ def report_image(
     # Rows, with a small gap wherever the block kind changes (double -> single blocks).
     kinds = [b[0] if (b := _block(name)) else "" for name in layer_names]
     breaks = list(itertools.accumulate(int(r > 0 and kinds[r] != kinds[r - 1]) for r in range(len(kinds))))
-    left = 12 + int(max((probe.textlength(s, font=small) for s in labels), default=0)) + 8
+    axis_w = fs + 10  # the rotated "layer" title left of the row labels
+    label_w = max((probe.textlength(s, font=small) for s in (*labels, "expert")), default=0)
+    left = axis_w + 12 + int(label_w) + 8
     gap, pad = max(ch // 2, 12), 12
     panel_w = n_exp * cw
     width = max(left + max(n_tasks, 1) * (panel_w + gap) - gap + pad, 420)
@@ -385,8 +393,10 @@ def report_image(
             ty = top + row * ch + breaks[row] * 4 + (ch - fs) // 2
             draw.text((left - 8 - probe.textlength(label, font=small), ty), label, fill=_DIM, font=small)
 
-    peak = float(mean_weights.abs().max()) if mean_weights.numel() else 0.0
-    peak = peak or 1.0
+    # Axis titles: "expert" on the row of expert numbers, "layer" down the left of the rows.
+    draw.text((left - 8 - probe.textlength("expert", font=small), top - fs - 4), "expert", fill=_DIM, font=small)
+    axis = vertical_text("layer", small, _DIM, _BG)
+    img.paste(axis, (pad, top + max((grid_h - axis.height) // 2, 0)))
     inset = 1 if ch >= 12 else 0
     frame = 2 if ch >= 14 else 1
     show_values = ch >= 30 and cw >= 30
@@ -404,7 +414,7 @@ def report_image(
             for e in range(n_exp):
                 box = (x0 + e * cw, y0, x0 + (e + 1) * cw - 1 - inset, y0 + ch - 1 - inset)
                 w = float(mean_weights[t, row, e])
-                fill = _colour(abs(w) / peak)
+                fill = _colour(abs(w) / scale)
                 draw.rectangle(box, fill=fill)
                 if e in members:
                     draw.rectangle(box, outline=_FRAME, width=frame)
@@ -414,15 +424,9 @@ def report_image(
                     vx = box[0] + (box[2] - box[0] - draw.textlength(value, font=small)) / 2
                     draw.text((vx, box[1] + (ch - fs) // 2), value, fill=ink, font=small)
 
-    # Legend: the colour ramp from 0 to the peak, and what a frame means.
-    bar_w, bar_h, x = 120, max(fs - 2, 8), pad
-    draw.text((x, legend_y), "0", fill=_DIM, font=small)
-    x += int(draw.textlength("0 ", font=small))
-    for i in range(bar_w):
-        draw.line((x + i, legend_y + 2, x + i, legend_y + 2 + bar_h), fill=_colour(i / (bar_w - 1)))
-    x += bar_w + 4
-    draw.text((x, legend_y), f"{peak:.2f} mean weight", fill=_DIM, font=small)
-    x += int(draw.textlength(f"{peak:.2f} mean weight", font=small)) + 16
+    # Legend: the fixed colour ramp from 0 to the scale, and what a frame means.
+    bar_h = max(fs - 2, 8)
+    x = ramp_legend(draw, pad, legend_y, bar_h, small, "mean council weight", top=scale) + 16
     if modal and x + bar_h + 120 <= width - pad:
         draw.rectangle((x, legend_y + 2, x + bar_h, legend_y + 2 + bar_h), fill=_RAMP[2], outline=_FRAME, width=2)
         draw.text((x + bar_h + 6, legend_y), "modal council", fill=_DIM, font=small)

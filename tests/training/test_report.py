@@ -266,6 +266,28 @@ def test_report_image_renders_one_task_and_odd_values():
         report_image(["a", "b"], means, modal, layers, metrics)
 
 
+def test_report_image_colour_scale_is_fixed_so_runs_compare_by_eye():
+    """A weight has one colour in every report, whatever the other weights: 0.25 everywhere is drawn
+    in the ramp's colour for 0.25 (stretching to the picture's maximum made it the top colour)."""
+    from collections import Counter
+
+    from instructmole.viz import _colour
+
+    layers = reference_targets(1, 1)
+    flat = torch.full((1, 2, 4), 0.25)
+    mixed = flat.clone()
+    mixed[0, 0, 0] = 0.9
+    cell = 36
+    one, two = (Counter(report_image(["t"], m, None, layers, {}, cell=cell).getdata()) for m in (flat, mixed))
+    assert one[_colour(0.25)] >= 8 * (cell - 2) ** 2 // 2  # every cell (less its printed value)
+    assert two[_colour(0.25)] >= 7 * (cell - 2) ** 2 // 2  # the same colour beside a larger weight
+    assert one[_colour(1.0)] < 2 * cell  # the legend's ramp only
+    half = Counter(report_image(["t"], flat, None, layers, {}, cell=cell, scale=0.5).getdata())
+    assert half[_colour(0.5)] >= 8 * (cell - 2) ** 2 // 2
+    with pytest.raises(ValueError, match="colour scale"):
+        report_image(["t"], flat, None, layers, {}, scale=0.0)
+
+
 def test_layer_labels_are_the_rule_names_and_unambiguous():
     assert layer_labels(reference_targets(2, 1)) == ["double:0", "double:1", "single:0"]
     names = [
