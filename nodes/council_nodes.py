@@ -216,7 +216,9 @@ def council_ui(council: Council) -> dict[str, Any]:
     """The council as the frontend's council map reads it (ui key ``instructmole_council``).
 
     Instance 0 only (``instances`` says how many the council holds) and at most the layers the
-    preview shows; numbers rounded to 4 decimals and made finite (the browser's JSON has no NaN).
+    preview shows; numbers rounded to 4 decimals (but never a nonzero one to 0) and made finite (the
+    browser's JSON has no NaN). ``chosen`` marks the members from the unrounded weights, as the
+    summary lists them, so the map's count and frames never depend on rounding.
     ``names`` are the rule-form names people read (``double:3``), ``layers`` the canonical ones.
     """
     part, _ = _shown_part(council)
@@ -224,8 +226,12 @@ def council_ui(council: Council) -> dict[str, Any]:
     b = council.batch_size
     label = (council.label[0] if len(council.label) else "") if b else ""
 
-    def rows(t: torch.Tensor, high: float) -> list[list[float]]:
-        return [[round(float(v), 4) for v in row] for row in _finite(t[0], high).tolist()] if b else []
+    def rows(t: torch.Tensor, high: float, members: bool = False) -> list[list[float]]:
+        # A member's weight that would round to 0 is sent as it is: it never reads 0.
+        keep = (lambda v: round(v, 4) or v) if members else (lambda v: round(v, 4))
+        return [[keep(float(v)) for v in row] for row in _finite(t[0], high).tolist()] if b else []
+
+    chosen = (part.weights[0].detach().cpu() != 0).tolist() if b else []  # as Council.members decides
 
     return {
         "layers": layers,
@@ -235,10 +241,20 @@ def council_ui(council: Council) -> dict[str, Any]:
         "adapter_id": council.adapter_id,
         "label": label,
         "probs": rows(part.probs, 1.0),
-        "weights": rows(part.weights, 0.0),
+        "weights": rows(part.weights, 0.0, members=True),
+        "chosen": chosen,
         "banned": part.banned[0].tolist() if part.banned is not None and b else None,
         "instances": b,
     }
+
+
+def weight_text(weight: float, decimals: int = 2) -> str:
+    """A member's weight for reading: rounded, but never shown as 0 (a member is never 'weight 0';
+    the council map's cells and hover line follow the same rule, web/lib/council_map.mjs)."""
+    step = 10.0**-decimals
+    if weight != 0 and abs(weight) < step / 2:
+        return f"<{step:.{decimals}f}" if weight > 0 else f">-{step:.{decimals}f}"
+    return f"{weight:.{decimals}f}"
 
 
 def _summary(council: Council, note: str = "") -> str:
@@ -249,7 +265,7 @@ def _summary(council: Council, note: str = "") -> str:
     for b in range(council.batch_size):
         lines.append(council.label[b] if council.label else f"instance {b}")
         for row, name in enumerate(names):
-            members = ", ".join(f"{e}:{w:.2f}" for e, w in council.members(b, row)) or "(off)"
+            members = ", ".join(f"{e}:{weight_text(w)}" for e, w in council.members(b, row)) or "(off)"
             lines.append(f"  {name:<{width}}  {members}")
             if len(lines) >= PREVIEW_LINES:
                 return "\n".join([*lines, "  …"])

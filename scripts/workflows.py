@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,32 +48,58 @@ MODELS = {
 }
 INSTRUCTION = "Make the sky a stormy purple at dusk, keep everything else unchanged"
 
+# ---- layout (canvas units; the frontend's LiteGraph draws a node's title bar above its pos) ----------------
+
+NODE_WIDTH = 340
+NODE_TITLE = 30  # LiteGraph.NODE_TITLE_HEIGHT: the title bar above a node's pos
+GROUP_FONT = 24  # a group's title bar is 1.4 x its font size tall (LGraphGroup.titleHeight)
+GROUP_TOP = 75  # from a group's top edge to its first node's pos: the group title, a gap, the node title
+GROUP_PAD = 15  # a group's margin left, right and below its nodes
+GAP_X, GAP_Y = 60, 40  # between node columns of a group; between a node and the next one's title bar
+GROUP_GAP = 40  # between groups
+NOTE = "Note"  # in a layout: where the Note goes
+NOTE_WIDTH, NOTE_HEIGHT = 770, 260  # the Note's least width: its title fits (the frontend widens it otherwise)
+GROUP_COLOURS = ("#3f789e", "#8A8", "#b06634", "#a1309b", "#88A", "#b58b2a")
+# Heights the frontend needs (measured in the browser tests, which fail when a node is drawn taller
+# than the file says): the expert grid with a group unfolded (rules on single blocks) or folded,
+# and the Council Preview with room for a FLUX.1 council map after a run.
+OVERRIDE_GRID_OPEN = 420
+OVERRIDE_GRID_FOLDED = 200
+PREVIEW_TALL = 420
+PREVIEW_WIDTH = 440
+
 
 @dataclass
 class Node:
     class_type: str
     inputs: dict[str, Any]
-    col: int  # layout column
+    col: int  # column inside its group (0 = the group's left); a column stacks its nodes by id
     title: str | None = None
-    group: str | None = None
+    group: str = ""  # every node sits in a group (the test of the layout checks it)
     models: tuple[str, ...] = ()  # file names from MODELS this node loads
-    tall: int = 0  # extra height (a preview, a long text box)
+    tall: int = 0  # extra height (a preview, a long text box, the expert grid)
+    width: int = NODE_WIDTH
 
 
 @dataclass
 class Workflow:
+    """One example workflow. ``layout`` places the groups: columns of groups, left to right, each
+    listing its groups top to bottom (``NOTE`` places the Note there; without it the Note spans the
+    bottom). Groups never share a column of nodes, so no group or node can overlap another."""
+
     name: str  # file stem
     title: str
     note: str
     nodes: dict[int, Node]
-    groups: dict[str, str] = field(default_factory=dict)  # group name -> colour
+    layout: tuple[tuple[str, ...], ...]
 
 
 # ---- the six workflows -------------------------------------------------------------------------------------
 
 
 def _text_and_image(first: int, instruction: str = INSTRUCTION, image: str = "example.png") -> dict[int, Node]:
-    """CLIP, VAE, the image to edit and its reference latent: ids ``first`` .. ``first + 7``."""
+    """CLIP, VAE, the image to edit and its reference latent: ids ``first`` .. ``first + 7``, in the
+    groups "Text" (two columns, the second for the reference latent and guidance) and "Image to edit"."""
     t, g = "Text", "Image to edit"
     return {
         first: Node(
@@ -83,18 +109,18 @@ def _text_and_image(first: int, instruction: str = INSTRUCTION, image: str = "ex
             group=t,
             models=(CLIP_L, T5),
         ),
-        first + 1: Node("InstructMoLE_TextEncode", {"clip": [first, 0], "text": instruction}, 1, group=t, tall=60),
+        first + 1: Node("InstructMoLE_TextEncode", {"clip": [first, 0], "text": instruction}, 0, group=t, tall=60),
         first + 2: Node("VAELoader", {"vae_name": VAE}, 0, group=g, models=(VAE,)),
         first + 3: Node("LoadImage", {"image": image}, 0, group=g, tall=260),
         first + 4: Node("FluxKontextImageScale", {"image": [first + 3, 0]}, 1, group=g),
         first + 5: Node("VAEEncode", {"pixels": [first + 4, 0], "vae": [first + 2, 0]}, 1, group=g),
-        first + 6: Node("ReferenceLatent", {"conditioning": [first + 1, 0], "latent": [first + 5, 0]}, 2, group=t),
-        first + 7: Node("FluxGuidance", {"conditioning": [first + 6, 0], "guidance": 2.5}, 2, group=t),
+        first + 6: Node("ReferenceLatent", {"conditioning": [first + 1, 0], "latent": [first + 5, 0]}, 1, group=t),
+        first + 7: Node("FluxGuidance", {"conditioning": [first + 6, 0], "guidance": 2.5}, 1, group=t),
     }
 
 
 def _sample(
-    first: int, model: list, positive: list, negative: list, latent: list, vae: list, prefix: str | None, col: int = 4
+    first: int, model: list, positive: list, negative: list, latent: list, vae: list, prefix: str | None, col: int = 0
 ) -> dict[int, Node]:
     """KSampler -> VAE Decode (-> Save Image when ``prefix``): ids ``first`` .. ``first + 2``."""
     g = "Sampling"
@@ -126,7 +152,8 @@ def _sample(
 
 
 def _negative(first: int, positive: list) -> dict[int, Node]:
-    return {first: Node("ConditioningZeroOut", {"conditioning": positive}, 2, title="Negative (empty)", group="Text")}
+    """The empty negative, under the Text Encode it zeroes."""
+    return {first: Node("ConditioningZeroOut", {"conditioning": positive}, 0, title="Negative (empty)", group="Text")}
 
 
 def auto_edit() -> Workflow:
@@ -156,14 +183,15 @@ def auto_edit() -> Workflow:
         "use it for the instruction.\n\n"
         "Put your image in 'Load Image', type the edit, press Run. Files: see the README of workflows/."
     )
-    return Workflow("1_auto_edit", "Kontext edit, auto routing", note, nodes)
+    layout = (("Model", "Image to edit"), ("Text",), ("Sampling", NOTE))
+    return Workflow("1_auto_edit", "Kontext edit, auto routing", note, nodes, layout)
 
 
 def _model_and_adapter_file() -> dict[int, Node]:
     """Kontext (1), the adapter alone (2) applied to it (3), and the text and image parts (10-20)."""
     return {
         1: Node("UNETLoader", {"unet_name": KONTEXT, "weight_dtype": "default"}, 0, group="Model", models=(KONTEXT,)),
-        2: Node("InstructMoLE_AdapterFile", {"adapter": ADAPTER}, 0, group="Council"),
+        2: Node("InstructMoLE_AdapterFile", {"adapter": ADAPTER}, 0, group="Model"),
         3: Node(
             "InstructMoLE_ApplyAdapter",
             {"model": [1, 0], "adapter": [2, 0], "lora_strength": 1.0, "expert_strength": 1.0},
@@ -175,30 +203,44 @@ def _model_and_adapter_file() -> dict[int, Node]:
     }
 
 
+def _apply_and_preview(first: int, model: list, council: list, title: str) -> dict[int, Node]:
+    """Apply Council (merged) and the Council Preview of the same council, in the second column of
+    the "Council" group: ids ``first`` and ``first + 1``."""
+    return {
+        first: Node(
+            "InstructMoLE_ApplyCouncil", {"model": model, "council": council, "mode": "merged"}, 1, group="Council"
+        ),
+        first + 1: Node(
+            "InstructMoLE_CouncilPreview",
+            {"council": council},
+            1,
+            title=title,
+            group="Council",
+            tall=PREVIEW_TALL,
+            width=PREVIEW_WIDTH,
+        ),
+    }
+
+
 def creative_control() -> Workflow:
     nodes = {
         **_model_and_adapter_file(),
         40: Node(
             "InstructMoLE_Route",
             {"adapter": [2, 0], "conditioning": [11, 0], "text": ""},
-            1,
+            0,
             title="Route (the instruction of Text Encode)",
             group="Council",
         ),
         41: Node(
             "InstructMoLE_OverrideCouncil",
             {"council": [40, 0], "rules": "double:0-9 force 1\nsingle ban 2"},
-            2,
+            0,
             group="Council",
-            tall=200,
+            tall=OVERRIDE_GRID_OPEN,
         ),
-        42: Node(
-            "InstructMoLE_CouncilPreview", {"council": [41, 0]}, 3, title="Council map", group="Council", tall=320
-        ),
-        43: Node(
-            "InstructMoLE_ApplyCouncil", {"model": [3, 0], "council": [41, 0], "mode": "merged"}, 3, group="Model"
-        ),
-        **_sample(30, [43, 0], [17, 0], [20, 0], [15, 0], [12, 0], "instructmole_council"),
+        **_apply_and_preview(42, [3, 0], [41, 0], "Council map"),
+        **_sample(30, [42, 0], [17, 0], [20, 0], [15, 0], [12, 0], "instructmole_council"),
     }
     note = (
         "InstructMoLE, creative control\n\n"
@@ -208,7 +250,8 @@ def creative_control() -> Workflow:
         "'double:0-9 force 1' or 'single ban 2'. The council map shows which experts each layer uses.\n\n"
         "'Apply Council' (merged) folds the council into the weights: sampling then costs what the base model costs."
     )
-    return Workflow("2_creative_control", "Creative control: override and apply a council", note, nodes)
+    layout = (("Model", "Image to edit"), ("Text", "Sampling"), ("Council", NOTE))
+    return Workflow("2_creative_control", "Creative control: override and apply a council", note, nodes, layout)
 
 
 def route_and_blend() -> Workflow:
@@ -218,14 +261,14 @@ def route_and_blend() -> Workflow:
         40: Node(
             "InstructMoLE_Route",
             {"adapter": [2, 0], "conditioning": [11, 0], "text": ""},
-            1,
+            0,
             title="Route: the edit",
             group="Council",
         ),
         41: Node(
             "InstructMoLE_Route",
             {"adapter": [2, 0], "clip": [10, 0], "text": other},
-            1,
+            0,
             title="Route: another instruction",
             group="Council",
             tall=60,
@@ -233,21 +276,11 @@ def route_and_blend() -> Workflow:
         42: Node(
             "InstructMoLE_BlendCouncils",
             {"council_a": [40, 0], "council_b": [41, 0], "factor": 0.5, "layers": "all"},
-            2,
+            0,
             group="Council",
         ),
-        43: Node(
-            "InstructMoLE_CouncilPreview",
-            {"council": [42, 0]},
-            3,
-            title="Council map (blend)",
-            group="Council",
-            tall=320,
-        ),
-        44: Node(
-            "InstructMoLE_ApplyCouncil", {"model": [3, 0], "council": [42, 0], "mode": "merged"}, 3, group="Model"
-        ),
-        **_sample(30, [44, 0], [17, 0], [20, 0], [15, 0], [12, 0], "instructmole_blend"),
+        **_apply_and_preview(43, [3, 0], [42, 0], "Council map (blend)"),
+        **_sample(30, [43, 0], [17, 0], [20, 0], [15, 0], [12, 0], "instructmole_blend"),
     }
     note = (
         "InstructMoLE, routing by another instruction\n\n"
@@ -256,7 +289,8 @@ def route_and_blend() -> Workflow:
         "the two (factor 0 = the edit's own councils, 1 = the other's; 'layers' limits it, e.g. 'single').\n\n"
         "Connect 'Route: another instruction' straight to 'Apply Council' to route by it alone."
     )
-    return Workflow("3_route_and_blend", "Route by another instruction, blend two councils", note, nodes)
+    layout = (("Model", "Image to edit"), ("Text", "Sampling"), ("Council", NOTE))
+    return Workflow("3_route_and_blend", "Route by another instruction, blend two councils", note, nodes, layout)
 
 
 def comparison() -> Workflow:
@@ -266,40 +300,44 @@ def comparison() -> Workflow:
         2: Node(
             "InstructMoLE_LoadAdapter",
             {"model": [1, 0], "adapter": ADAPTER, "lora_strength": 1.0, "expert_strength": 1.0},
-            1,
+            0,
             group="Model",
         ),
         **_text_and_image(10),
         **_negative(20, [11, 0]),
-        40: Node("InstructMoLE_Route", {"adapter": [2, 1], "conditioning": [11, 0], "text": ""}, 2, group="Councils"),
+        40: Node("InstructMoLE_Route", {"adapter": [2, 1], "conditioning": [11, 0], "text": ""}, 0, group="Councils"),
         41: Node(
             "InstructMoLE_OverrideCouncil",
             {"council": [40, 0], "rules": "all top 1"},
-            3,
+            0,
             title="Council A: one expert per layer",
             group="Councils",
-            tall=80,
+            tall=OVERRIDE_GRID_FOLDED,
         ),
         42: Node(
             "InstructMoLE_OverrideCouncil",
             {"council": [40, 0], "rules": "all scale 2"},
-            3,
+            1,
             title="Council B: experts at double weight",
             group="Councils",
-            tall=80,
+            tall=OVERRIDE_GRID_FOLDED,
         ),
         43: Node(
-            "InstructMoLE_ApplyCouncil", {"model": [2, 0], "council": [41, 0], "mode": "merged"}, 4, group="Councils"
+            "InstructMoLE_ApplyCouncil", {"model": [2, 0], "council": [41, 0], "mode": "merged"}, 0, group="Councils"
         ),
         44: Node(
-            "InstructMoLE_ApplyCouncil", {"model": [2, 0], "council": [42, 0], "mode": "merged"}, 4, group="Councils"
+            "InstructMoLE_ApplyCouncil", {"model": [2, 0], "council": [42, 0], "mode": "merged"}, 1, group="Councils"
         ),
     }
+    # Four samplers in two columns (base, council A | auto, council B), their decoders in a third,
+    # the stitches and the saved image in a fourth and fifth.
     for i, (model, title) in enumerate(
         (([1, 0], "base"), ([2, 0], "auto"), ([43, 0], "council A"), ([44, 0], "council B"))
     ):
-        part = _sample(50 + 3 * i, model, [17, 0], [20, 0], [15, 0], [12, 0], None, col=5)
+        part = _sample(50 + 3 * i, model, [17, 0], [20, 0], [15, 0], [12, 0], None)
         part[50 + 3 * i].title = f"KSampler: {title}"
+        part[50 + 3 * i].col = i % 2
+        part[51 + 3 * i].col = 2
         for n in part.values():
             n.group = g
         nodes.update(part)
@@ -307,9 +345,9 @@ def comparison() -> Workflow:
     for node_id, (left, right) in zip(
         (70, 71, 72), (([51, 0], [54, 0]), ([70, 0], [57, 0]), ([71, 0], [60, 0])), strict=True
     ):
-        nodes[node_id] = Node("ImageStitch", {"image1": left, "image2": right, **stitch}, 6, group=g)
+        nodes[node_id] = Node("ImageStitch", {"image1": left, "image2": right, **stitch}, 3, group=g)
     nodes[73] = Node(
-        "SaveImage", {"images": [72, 0], "filename_prefix": "instructmole_comparison"}, 7, group=g, tall=260
+        "SaveImage", {"images": [72, 0], "filename_prefix": "instructmole_comparison"}, 4, group=g, tall=260
     )
     note = (
         "InstructMoLE, a comparison\n\n"
@@ -317,7 +355,8 @@ def comparison() -> Workflow:
         "adapter with auto routing, and two hand-made councils (A: each layer keeps only its strongest expert; "
         "B: every expert weight doubled). Change the rules of A and B to compare your own councils."
     )
-    return Workflow("4_comparison", "Comparison: base, auto and two councils", note, nodes)
+    layout = (("Model", "Image to edit"), ("Text", "Councils"), (g, NOTE))
+    return Workflow("4_comparison", "Comparison: base, auto and two councils", note, nodes, layout)
 
 
 def two_references() -> Workflow:
@@ -326,7 +365,7 @@ def two_references() -> Workflow:
         2: Node(
             "InstructMoLE_LoadAdapter",
             {"model": [1, 0], "adapter": ADAPTER, "lora_strength": 1.0, "expert_strength": 1.0},
-            1,
+            0,
             group="Model",
         ),
         **_text_and_image(10, "Put the cat from the second image on the sofa in the first image"),
@@ -344,7 +383,7 @@ def two_references() -> Workflow:
         63: Node(
             "ReferenceLatent",
             {"conditioning": [17, 0], "latent": [62, 0]},
-            3,
+            1,
             title="ReferenceLatent (second)",
             group="Text",
         ),
@@ -356,7 +395,8 @@ def two_references() -> Workflow:
         "places them side by side in the model's positions, as it does without InstructMoLE). The adapter routes "
         "from the instruction as usual (auto). The output has the size of the first image."
     )
-    return Workflow("5_two_references", "Two reference images (multi-reference Kontext)", note, nodes)
+    layout = (("Model", "Image to edit"), ("Text", "Second reference"), ("Sampling", NOTE))
+    return Workflow("5_two_references", "Two reference images (multi-reference Kontext)", note, nodes, layout)
 
 
 def icedit_diptych() -> Workflow:
@@ -375,23 +415,23 @@ def icedit_diptych() -> Workflow:
         10: Node(
             "DualCLIPLoader",
             {"clip_name1": CLIP_L, "clip_name2": T5, "type": "flux", "device": "default"},
-            1,
+            0,
             group=t,
             models=(CLIP_L, T5),
         ),
         11: Node(
             "CLIPTextEncode",
             {"clip": [10, 0], "text": ICEDIT_PROMPT + "make the sky a stormy purple at dusk"},
-            1,
+            0,
             title="Prompt (ICEdit's diptych sentence + your edit)",
             group=t,
             tall=80,
         ),
         12: Node("FluxGuidance", {"conditioning": [11, 0], "guidance": 50.0}, 1, group=t),
         13: Node("ConditioningZeroOut", {"conditioning": [11, 0]}, 1, title="Negative (empty)", group=t),
-        14: Node("VAELoader", {"vae_name": VAE}, 2, group=d, models=(VAE,)),
-        15: Node("LoadImage", {"image": "example.png"}, 2, group=d, tall=260),
-        16: Node("InstructMoLE_ICEditDiptych", {"image": [15, 0], "width": 512}, 2, group=d),
+        14: Node("VAELoader", {"vae_name": VAE}, 0, group=d, models=(VAE,)),
+        15: Node("LoadImage", {"image": "example.png"}, 0, group=d, tall=260),
+        16: Node("InstructMoLE_ICEditDiptych", {"image": [15, 0], "width": 512}, 1, group=d),
         17: Node(
             "InpaintModelConditioning",
             {
@@ -402,7 +442,7 @@ def icedit_diptych() -> Workflow:
                 "mask": [16, 1],
                 "noise_mask": False,
             },
-            2,
+            1,
             group=d,
         ),
         30: Node(
@@ -419,16 +459,16 @@ def icedit_diptych() -> Workflow:
                 "scheduler": "simple",
                 "denoise": 1.0,
             },
-            3,
+            0,
             group=s,
         ),
-        31: Node("VAEDecode", {"samples": [30, 0], "vae": [14, 0]}, 3, group=s),
-        32: Node("InstructMoLE_ICEditRightHalf", {"image": [31, 0]}, 4, group=s),
-        33: Node("SaveImage", {"images": [32, 0], "filename_prefix": "icedit"}, 4, group=s, tall=260),
+        31: Node("VAEDecode", {"samples": [30, 0], "vae": [14, 0]}, 0, group=s),
+        32: Node("InstructMoLE_ICEditRightHalf", {"image": [31, 0]}, 1, group=s),
+        33: Node("SaveImage", {"images": [32, 0], "filename_prefix": "icedit"}, 1, group=s, tall=260),
         40: Node(
             "InstructMoLE_TokenExpertMap",
             {"model": [2, 0], "samples": [30, 0], "layers": "single", "image": [31, 0], "opacity": 0.55},
-            5,
+            0,
             title="Which expert each region used",
             group="Expert map",
             tall=300,
@@ -445,7 +485,8 @@ def icedit_diptych() -> Workflow:
         "'Token Expert Map' shows, over the whole diptych, which expert each region used at the last step "
         "('layers': single, double, all, or e.g. single:0-18)."
     )
-    return Workflow("6_icedit_diptych", "ICEdit MoE-LoRA: a diptych edit on FLUX.1 Fill", note, nodes)
+    layout = ((m, d), (t, s), ("Expert map", NOTE))
+    return Workflow("6_icedit_diptych", "ICEdit MoE-LoRA: a diptych edit on FLUX.1 Fill", note, nodes, layout)
 
 
 WORKFLOWS = (auto_edit, creative_control, route_and_blend, comparison, two_references, icedit_diptych)
@@ -484,10 +525,8 @@ def _height(n_sockets: int, n_widgets: int, tall: int) -> int:
 
 def build(workflow: Workflow, info: dict[str, Any]) -> dict[str, Any]:
     """The frontend's saved format (version 0.4) of one definition."""
-    width, gap_x, gap_y, title_h = 340, 60, 40, 30
     nodes, links = [], []
     out_links: dict[tuple[int, int], list[int]] = {}
-    column_y: dict[int, int] = {}
     order = sorted(workflow.nodes, key=lambda i: (workflow.nodes[i].col, i))
     for node_id in order:
         node = workflow.nodes[node_id]
@@ -522,14 +561,11 @@ def build(workflow: Workflow, info: dict[str, Any]) -> dict[str, Any]:
         unknown = set(node.inputs) - {name for name, _, _ in _spec(info, node.class_type)}
         if unknown:
             raise ValueError(f"{workflow.name}: node {node_id} ({node.class_type}) has no input {sorted(unknown)[0]!r}")
-        height = _height(len(sockets), len(widgets), node.tall)
-        y = column_y.get(node.col, 0)
-        column_y[node.col] = y + height + title_h + gap_y
         entry: dict[str, Any] = {
             "id": node_id,
             "type": node.class_type,
-            "pos": [node.col * (width + gap_x), y],
-            "size": [width, height],
+            "pos": [0, 0],  # placed by _place
+            "size": [node.width, _height(len(sockets), len(widgets), node.tall)],
             "flags": {},
             "order": len(nodes),
             "mode": 0,
@@ -552,28 +588,92 @@ def build(workflow: Workflow, info: dict[str, Any]) -> dict[str, Any]:
             {"name": name, "type": kind, "links": out_links.get((entry["id"], slot), []), "slot_index": slot}
             for slot, (name, kind) in enumerate(zip(names, spec["output"], strict=True))
         ]
-    _add_note(workflow, nodes, width, gap_y, title_h)
+    groups, note_box = _place(workflow, nodes)
+    _add_note(workflow, nodes, note_box)
     return {
         "last_node_id": max(n["id"] for n in nodes),
         "last_link_id": len(links),
         "nodes": nodes,
         "links": links,
-        "groups": workflow_groups(workflow, nodes, title_h),
+        "groups": groups,
         "config": {},
         "extra": {"ds": {"scale": 0.6, "offset": [40, 80]}, "instructmole": {"title": workflow.title}},
         "version": 0.4,
     }
 
 
-def _add_note(workflow: Workflow, nodes: list[dict], width: int, gap_y: int, title_h: int) -> None:
-    bottom = max(n["pos"][1] + n["size"][1] for n in nodes) + title_h + gap_y + 60
-    right = max(n["pos"][0] + n["size"][0] for n in nodes)
+def _stack(entries: list[dict]) -> int:
+    """Height of nodes stacked in one column, from the first node's pos to the last node's bottom."""
+    return sum(e["size"][1] for e in entries) + (len(entries) - 1) * (NODE_TITLE + GAP_Y)
+
+
+def _place(workflow: Workflow, nodes: list[dict]) -> tuple[list[dict], list[int]]:
+    """Set every node's ``pos`` from the workflow's layout; returns the groups (frontend format) and
+    the Note's box ``[x, y, width, height]`` (its pos and size: the title bar sits above it).
+
+    A group is a block of node columns (a column as wide as its widest node, its nodes stacked by
+    id), its title band above them and a margin around; groups are stacked in the layout's
+    columns, and a layout column is as wide as its widest group. So every box is disjoint by
+    construction, which tests/test_workflow_layout.py checks on the files."""
+    by_id = {n["id"]: n for n in nodes}
+    members: dict[str, dict[int, list[dict]]] = {}
+    for node_id, node in sorted(workflow.nodes.items()):
+        if not node.group:
+            raise ValueError(f"{workflow.name}: node {node_id} ({node.class_type}) is in no group")
+        members.setdefault(node.group, {}).setdefault(node.col, []).append(by_id[node_id])
+    placed = [name for column in workflow.layout for name in column if name != NOTE]
+    if sorted(placed) != sorted(members):
+        raise ValueError(f"{workflow.name}: the layout places groups {sorted(placed)}, the nodes use {sorted(members)}")
+
+    def size(name: str) -> tuple[int, int]:
+        columns = [members[name][c] for c in sorted(members[name])]
+        width = sum(max(e["size"][0] for e in col) for col in columns) + GAP_X * (len(columns) - 1)
+        return width + 2 * GROUP_PAD, GROUP_TOP + max(_stack(col) for col in columns) + GROUP_PAD
+
+    groups: list[dict] = []
+    note_box: list[int] | None = None
+    x = 0
+    for column in workflow.layout:
+        column_width = max([size(name)[0] for name in column if name != NOTE] + [NOTE_WIDTH] * (NOTE in column))
+        y = 0
+        for name in column:
+            if name == NOTE:  # the Note's title bar goes where a group's top edge would
+                note_box = [x, y + NODE_TITLE, column_width, NOTE_HEIGHT]
+                y += NODE_TITLE + NOTE_HEIGHT + GROUP_GAP
+                continue
+            width, height = size(name)
+            node_x = x + GROUP_PAD
+            for c in sorted(members[name]):
+                node_y = y + GROUP_TOP
+                for entry in members[name][c]:
+                    entry["pos"] = [node_x, node_y]
+                    node_y += entry["size"][1] + NODE_TITLE + GAP_Y
+                node_x += max(e["size"][0] for e in members[name][c]) + GAP_X
+            groups.append(
+                {
+                    "id": len(groups) + 1,
+                    "title": name,
+                    "bounding": [x, y, width, height],
+                    "color": GROUP_COLOURS[len(groups) % len(GROUP_COLOURS)],
+                    "font_size": GROUP_FONT,
+                    "flags": {},
+                }
+            )
+            y += height + GROUP_GAP
+        x += column_width + GROUP_GAP
+    if note_box is None:  # under everything, as wide as the whole graph
+        bottom = max(g["bounding"][1] + g["bounding"][3] for g in groups)
+        note_box = [0, bottom + GROUP_GAP + NODE_TITLE, max(x - GROUP_GAP, NOTE_WIDTH), NOTE_HEIGHT]
+    return groups, note_box
+
+
+def _add_note(workflow: Workflow, nodes: list[dict], box: list[int]) -> None:
     nodes.append(
         {
             "id": max(n["id"] for n in nodes) + 1,
             "type": "Note",
-            "pos": [0, bottom],
-            "size": [max(right, 2 * width), 220],
+            "pos": box[:2],
+            "size": box[2:],
             "flags": {},
             "order": len(nodes),
             "mode": 0,
@@ -584,33 +684,6 @@ def _add_note(workflow: Workflow, nodes: list[dict], width: int, gap_y: int, tit
             "title": f"About: {workflow.title}",
         }
     )
-
-
-def workflow_groups(workflow: Workflow, nodes: list[dict], title_h: int) -> list[dict]:
-    by_id = {n["id"]: n for n in nodes}
-    names = sorted(
-        {n.group for n in workflow.nodes.values() if n.group},
-        key=lambda g: min(i for i, n in workflow.nodes.items() if n.group == g),
-    )
-    colours = ["#3f789e", "#8A8", "#b06634", "#a1309b", "#88A", "#b58b2a"]
-    groups = []
-    for i, name in enumerate(names):
-        members = [by_id[node_id] for node_id, n in workflow.nodes.items() if n.group == name]
-        x0 = min(m["pos"][0] for m in members) - 15
-        y0 = min(m["pos"][1] for m in members) - title_h - 45
-        x1 = max(m["pos"][0] + m["size"][0] for m in members) + 15
-        y1 = max(m["pos"][1] + m["size"][1] for m in members) + 15
-        groups.append(
-            {
-                "id": i + 1,
-                "title": name,
-                "bounding": [x0, y0, x1 - x0, y1 - y0],
-                "color": colours[i % len(colours)],
-                "font_size": 24,
-                "flags": {},
-            }
-        )
-    return groups
 
 
 # ---- the frontend's format -> the prompt it queues ---------------------------------------------------------

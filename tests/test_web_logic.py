@@ -1,4 +1,4 @@
-"""The expert grid's pure logic (web/grid_rules.js) against the Python rule parser.
+"""The expert grid's pure logic (web/lib/grid_rules.mjs) against the Python rule parser.
 
 * ``node --test`` runs the JavaScript unit tests (tests/web/*.test.mjs);
 * grid states rendered to rule text in JavaScript are accepted by ``parse_rules`` and, applied to a

@@ -6,7 +6,7 @@
 // text stay in sync both ways; the text is the only state (what the workflow saves and shares):
 // clicks rewrite the grid's rules canonically and keep every other line verbatim, typing updates
 // the grid. Rules the grid cannot show (scale, top, only, all, layer names, comments) are listed as
-// "text rules also apply". The pure logic lives in grid_rules.js (unit-tested under tests/web/).
+// "text rules also apply". The pure logic lives in lib/grid_rules.mjs (unit-tested under tests/web/).
 //
 // Layout: FLUX.1's 19 double + 38 single blocks and 8 experts are assumed (and the grid says so)
 // until the node runs; then the node's ui output "instructmole_council" ([{layers, names,
@@ -21,7 +21,7 @@
 //   setOpen(node, kind, open)     -> unfold/fold the block rows of "double" or "single"
 //   layout(node)                  -> {double: [...], single: [...], numExperts, topK, assumed}
 //   status(node)                  -> {error, hazards, problems, textRules}
-//   logic                         -> the grid_rules.js module
+//   logic                         -> the lib/grid_rules.mjs module
 // `node` is a graph node or its id; row ids are "double" / "single" (group rows) or "double:N".
 // DOM: the grid root has [data-instructmole-grid]; each cell is a <td data-row data-expert
 // data-state data-inherited>; group toggles are [data-toggle="double"] with aria-expanded;
@@ -30,7 +30,7 @@
 // Defensive on purpose: any failure is logged with console.warn, never thrown into the frontend.
 import { app } from "../../scripts/app.js";
 
-import * as grid from "./grid_rules.js";
+import * as grid from "./lib/grid_rules.mjs";
 
 const NODE_TYPE = "InstructMoLE_OverrideCouncil";
 const WIDGET_NAME = "instructmole_expert_grid";

@@ -1,4 +1,4 @@
-// InstructMoLE frontend extension: the council map (web/council_map.js) on "InstructMoLE Council
+// InstructMoLE frontend extension: the council map (web/lib/council_map.mjs) on "InstructMoLE Council
 // Preview" (from the start, filled when the node runs) and on "InstructMoLE Override Council" (after
 // it runs: the edited council). Both read the nodes' "instructmole_council" ui output; the Preview
 // also shows its summary text (ui "text") under the map, wrapped at the node's edge.
@@ -6,7 +6,7 @@
 // to the node's bottom edge. It is never saved in the workflow nor sent to the server.
 // Defensive on purpose: any failure here is logged and ignored, never thrown into the frontend.
 import { app } from "../../scripts/app.js";
-import { councilData, createCouncilMap, preferredHeight, summaryText } from "./council_map.js";
+import { councilData, createCouncilMap, preferredHeight, summaryText } from "./lib/council_map.mjs";
 
 const PREVIEW = "InstructMoLE_CouncilPreview";
 const OVERRIDE = "InstructMoLE_OverrideCouncil";

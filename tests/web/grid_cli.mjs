@@ -1,9 +1,9 @@
 // Helper for tests/test_web_logic.py (not a test file itself): reads one JSON object on stdin,
 //   {layout: {double: [...], single: [...], numExperts}, states?: [state], texts?: [text], check?: [text]}
-// and writes {rendered?, parsed?, checked?} on stdout, using web/grid_rules.js.
+// and writes {rendered?, parsed?, checked?} on stdout, using web/lib/grid_rules.mjs.
 import { readFileSync } from "node:fs";
 
-import * as grid from "../../web/grid_rules.js";
+import * as grid from "../../web/lib/grid_rules.mjs";
 
 const input = JSON.parse(readFileSync(0, "utf8"));
 const layout = { topK: null, ...input.layout, assumed: false };

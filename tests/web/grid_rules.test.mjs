@@ -1,8 +1,8 @@
-// Unit tests of web/grid_rules.js (the expert grid's pure logic). Run: node --test tests/web/
+// Unit tests of web/lib/grid_rules.mjs (the expert grid's pure logic). Run: node --test tests/web/
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 
-import * as g from "../../web/grid_rules.js";
+import * as g from "../../web/lib/grid_rules.mjs";
 
 const FLUX = g.FLUX_LAYOUT;
 const SMALL = { double: [0, 1, 2, 3], single: [0, 1, 2, 4, 5], numExperts: 6, topK: 2, assumed: false };

@@ -7,7 +7,11 @@
 // A plain ES module with no side effects and no build step: web/instructmole.js wires it to the
 // nodes. Its data is the "instructmole_council" ui output of the Python nodes
 // (nodes/council_nodes.py, council_ui):
-//   {layers, names, num_experts, top_k, adapter_id, label, probs, weights, banned, instances}
+//   {layers, names, num_experts, top_k, adapter_id, label, probs, weights, chosen, banned, instances}
+// probs and weights come rounded to 4 decimals; `chosen` (from the unrounded weights) says which
+// experts are members, so the count in the header and the framed cells agree with the summary.
+// Not an extension itself: it lives in web/lib/ with an .mjs name because ComfyUI loads every
+// *.js under WEB_DIRECTORY (subfolders too) as an extension; web/instructmole.js imports it.
 
 export const UI_KEY = "instructmole_council";
 
@@ -34,6 +38,7 @@ export function councilData(message) {
   const n = Number(data.num_experts);
   if (!Number.isInteger(n) || n < 0 || !isGrid(data.probs, L, n) || !isGrid(data.weights, L, n)) return null;
   if (data.banned != null && !isGrid(data.banned, L, n)) return null;
+  if (data.chosen != null && !isGrid(data.chosen, L, n)) return null;
   const names = Array.isArray(data.names) && data.names.length === L ? data.names : data.layers;
   return { ...data, names };
 }
@@ -45,8 +50,25 @@ export function summaryText(message) {
   return typeof text === "string" ? text : null;
 }
 
-function weightText(w) {
-  return Math.abs(w) < 1 ? w.toFixed(2).replace(/^(-?)0\./, "$1.") : w.toFixed(1);
+/**
+ * A member's weight rounded for reading, never shown as 0 (a member is never "weight 0"): the rule
+ * of nodes/council_nodes.py weight_text. `compact` is the cell's form (".25", "1.5", "<.01").
+ */
+export function weightText(w, decimals, compact = false) {
+  const step = 10 ** -decimals;
+  let text;
+  if (w !== 0 && Math.abs(w) < step / 2) text = (w > 0 ? "<" : ">-") + step.toFixed(decimals);
+  else text = w.toFixed(decimals);
+  return compact ? text.replace(/^([<>]?-?)0\./, "$1.") : text;
+}
+
+function cellText(w) {
+  return Math.abs(w) < 1 ? weightText(w, 2, true) : w.toFixed(1);
+}
+
+/** Whether an expert is a member: the server's mask from unrounded weights, else the weight. */
+function isChosen(data, row, expert) {
+  return data.chosen ? Boolean(data.chosen[row][expert]) : Number(data.weights[row][expert]) !== 0;
 }
 
 /** What hovering cell (row, expert) shows: layer names, expert, probability, weight. */
@@ -57,7 +79,7 @@ export function describeCell(data, row, expert) {
   const p = Number(data.probs[row][expert]);
   const w = Number(data.weights[row][expert]);
   const banned = data.banned ? Boolean(data.banned[row][expert]) : false;
-  const member = w !== 0 ? `weight ${w.toFixed(4)}` : "not chosen (weight 0)";
+  const member = isChosen(data, row, expert) ? `weight ${weightText(w, 4)}` : "not chosen (weight 0)";
   return `layer ${layer} · expert ${expert} · probability ${p.toFixed(4)} · ${member}${banned ? " · banned" : ""}`;
 }
 
@@ -133,7 +155,8 @@ export function createCouncilMap(placeholder = "council map: run the graph to se
       const L = data.layers.length;
       const n = data.num_experts;
       const peak = Math.max(0, ...data.probs.flat().map(Number).filter(Number.isFinite)) || 1;
-      const chosen = data.weights.reduce((s, r) => s + r.filter((w) => Number(w) !== 0).length, 0);
+      let chosen = 0; // counted from the membership mask, never from rounded weights
+      for (let row = 0; row < L; row++) for (let e = 0; e < n; e++) chosen += isChosen(data, row, e) ? 1 : 0;
       const parts = [
         data.label ? `“${data.label}”` : "council",
         `${L} layers × ${n} experts, top ${data.top_k}`,
@@ -166,9 +189,9 @@ export function createCouncilMap(placeholder = "council map: run the graph to se
           const [r, g, b] = colour(p / peak);
           cell.style.backgroundColor = `rgb(${r}, ${g}, ${b})`;
           cell.style.color = r + g + b > 420 ? "#000" : "#fff";
-          if (w !== 0) {
+          if (isChosen(data, row, e)) {
             cell.classList.add("chosen");
-            cell.textContent = weightText(w);
+            cell.textContent = cellText(w);
           }
           if (data.banned && data.banned[row][e]) cell.classList.add("banned");
           cell.title = describeCell(data, row, e);

@@ -1,5 +1,7 @@
 // InstructMoLE expert grid: the pure logic behind web/expert_grid.js (no DOM, no ComfyUI imports,
-// so Node's test runner can load it: tests/web/grid_rules.test.mjs).
+// so Node's test runner can load it: tests/web/grid_rules.test.mjs). Not an extension itself: an
+// .mjs file in web/lib/, because ComfyUI loads every *.js under WEB_DIRECTORY (subfolders too) as an
+// extension; web/expert_grid.js imports it.
 //
 // The rule text (the Override Council node's `rules` widget) is the only state. This module
 //   * checks the whole text with the same grammar and limits as instructmole/overrides.py
