@@ -14,7 +14,18 @@ from ..instructmole import Adapter, AdapterError, InstructMoLEError, load_adapte
 from ..instructmole.checks import real_number
 from ..instructmole.council import describe_value
 
+# The node library's tree: one branch per job. Node ids never change (saved workflows name them);
+# display names all read "InstructMoLE <what it does>".
 CATEGORY = "InstructMoLE"
+LOADERS = f"{CATEGORY}/loaders"  # adapter files, alone or onto a model
+ROUTING = f"{CATEGORY}/routing"  # instruction -> routing signal or council
+COUNCILS = f"{CATEGORY}/councils"  # edit, blend, apply, show, load a council
+ICEDIT = f"{CATEGORY}/ICEdit"  # ICEdit's diptych and its per-token expert map
+# The loaders' names, which other nodes' tooltips and errors point to.
+LOAD_ADAPTER = "InstructMoLE Load Adapter"
+LOAD_KONTEXT = "InstructMoLE Load Kontext + Adapter"
+ADAPTER_FILE = "InstructMoLE Adapter File"
+APPLY_ADAPTER = "InstructMoLE Apply Adapter"
 ADAPTER = io.Custom("INSTRUCTMOLE_ADAPTER")
 COUNCIL = io.Custom("INSTRUCTMOLE_COUNCIL")
 FOLDER = "instructmole"

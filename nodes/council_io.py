@@ -15,7 +15,7 @@ from pathlib import Path
 from comfy_api.latest import io
 
 from ..instructmole import Council, InstructMoLEError
-from .common import CATEGORY, COUNCIL, NodeInputError
+from .common import COUNCIL, COUNCILS, NodeInputError
 
 NODE = "InstructMoLE Load Council"
 NO_FILE = "(paste the JSON below)"
@@ -71,7 +71,7 @@ class LoadCouncil(io.ComfyNode):
         return io.Schema(
             node_id="InstructMoLE_LoadCouncil",
             display_name=NODE,
-            category=CATEGORY,
+            category=COUNCILS,
             description="A council from its JSON (the 'json' output of InstructMoLE Council Preview), pasted or "
             "from a .json file in ComfyUI's output folder, to use a shared council again. It remembers the "
             "adapter it was routed with: Apply Council refuses it on another adapter.",

@@ -23,7 +23,7 @@ from ..instructmole.council import describe_value
 from ..instructmole.layers import rule_names
 from ..instructmole.overrides import parse_selector
 from ..instructmole.viz import council_heatmap
-from .common import CATEGORY, COUNCIL, NodeInputError, fraction_input
+from .common import COUNCIL, COUNCILS, LOAD_ADAPTER, NodeInputError, fraction_input
 from .runtime import ModelMismatchError, apply_council
 
 MODES = ("merged", "fixed")
@@ -71,7 +71,7 @@ class OverrideCouncil(io.ComfyNode):
         return io.Schema(
             node_id="InstructMoLE_OverrideCouncil",
             display_name="InstructMoLE Override Council",
-            category=CATEGORY,
+            category=COUNCILS,
             description="Edits a council by hand: force, ban or reweight experts on chosen layers. A banned "
             "expert's weight goes to the expert that fills in (write 'ban 2 routed' to keep the newcomer's own "
             "routed weight).",
@@ -107,7 +107,7 @@ class BlendCouncils(io.ComfyNode):
         return io.Schema(
             node_id="InstructMoLE_BlendCouncils",
             display_name="InstructMoLE Blend Councils",
-            category=CATEGORY,
+            category=COUNCILS,
             description="Mixes the router probabilities of two councils, then picks the top-k experts of the mix. "
             "Factor 1 on some layers takes the second council there.",
             inputs=[
@@ -160,10 +160,10 @@ class ApplyCouncil(io.ComfyNode):
         return io.Schema(
             node_id="InstructMoLE_ApplyCouncil",
             display_name="InstructMoLE Apply Council",
-            category=CATEGORY,
+            category=COUNCILS,
             description="Uses one council for every image instead of routing each from its conditioning.",
             inputs=[
-                io.Model.Input("model", tooltip="The MODEL output of Load InstructMoLE Adapter."),
+                io.Model.Input("model", tooltip=f"The MODEL output of {LOAD_ADAPTER}."),
                 COUNCIL.Input("council", tooltip="The council to apply (one instruction)."),
                 io.Combo.Input(
                     "mode",
@@ -295,7 +295,7 @@ class CouncilPreview(io.ComfyNode):
         return io.Schema(
             node_id="InstructMoLE_CouncilPreview",
             display_name="InstructMoLE Council Preview",
-            category=CATEGORY,
+            category=COUNCILS,
             description="Shows a council as a heat map (layers down, experts across; colour = router probability, "
             "framed = chosen, number = weight, red stroke = banned) and as JSON to share.",
             inputs=[COUNCIL.Input("council", tooltip="The council to show.")],

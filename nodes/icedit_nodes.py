@@ -17,7 +17,7 @@ from comfy_api.latest import io
 
 from ..instructmole.council import describe_value
 from ..instructmole.icedit import ICEDIT_PROMPT
-from .common import CATEGORY, NodeInputError, image_input
+from .common import ICEDIT, NodeInputError, image_input
 
 DIPTYCH = "InstructMoLE ICEdit Diptych"
 RIGHT_HALF = "InstructMoLE ICEdit Right Half"
@@ -30,7 +30,7 @@ class ICEditDiptych(io.ComfyNode):
         return io.Schema(
             node_id="InstructMoLE_ICEditDiptych",
             display_name=DIPTYCH,
-            category=CATEGORY,
+            category=ICEDIT,
             description="ICEdit's input: the image scaled to 'width' (height a multiple of 16) on the left, an "
             "empty right half, and a mask over the right half. Feed both to InpaintModelConditioning with FLUX.1 "
             f"Fill. The prompt must read: '{ICEDIT_PROMPT}<your edit>'.",
@@ -86,7 +86,7 @@ class ICEditRightHalf(io.ComfyNode):
         return io.Schema(
             node_id="InstructMoLE_ICEditRightHalf",
             display_name=RIGHT_HALF,
-            category=CATEGORY,
+            category=ICEDIT,
             description="The edited image: the right half of the decoded diptych.",
             inputs=[io.Image.Input("image", tooltip="The decoded diptych (VAE Decode of the sampled latent).")],
             outputs=[io.Image.Output(display_name="image", tooltip="The right half: ICEdit's result.")],

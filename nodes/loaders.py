@@ -7,7 +7,18 @@ from comfy_api.latest import io
 
 from ..instructmole import Adapter, InstructMoLEError
 from ..instructmole.checks import STRENGTH_RANGE, checked_strength
-from .common import ADAPTER, CATEGORY, NodeInputError, adapter_files, adapter_path, load_adapter_input
+from .common import (
+    ADAPTER,
+    ADAPTER_FILE,
+    APPLY_ADAPTER,
+    LOAD_ADAPTER,
+    LOAD_KONTEXT,
+    LOADERS,
+    NodeInputError,
+    adapter_files,
+    adapter_path,
+    load_adapter_input,
+)
 from .runtime import ModelMismatchError, apply_adapter
 
 _STRENGTHS = [
@@ -78,16 +89,13 @@ class AdapterFile(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="InstructMoLE_AdapterFile",
-            display_name="InstructMoLE Adapter File",
-            category=CATEGORY,
+            display_name=ADAPTER_FILE,
+            category=LOADERS,
             description="Loads an InstructMoLE adapter file on its own, without a model: routing, overrides and "
-            "their checks then run without waiting for the diffusion model. Put it on a model with 'Apply "
-            "InstructMoLE Adapter'.",
+            f"their checks then run without waiting for the diffusion model. Put it on a model with '{APPLY_ADAPTER}'.",
             inputs=[_adapter_input()],
             outputs=[
-                ADAPTER.Output(
-                    display_name="adapter", tooltip="The loaded adapter, for Route and Apply InstructMoLE Adapter."
-                )
+                ADAPTER.Output(display_name="adapter", tooltip=f"The loaded adapter, for Route and {APPLY_ADAPTER}.")
             ],
         )
 
@@ -97,7 +105,7 @@ class AdapterFile(io.ComfyNode):
 
     @classmethod
     def execute(cls, adapter: str) -> io.NodeOutput:
-        return io.NodeOutput(load_adapter_input("InstructMoLE Adapter File", adapter))
+        return io.NodeOutput(load_adapter_input(ADAPTER_FILE, adapter))
 
 
 class ApplyAdapter(io.ComfyNode):
@@ -105,13 +113,13 @@ class ApplyAdapter(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="InstructMoLE_ApplyAdapter",
-            display_name="Apply InstructMoLE Adapter",
-            category=CATEGORY,
-            description="Applies a loaded InstructMoLE adapter (from 'InstructMoLE Adapter File') to a FLUX.1 "
-            "Kontext model, as 'Load InstructMoLE Adapter' does with a file name.",
+            display_name=APPLY_ADAPTER,
+            category=LOADERS,
+            description=f"Applies a loaded InstructMoLE adapter (from '{ADAPTER_FILE}') to a FLUX.1 Kontext model, "
+            f"as '{LOAD_ADAPTER}' does with a file name.",
             inputs=[
                 io.Model.Input("model", tooltip="A FLUX.1 Kontext [dev] model from any loader."),
-                ADAPTER.Input("adapter", tooltip="The adapter output of 'InstructMoLE Adapter File'."),
+                ADAPTER.Input("adapter", tooltip=f"The adapter output of '{ADAPTER_FILE}'."),
                 *_STRENGTHS,
             ],
             outputs=_OUTPUTS,
@@ -119,7 +127,7 @@ class ApplyAdapter(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, adapter, lora_strength: float, expert_strength: float) -> io.NodeOutput:
-        return _apply("Apply InstructMoLE Adapter", model, adapter, lora_strength, expert_strength)
+        return _apply(APPLY_ADAPTER, model, adapter, lora_strength, expert_strength)
 
 
 class LoadAdapter(io.ComfyNode):
@@ -127,8 +135,8 @@ class LoadAdapter(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="InstructMoLE_LoadAdapter",
-            display_name="Load InstructMoLE Adapter",
-            category=CATEGORY,
+            display_name=LOAD_ADAPTER,
+            category=LOADERS,
             description="Applies an InstructMoLE adapter (routed mixture of LoRA experts plus its plain LoRA) to a "
             "FLUX.1 Kontext model from any loader. Layers are never replaced, so other LoRAs, fp8 weights and "
             "low-VRAM offloading keep working.",
@@ -146,7 +154,7 @@ class LoadAdapter(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, adapter: str, lora_strength: float, expert_strength: float) -> io.NodeOutput:
-        return _apply("Load InstructMoLE Adapter", model, adapter, lora_strength, expert_strength)
+        return _apply(LOAD_ADAPTER, model, adapter, lora_strength, expert_strength)
 
 
 _DTYPES = {
@@ -164,8 +172,8 @@ class LoadKontext(io.ComfyNode):
 
         return io.Schema(
             node_id="InstructMoLE_LoadKontext",
-            display_name="Load Kontext + InstructMoLE",
-            category=CATEGORY,
+            display_name=LOAD_KONTEXT,
+            category=LOADERS,
             description="Loads a FLUX.1 Kontext diffusion model with ComfyUI's own loader and applies an "
             "InstructMoLE adapter to it, in one node.",
             inputs=[
@@ -201,7 +209,7 @@ class LoadKontext(io.ComfyNode):
         import comfy.sd
         import folder_paths
 
-        node = "Load Kontext + InstructMoLE"
+        node = LOAD_KONTEXT
         path = folder_paths.get_full_path("diffusion_models", unet_name)
         if path is None:
             raise NodeInputError(node, "unet_name", f"'{unet_name}' was not found in models/diffusion_models")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..instructmole import InstructMoLEError
-from .common import ADAPTER, CATEGORY, COUNCIL, NodeInputError
+from .common import ADAPTER, ADAPTER_FILE, COUNCIL, LOAD_ADAPTER, ROUTING, NodeInputError
 from .signal import attach_signal, carried_signal, encode_for_routing
 
 
@@ -15,7 +15,7 @@ class TextEncode(io.ComfyNode):
         return io.Schema(
             node_id="InstructMoLE_TextEncode",
             display_name="InstructMoLE Text Encode",
-            category=CATEGORY,
+            category=ROUTING,
             description="Like CLIP Text Encode, and the conditioning also carries the exact InstructMoLE routing "
             "signal of the text (T5 padded to 512 tokens as in training, plus CLIP pooled), so each image is "
             "routed exactly as the adapter was trained.",
@@ -53,11 +53,11 @@ class Route(io.ComfyNode):
         return io.Schema(
             node_id="InstructMoLE_Route",
             display_name="InstructMoLE Route",
-            category=CATEGORY,
+            category=ROUTING,
             description="Routes an instruction through the adapter's router: which experts (the council) serve "
             "each layer, and with what weight. Give CLIP + text (exact), or a CONDITIONING.",
             inputs=[
-                ADAPTER.Input("adapter", tooltip="The adapter from Load InstructMoLE Adapter."),
+                ADAPTER.Input("adapter", tooltip=f"The adapter from {LOAD_ADAPTER} or {ADAPTER_FILE}."),
                 io.Clip.Input("clip", optional=True, tooltip="The FLUX text encoders, to encode 'text' exactly."),
                 io.String.Input(
                     "text",

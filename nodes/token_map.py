@@ -20,7 +20,7 @@ from ..instructmole import CouncilRuleError
 from ..instructmole.council import describe_value
 from ..instructmole.overrides import parse_selector
 from ..instructmole.viz import dominant_experts, token_expert_map
-from .common import CATEGORY, NodeInputError, fraction_input, image_input
+from .common import ICEDIT, LOAD_ADAPTER, NodeInputError, fraction_input, image_input
 from .runtime import ModelMismatchError, runtime_of
 
 NODE = "InstructMoLE Token Expert Map"
@@ -35,15 +35,15 @@ class TokenExpertMap(io.ComfyNode):
         return io.Schema(
             node_id="InstructMoLE_TokenExpertMap",
             display_name="InstructMoLE Token Expert Map",
-            category=CATEGORY,
+            category=ICEDIT,
             description="For adapters routed per token (ICEdit's MoE-LoRA): which expert each region of the image "
             "used at the last sampling step, for a group of layers. One colour per expert; darker where the layers "
             "disagree. The legend gives each expert's share of the image.",
             inputs=[
                 io.Model.Input(
                     "model",
-                    tooltip="The MODEL the sampler ran with (from Load InstructMoLE Adapter, with a per-token "
-                    "adapter). The map shows that model's latest sampling run.",
+                    tooltip=f"The MODEL the sampler ran with (from {LOAD_ADAPTER}, with a per-token adapter). "
+                    "The map shows that model's latest sampling run.",
                 ),
                 io.Latent.Input(
                     "samples",

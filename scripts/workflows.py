@@ -177,7 +177,7 @@ def auto_edit() -> Workflow:
     }
     note = (
         "InstructMoLE, auto routing (the recommended way)\n\n"
-        "'Load Kontext + InstructMoLE' loads FLUX.1 Kontext [dev] and the adapter in one node. Each image is "
+        "'InstructMoLE Load Kontext + Adapter' loads FLUX.1 Kontext [dev] and the adapter in one node. Each image is "
         "routed from its own instruction: the router reads the text and picks, per layer, a council of experts.\n\n"
         "'InstructMoLE Text Encode' is CLIP Text Encode plus the exact routing signal the adapter was trained with: "
         "use it for the instruction.\n\n"
@@ -409,7 +409,7 @@ def icedit_diptych() -> Workflow:
             "InstructMoLE_LoadAdapter",
             {"model": [1, 0], "adapter": ICEDIT, "lora_strength": 1.0, "expert_strength": 1.0},
             0,
-            title="Load InstructMoLE Adapter (ICEdit MoE-LoRA)",
+            title="InstructMoLE Load Adapter (ICEdit MoE-LoRA)",
             group=m,
         ),
         10: Node(
@@ -477,7 +477,7 @@ def icedit_diptych() -> Workflow:
     note = (
         "ICEdit's MoE-LoRA on FLUX.1 Fill, as ICEdit runs it\n\n"
         "Files: FLUX.1 Fill [dev] in models/diffusion_models; ICEdit's MoE-LoRA (huggingface.co/sanaka87/"
-        "ICEdit-MoE-LoRA) saved as models/loras/icedit_moe_lora.safetensors. 'Load InstructMoLE Adapter' reads it "
+        "ICEdit-MoE-LoRA) saved as models/loras/icedit_moe_lora.safetensors. 'InstructMoLE Load Adapter' reads it "
         "as it is: its experts are routed per token, each token of each routed layer picks its own expert.\n\n"
         "'ICEdit Diptych' puts your image on the left of a diptych and masks the empty right half; Fill paints "
         "that half following the prompt, which must keep ICEdit's sentence and end with your edit. Guidance 50, "

@@ -16,7 +16,7 @@ import torch
 
 from .test_nodes import error_of
 
-NODE = "Load InstructMoLE Adapter"
+NODE = "InstructMoLE Load Adapter"
 
 
 def comfy_flux(unet_overrides: dict[str, Any]) -> Any:
@@ -89,7 +89,7 @@ def test_load_kontext_bad_file_and_dtype(setup):
     import folder_paths
 
     loaders = setup["nodes"].loaders
-    node = "Load Kontext + InstructMoLE"
+    node = "InstructMoLE Load Kontext + Adapter"
     folder = folder_paths.get_folder_paths("diffusion_models")[0]
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "not_a_model.safetensors"), "wb") as f:

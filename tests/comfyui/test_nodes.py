@@ -31,7 +31,7 @@ def error_of(fn, *args, **kwargs) -> str:
 def test_every_node_is_registered_with_tooltips(setup):
     for node in setup["nodes"].NODES:
         schema = node.define_schema()
-        assert schema.node_id.startswith("InstructMoLE_") and schema.category == "InstructMoLE"
+        assert schema.node_id.startswith("InstructMoLE_") and schema.category.startswith("InstructMoLE/")
         assert schema.description
         for item in [*schema.inputs, *schema.outputs]:
             assert item.tooltip, f"{schema.node_id}: {item.id} has no tooltip"
@@ -45,7 +45,7 @@ def test_load_adapter_errors_name_the_input(setup, tmp_path):
     assert "tiny.safetensors" in loaders.LoadAdapter.define_schema().inputs[1].options
     msg = error_of(loaders.LoadAdapter.execute, setup["base"], "nope.safetensors", 1.0, 1.0)
     want = "'nope.safetensors' was not found in models/instructmole or models/loras"
-    assert msg == f"Load InstructMoLE Adapter, input 'adapter': {want}"
+    assert msg == f"InstructMoLE Load Adapter, input 'adapter': {want}"
     save_file({"lora_unet_x.lora_up.weight": torch.zeros(2, 2)}, os.path.join(folder, "plain_lora.safetensors"))
     assert "is a safetensors file but not an InstructMoLE adapter" in error_of(
         loaders.LoadAdapter.execute, setup["base"], "plain_lora.safetensors", 1.0, 1.0
@@ -62,7 +62,7 @@ def test_load_adapter_errors_name_the_input(setup, tmp_path):
     wider = comfy_flux_from_diffusers(tiny_flux(0, num_attention_heads=4))
     msg = error_of(loaders.LoadAdapter.execute, wider, "tiny.safetensors", 1.0, 1.0)
     assert msg.startswith(
-        "Load InstructMoLE Adapter, input 'model': the adapter's layer 'transformer_blocks.0.ff.net.2'"
+        "InstructMoLE Load Adapter, input 'model': the adapter's layer 'transformer_blocks.0.ff.net.2'"
     )
     model, _ = load(setup)
     assert "already carries an InstructMoLE adapter" in error_of(

@@ -212,7 +212,7 @@ def test_object_info_lists_every_node_with_tooltips(server: Any) -> None:
     assert not missing, f"not registered: {missing}"
     for node_id, (required, optional, outputs) in NODES.items():
         node = info[node_id]
-        assert node["category"] == "InstructMoLE", node_id
+        assert node["category"].startswith("InstructMoLE/"), node_id
         assert node["description"], node_id
         inputs = node["input"]
         assert list(inputs.get("required", {})) == required, node_id
