@@ -1,14 +1,23 @@
 """InstructMoLE on a ComfyUI MODEL: per-row routing, dynamic expert terms, merged councils.
 
 Everything is installed copy-on-write on a ``ModelPatcher`` clone, and nothing renames or replaces
-a module, so other LoRAs, fp8 weights and low-VRAM offloading keep working on the same layers:
+a module, so other LoRAs, fp8 weights and low-VRAM offloading keep working on the same layers.
+There is one mechanism, a DIFFUSION_MODEL wrapper, for every way ComfyUI runs a model:
 
-* each target Linear gets an object patch of its bound ``forward`` that calls the class forward
-  (ComfyUI's cast / weight-function / low-VRAM path) and adds the council term;
-* a DIFFUSION_MODEL wrapper routes every row of the batch once per forward, from the exact signal
-  its conditioning carries (InstructMoLE Text Encode) or, failing that, from its own T5 features,
-  and clears the routing state in ``finally``;
+* per forward it routes every row of the batch once, from the exact signal its conditioning
+  carries (InstructMoLE Text Encode) or, failing that, from its own T5 features;
+* for that forward only, it gives each target Linear *of the model being run*
+  (``executor.class_obj``) a forward that calls the one it had (ComfyUI's cast / weight-function /
+  low-VRAM / hook path, or another pack's patch) and adds the council term, and restores the
+  modules and clears the routing state in ``finally``;
 * merged councils and the plain-LoRA part are ordinary ComfyUI weight patches.
+
+Why not object patches: they are bound to the Linear modules of the model they were made on.
+ComfyUI v0.33 samples a hooked conditioning on a *non-dynamic delegate* of a dynamic-VRAM model
+(``ModelPatcher.clone(disable_dynamic=True)``: a freshly loaded copy with the patches copied over),
+and object patches bound to the original's modules would bypass the copy's weights, its weight
+patches and hook weights. The wrapper travels with every clone and always meets the modules that
+really run.
 
 The routing state lives on one core ``MoLERuntime`` per patched MODEL (held by the ``ComfyRuntime``
 attachment of the patcher), never on a module or class, so two adapters on two clones in one graph
@@ -17,8 +26,12 @@ never share it; the diffusers ``attach`` and the trainer install the same core o
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import uuid
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,6 +151,8 @@ class ComfyRuntime:
         self.last_exact: bool | None = None  # whether the latest councils came from the exact signal
         self.last_layout: TokenLayout | None = None  # where the image tokens sat in the latest forward
         self._warned = False
+        # The forward installed on each module of a model this runtime ran (kept while the module lives).
+        self._forwards: weakref.WeakKeyDictionary[Any, Callable] = weakref.WeakKeyDictionary()
         self.merged_patches: list = []  # the weight-patch keys this runtime merged (to undo on replace)
 
     @property
@@ -171,9 +186,8 @@ class ComfyRuntime:
     # ---- per forward (the DIFFUSION_MODEL wrapper) --------------------------------------------
 
     @torch.no_grad()
-    def begin(self, x: Tensor, context: Tensor, y: Tensor | None, kwargs: dict) -> None:
+    def begin(self, x: Tensor, context: Tensor, y: Tensor | None, options: dict, kwargs: dict) -> None:
         cfg = self.adapter.config
-        options = kwargs.get("transformer_options") or {}
         self.last_layout = TokenLayout(
             text_tokens=context.shape[1],
             grid=((x.shape[-2] + 1) // 2, (x.shape[-1] + 1) // 2),  # Flux pads to its 2x2 patches
@@ -213,21 +227,89 @@ class ComfyRuntime:
         *args: Any,
         **kwargs: Any,
     ) -> Tensor:
-        self.begin(x, context, y, kwargs)
+        self.begin(x, context, y, _transformer_options(executor, args, kwargs), kwargs)
+        installed = self._install_forwards(executor.class_obj)
         try:
             return executor(x, timestep, context, y, *args, **kwargs)
         finally:
+            _restore_forwards(installed)
             self.end()
 
-    # ---- per Linear (the object-patched forwards) ---------------------------------------------
+    # ---- per Linear (forwards installed for one forward of the diffusion model) ----------------
 
     def delta(self, name: str, x: Tensor) -> Tensor | None:
         return self.core.delta(name, x)
 
+    @property
+    def dynamic_placements(self) -> list[Placement]:
+        """The layers that need a term per forward: all of them, or only token-routed ones once merged."""
+        if self.merged and self.council is not None:
+            instruction = set(self.adapter.config.instruction_layers)
+            return [p for p in self.placements if p.name not in instruction]
+        return list(self.placements)
 
-def _patched_forward(runtime: ComfyRuntime, place_: Placement, module: Any, base: Any) -> Any:
-    """A bound-forward replacement: the original forward (through ComfyUI's casting) plus the term."""
-    call = base if base is not None else type(module).forward.__get__(module)
+    def _install_forwards(self, diffusion_model: Any) -> list[tuple[Any, bool, Any]]:
+        """Give each dynamic layer of ``diffusion_model`` (the module tree this forward really runs)
+        a forward that adds the term; returns what to restore. One forward object per module and
+        runtime, so ``torch.compile`` guards see the same function on every step."""
+        installed = []
+        for p in self.dynamic_placements:
+            module = _get_module(diffusion_model, p.module.removeprefix(PREFIX))
+            own = module.__dict__.get("forward")
+            if getattr(own, "instructmole_runtime", None) is self:
+                continue  # already ours (a re-entrant call): never chain a term twice
+            forward = self._forwards.get(module)
+            if forward is None or forward.instructmole_inner is not own:
+                forward = _patched_forward(self, p, module, own)
+                self._forwards[module] = forward
+            installed.append((module, "forward" in module.__dict__, own))
+            module.forward = forward
+        return installed
+
+
+def _get_module(root: Any, path: str) -> Any:
+    """``root``'s submodule at a dotted ``path`` (through ``torch.compile``'s wrappers, which forward
+    attribute access to the module they compiled)."""
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def _restore_forwards(installed: list[tuple[Any, bool, Any]]) -> None:
+    for module, had_own, own in reversed(installed):
+        if had_own:
+            module.forward = own
+        else:
+            del module.forward
+
+
+def _transformer_options(executor: Any, args: tuple, kwargs: dict) -> dict:
+    """``transformer_options`` wherever the model passes it: ComfyUI's Flux passes it positionally
+    (8th argument of ``_forward``), other callers by keyword."""
+    if "transformer_options" in kwargs:
+        return kwargs["transformer_options"] or {}
+    original = getattr(executor, "original", None)
+    index = _options_index(getattr(original, "__func__", original))
+    if index is not None and index < len(args) and isinstance(args[index], dict):
+        return args[index]
+    return {}
+
+
+@functools.lru_cache(maxsize=64)
+def _options_index(function: Any) -> int | None:
+    """Where ``transformer_options`` sits in ``*args`` after (x, timestep, context, y), if anywhere."""
+    try:
+        names = [n for n in inspect.signature(function).parameters if n != "self"]
+        index = names.index("transformer_options") - 4
+    except (TypeError, ValueError):
+        return None
+    return index if index >= 0 else None
+
+
+def _patched_forward(runtime: ComfyRuntime, place_: Placement, module: Any, own: Any) -> Callable:
+    """A forward for ``module``: the one it had (its own instance forward, e.g. another pack's, or
+    the class forward through ComfyUI's casting) plus the council term."""
+    call = own if own is not None else type(module).forward.__get__(module)
     name, rows = place_.name, place_.rows
 
     def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
@@ -241,12 +323,13 @@ def _patched_forward(runtime: ComfyRuntime, place_: Placement, module: Any, base
         out[..., rows[0] : rows[0] + rows[1]] += delta.to(out.dtype)
         return out
 
-    forward.instructmole_base = base  # type: ignore[attr-defined]  (what to chain to when replaced)
+    forward.instructmole_runtime = runtime  # type: ignore[attr-defined]
+    forward.instructmole_inner = own  # type: ignore[attr-defined]
     return forward
 
 
 def _install(m: Any, runtime: ComfyRuntime) -> None:
-    """Install ``runtime`` on the clone ``m``: object patches, wrapper, merged weight patches."""
+    """Install ``runtime`` on the clone ``m``: the wrapper (replacing an earlier runtime's), merged weight patches."""
     from comfy.patcher_extension import WrappersMP
     from comfy.weight_adapter import LoRAAdapter
 
@@ -261,7 +344,6 @@ def _install(m: Any, runtime: ComfyRuntime) -> None:
             else:
                 m.patches.pop(weight_key, None)
         m.patches_uuid = uuid.uuid4()
-    dynamic = {p.name for p in runtime.placements}
     if runtime.merged and runtime.council is not None:
         council = runtime.council
         if runtime.expert_strength != 1.0:
@@ -278,18 +360,6 @@ def _install(m: Any, runtime: ComfyRuntime) -> None:
             patches[key if p.rows is None else (key, (0, p.rows[0], p.rows[1]))] = patch
         m.add_patches(patches, 1.0)
         runtime.merged_patches = list(patches)
-        dynamic -= set(runtime.adapter.config.instruction_layers)
-    for p in runtime.placements:
-        key = p.module + ".forward"
-        current = m.object_patches.get(key)
-        base = getattr(current, "instructmole_base", current) if current is not None else None
-        if p.name in dynamic:
-            m.add_object_patch(key, _patched_forward(runtime, p, m.get_model_object(p.module), base))
-        elif current is not None:  # merged now: hand the forward back to whatever was there before us
-            if base is None:
-                m.object_patches.pop(key)
-            else:
-                m.object_patches[key] = base
     m.remove_wrappers_with_key(WrappersMP.DIFFUSION_MODEL, ATTACHMENT)
     m.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, ATTACHMENT, runtime.wrapper)
     m.set_attachments(ATTACHMENT, runtime)
@@ -314,7 +384,7 @@ def apply_adapter(model: Any, adapter: Adapter, *, expert_strength: float = 1.0,
         unused = sorted(k for k in adapter.lora if k not in used)
         if unused:
             raise ModelMismatchError(f"the adapter's LoRA tensor {unused[0]!r} matches no layer of this model")
-        _check_lora_shapes(m.model, loaded, key_map)
+        _check_lora_shapes(m.model, loaded, key_map, adapter.lora)
         m.add_patches(loaded, lora_strength)
     _install(m, ComfyRuntime(adapter, placements, expert_strength=expert_strength))
     return m
@@ -328,11 +398,15 @@ def _weight_slot(key: Any) -> tuple[str, tuple | None]:
     return key[0], tuple(offset) if offset is not None else None
 
 
-def _check_lora_shapes(model: Any, loaded: dict, key_map: dict) -> None:
-    """Refuse a LoRA part that does not fit its layer now: ComfyUI would log and skip it at sampling."""
+def _check_lora_shapes(model: Any, loaded: dict, key_map: dict, lora: dict) -> None:
+    """Refuse a LoRA part that does not fit its layer now: ComfyUI would log and skip it at sampling.
+
+    The error names the layer as the adapter file does: ComfyUI's key map has several names for one
+    weight (v0.33 adds FLUX.2 aliases such as ``attn.to_out``), so only the names the file uses count."""
     import comfy.utils
 
-    names = {_weight_slot(v): k for k, v in key_map.items() if k.startswith("transformer.")}
+    stems = {key.rpartition(".lora")[0] for key in lora if ".lora" in key}
+    names = {_weight_slot(v): k for k, v in key_map.items() if k in stems}
     for key, patch in loaded.items():
         weight_key, offset = _weight_slot(key)
         weights = getattr(patch, "weights", None) or (patch[1] if isinstance(patch, tuple) else None)

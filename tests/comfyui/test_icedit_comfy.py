@@ -211,6 +211,23 @@ def test_token_expert_map_refuses_what_it_cannot_draw(icedit, setup):
     assert out.shape[1:3] == alone.shape[1:3] and torch.equal(out[:1], alone[:1])  # opacity 1: the map alone
 
 
+def test_token_expert_map_draws_the_positive_rows_of_a_cfg_batch(icedit):
+    """Under CFG ComfyUI batches [negative, positive] rows and says so in ``transformer_options``,
+    which its Flux passes to the DIFFUSION_MODEL wrapper positionally: the map shows the positive row."""
+    nodes = icedit["nodes"]
+    model = nodes.loaders.LoadAdapter.execute(icedit["base"], FILE, 1.0, 1.0).result[0]
+    x = fill_inputs()
+    comfy_out(model, x)  # rows not marked: the map draws both
+    both = nodes.token_map.TokenExpertMap.execute(model, {"samples": x["latents"]}, "all", None, 1.0).result[0]
+    assert both.shape[0] == 2 and not torch.equal(both[0], both[1])
+    cfg = model.clone()
+    cfg.model_options.setdefault("transformer_options", {})["cond_or_uncond"] = [1, 0]  # row 1 is the positive
+    comfy_out(cfg, x)
+    assert cfg.get_attachment("instructmole").last_layout.cond_or_uncond == (1, 0)
+    positive = nodes.token_map.TokenExpertMap.execute(cfg, {"samples": x["latents"]}, "all", None, 1.0).result[0]
+    assert positive.shape[0] == 1 and torch.equal(positive[0], both[1])
+
+
 def test_token_layout_keeps_the_positive_rows_and_the_target_image_tokens(instructmole_pack):
     TokenLayout = instructmole_pack.nodes.runtime.TokenLayout
     choices = torch.arange(4 * 20).reshape(4, 20)  # rows [uncond, uncond, cond, cond], 5 text + 12 image + 3 ref

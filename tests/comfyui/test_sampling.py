@@ -29,11 +29,13 @@ def sample_and_record(setup: dict[str, Any], model: Any, positive: list, negativ
     seen: list[dict] = []
     begin = runtime.begin
 
-    def spy(x, context, y, kwargs):
-        begin(x, context, y, kwargs)
+    def spy(x, context, y, options, kwargs):
+        begin(x, context, y, options, kwargs)
         seen.append(
             {
                 "rows": x.shape[0],
+                "cond_or_uncond": tuple(options.get("cond_or_uncond") or ()),
+                "layout": runtime.last_layout,
                 "council": runtime.last_council,
                 "exact": runtime.last_exact,
                 "context": context.clone(),
@@ -85,3 +87,8 @@ def test_each_row_gets_its_own_council(setup, pos_tokens, neg_tokens, exact, cfg
     if cfg > 1:
         assert len(councils) == 2  # positive and negative were routed differently
     assert rows_total == (2 if cfg > 1 else 1) * 2
+    # ComfyUI passes transformer_options positionally: the per-row code still sees which rows are which.
+    chunks = [c["cond_or_uncond"] for c in seen]
+    want = {(0,)} if cfg == 1 else ({(0,), (1,)} if forwards_per_step == 2 else {(1, 0), (0, 1)})
+    assert set(chunks) <= want and all(chunks)
+    assert all(c["layout"].cond_or_uncond == c["cond_or_uncond"] for c in seen)
