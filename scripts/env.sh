@@ -23,13 +23,15 @@ ensure_venv() {
 # checkout's requirements.txt, so switching COMFYUI_PATH between checkouts reuses each one's venv
 # (checkouts with identical requirements share one). Each venv holds a `.gitignore` of `*`, so git
 # and ruff skip it whatever the top-level .gitignore says.
-# torch 2.14.1 / torchvision 0.29.1 go first (ComfyUI's torchvision wants torch 2.14.1; torchaudio
-# is not needed) and stay pinned by a constraints file for every later install, so no requirement can
-# pull another torch build. `requests` is added when the requirements do not list it (ComfyUI's
+# torch 2.14.1 / torchvision 0.29.1 go first (ComfyUI's torchvision wants torch 2.14.1) and stay pinned
+# by a constraints file for every later install, so no requirement can pull another torch build.
+# torchaudio 2.11.1 goes in with --no-deps (its own pin would pull another torch; it imports fine with
+# 2.14.1): the v0.33 server does not start without it. `requests` is added when the requirements do not list it (ComfyUI's
 # app/frontend_management.py imports it).
 # COMFYUI_PYTHON may name an interpreter that already has ComfyUI's requirements instead.
 COMFY_TORCH="torch==2.14.1"
 COMFY_TORCHVISION="torchvision==0.29.1"
+COMFY_TORCHAUDIO="torchaudio==2.11.1"
 
 # The venv directory for $COMFYUI_PATH (relative to the repo root); prints it.
 comfy_venv_dir() {
@@ -54,6 +56,7 @@ ensure_comfy_venv() {
   grep -qiE '^[[:space:]]*requests([^A-Za-z0-9_.-]|$)' "$venv/requirements.txt" || echo requests >> "$venv/requirements.txt"
   "$venv/bin/python" -m pip install -q --upgrade pip
   "$venv/bin/python" -m pip install -q "$COMFY_TORCH" "$COMFY_TORCHVISION"
+  "$venv/bin/python" -m pip install -q --no-deps "$COMFY_TORCHAUDIO"
   "$venv/bin/python" -m pip install -q -c "$venv/constraints.txt" -r "$venv/requirements.txt"
   "$venv/bin/python" -m pip install -q -c "$venv/constraints.txt" -e ".[dev]"
   echo "$want" > "$venv/.stamp"

@@ -295,18 +295,30 @@ _BFL_DOUBLE = {
     "txt_mlp.0": "ff_context.net.0.proj",
     "txt_mlp.2": "ff_context.net.2",
 }
-_BFL_DOUBLE_NORMS = {
-    "img_attn.norm.query_norm.scale": "attn.norm_q.weight",
-    "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
-    "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
-    "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight",
-}
+
+
+def _either_norm_name(norms: dict[str, str]) -> dict[str, str]:
+    """The q/k RMSNorm weights under both names files use: BFL's ``.scale`` and the ``.weight``
+    that ComfyUI v0.33 saves (its RMSNorm is a plain ``nn.Module`` weight now)."""
+    return {**norms, **{k.removesuffix(".scale") + ".weight": v for k, v in norms.items()}}
+
+
+_BFL_DOUBLE_NORMS = _either_norm_name(
+    {
+        "img_attn.norm.query_norm.scale": "attn.norm_q.weight",
+        "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
+        "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
+        "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight",
+    }
+)
 _BFL_DOUBLE_QKV = {
     "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
     "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
 }
 _BFL_SINGLE = {"modulation.lin": "norm.linear", "linear2": "proj_out"}
-_BFL_SINGLE_NORMS = {"norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight"}
+_BFL_SINGLE_NORMS = _either_norm_name(
+    {"norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight"}
+)
 _BFL_SINGLE_FUSED = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
 
 

@@ -425,6 +425,11 @@ def test_converter_matches_diffusers_at_real_width():
     assert got.keys() == want.keys()
     for k in want:
         assert torch.equal(got[k], want[k]), k
+    # ComfyUI v0.33 saves the q/k norms as ``.weight`` where BFL files say ``.scale``: the same weights.
+    renamed = {k.removesuffix(".scale") + ".weight" if "_norm." in k else k: v for k, v in bfl.items()}
+    assert any(k.endswith("key_norm.weight") for k in renamed)
+    got_v033 = bfl_to_diffusers_flux(renamed, config)
+    assert got_v033.keys() == want.keys() and all(torch.equal(got_v033[k], want[k]) for k in want)
 
 
 def test_shipped_configs_are_flux1_kontext_dev():
