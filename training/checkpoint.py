@@ -6,7 +6,12 @@ step), the adapter exported at that step, its routing report and ``checkpoint.js
 belongs to). Everything is written into a hidden ``.tmp-…`` folder first and renamed when whole,
 so a kill during a save leaves the previous checkpoint usable and no half-written one that
 ``--resume latest`` could pick; leftovers of a killed save are removed at the next save. Only
-then are checkpoints beyond ``save.keep`` deleted, oldest first.
+then are checkpoints beyond ``save.keep`` deleted, oldest first, and only those of this run (the
+marker names the run), so nothing another run left in the folder is ever pruned. A save that fails
+(a full disk) removes its half-made folder and leaves every earlier checkpoint as it was.
+
+A checkpoint's marker holds the whole config it was trained with, and a resume refuses a config
+that differs in a key a resumed run may not change (``training.config.RESUME_MAY_CHANGE``).
 
 Why not accelerate's automatic checkpoint naming: it deletes the oldest checkpoint *before* it
 writes the new one, and writes in place, so a kill at the wrong moment loses both.
@@ -15,6 +20,7 @@ writes the new one, and writes in place, so a kill at the wrong moment loses bot
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -24,9 +30,18 @@ from typing import Any
 
 from safetensors.torch import load_file
 
+from .config import resume_conflicts
 from .errors import CheckpointError
 
-__all__ = ["TrainState", "checkpoints", "install_state_hooks", "resolve_resume", "save_checkpoint"]
+__all__ = [
+    "TrainState",
+    "check_resumable",
+    "checkpoints",
+    "install_state_hooks",
+    "read_marker",
+    "resolve_resume",
+    "save_checkpoint",
+]
 
 _NAME = re.compile(r"^step-(\d+)$")
 MARKER = "checkpoint.json"
@@ -77,7 +92,51 @@ def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
 
 
 def read_marker(path: Path) -> dict[str, Any]:
-    return json.loads((path / MARKER).read_text())
+    """The marker of checkpoint folder ``path``; a damaged one is the user's to replace, not a traceback."""
+    try:
+        marker = json.loads((path / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{path / MARKER} cannot be read ({getattr(err, 'strerror', None) or err}); resume from another "
+            "checkpoint"
+        ) from None
+    if not isinstance(marker, dict) or not isinstance(marker.get("step"), int):
+        raise CheckpointError(f"{path / MARKER} is not a checkpoint marker; resume from another checkpoint")
+    return marker
+
+
+# What the markers of checkpoints from before whole configs were recorded compared.
+_LEGACY_KEYS = {
+    "adapter": ("the adapter section", lambda c: c["adapter"]),
+    "seed": ("train.seed", lambda c: c["train"]["seed"]),
+    "batch_size": ("train.batch_size", lambda c: c["train"]["batch_size"]),
+    "gradient_accumulation": ("train.gradient_accumulation", lambda c: c["train"]["gradient_accumulation"]),
+}
+
+
+def check_resumable(path: Path, config: dict[str, Any], data: str | None) -> dict[str, Any]:
+    """The marker of checkpoint ``path`` if a run with ``config`` (``TrainConfig.to_dict()``) on data
+    with fingerprint ``data`` (None: not checked) may continue it; else ``CheckpointError`` naming what
+    changed."""
+    saved = read_marker(path)
+    if "config" in saved and isinstance(saved["config"], dict):
+        conflicts = [(key, f"{old!r}, now {new!r}") for key, old, new in resume_conflicts(saved["config"], config)]
+    else:
+        conflicts = [(what, "") for key, (what, get) in _LEGACY_KEYS.items() if saved.get(key) != get(config)]
+    if conflicts:
+        key, change = conflicts[0]
+        more = f" (and {len(conflicts) - 1} other keys)" if len(conflicts) > 1 else ""
+        raise CheckpointError(
+            f"{path} was trained with another {key}{f' ({change})' if change else ''}{more}; a resumed run may "
+            "change only the steps, the learning-rate schedule, saving, sampling, logging and data loading, so "
+            "set it back, or start a new run in another train.output_dir"
+        )
+    if data is not None and saved.get("data") != data:
+        raise CheckpointError(
+            f"{path} was trained with another data set (rows or images); resume with the same data, or start a "
+            "new run in another train.output_dir"
+        )
+    return saved
 
 
 def save_checkpoint(
@@ -88,27 +147,70 @@ def save_checkpoint(
     marker: dict[str, Any],
     write_extras: Callable[[Path], None],
 ) -> Path:
-    """Save the state of every process, let the main process add its extras, then publish atomically."""
+    """Save the state of every process, let the main process add its extras, then publish atomically.
+
+    ``marker["run"]`` names the run: only its checkpoints are pruned to the newest ``keep``."""
     root = Path(output_dir) / "checkpoints"
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}"
+    try:
+        if accelerator.is_main_process:
+            _clear_leftovers(root)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_extras(tmp)
+            (tmp / MARKER).write_text(json.dumps({**marker, "step": step}, indent=2))
+            _publish(tmp, final)
+    except OSError as err:  # a full disk, a folder gone read-only: the earlier checkpoints stay as they were
+        shutil.rmtree(tmp, ignore_errors=True)
+        done = [p.name for _, p in checkpoints(output_dir)]
+        kept = f"the newest complete one, {done[-1]}, is intact" if done else "no earlier checkpoint exists"
+        raise CheckpointError(
+            f"could not write checkpoint {final.name} in {root} ({err.strerror or err}); {kept}; free space or "
+            "fix the folder, then continue with --resume latest"
+        ) from None
     if accelerator.is_main_process:
-        for stale in root.glob(".tmp-step-*"):  # a save that was killed
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_extras(tmp)
-        (tmp / MARKER).write_text(json.dumps({**marker, "step": step}, indent=2))
-        if final.exists():  # the same step saved before (a resumed run re-reaching it): replace it
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for _, old in checkpoints(output_dir)[:-keep]:
+        ours = [p for _, p in checkpoints(output_dir) if _run_of(p) == marker.get("run")]
+        for old in ours[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the finished ``tmp`` to ``final``; an earlier ``final`` (a resumed run re-reaching that step)
+    is moved aside first and deleted only once the new one is in place."""
+    if not final.exists():
+        os.rename(tmp, final)
+        return
+    old = final.with_name(f".old-{final.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _clear_leftovers(root: Path) -> None:
+    """Remove what a killed save left: half-made ``.tmp-`` folders, and ``.old-`` folders whose
+    replacement is in place (one whose replacement is not is renamed back: it is the only copy)."""
+    for stale in root.glob(".tmp-step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for old in root.glob(".old-step-*"):
+        final = old.with_name(old.name[len(".old-") :])
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(old, final)
+
+
+def _run_of(path: Path) -> str | None:
+    try:
+        return read_marker(path).get("run")
+    except CheckpointError:
+        return "unreadable"  # never ours: a damaged marker is left for the user to look at
 
 
 def install_state_hooks(accelerator: Any, unwrap: Callable[[Any], Any]) -> None:

@@ -13,6 +13,7 @@ Sections: ``model`` (what to load), ``adapter`` (experts, router, optional plain
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import types
@@ -28,6 +29,7 @@ from instructmole.layers import REFERENCE_LORA_TARGETS
 from .errors import ConfigError
 
 __all__ = [
+    "RESUME_MAY_CHANGE",
     "AdapterSection",
     "DataSection",
     "LogSection",
@@ -39,6 +41,7 @@ __all__ = [
     "TrainConfig",
     "TrainSection",
     "load_config",
+    "resume_conflicts",
 ]
 
 
@@ -198,6 +201,85 @@ class TrainConfig:
         return Path(self.data.manifest).parent / ".instructmole-cache"
 
 
+# ---- what a resumed run may change -------------------------------------------------------------
+
+# Keys (or whole sections) a resumed run may change: how long to train and how the learning rate moves
+# from here on, what is saved, rendered and logged, how the data is fed, and where things are. None of
+# them changes what the steps already taken mean. Every other key is fixed for a run: a changed
+# train.lr, for one, would be silently ignored (the optimizer's saved state carries the old one), and a
+# changed seed, batch or recipe would make the resumed run a different run. The data itself may not
+# change either, which the checkpoint's data fingerprint checks (so data.manifest may move).
+RESUME_MAY_CHANGE = (
+    "train.output_dir",
+    "train.max_steps",
+    "train.lr_schedule",
+    "train.warmup_steps",
+    "train.aux_decay_steps",
+    "save.every",
+    "save.keep",
+    "save.dtype",
+    "save.report",
+    "save.report_rows",
+    "sample",
+    "log",
+    "data.manifest",
+    "data.on_error",
+    "data.min_side",
+    "data.max_references",
+    "data.cache_dir",
+    "data.workers",
+    "data.encode_batch_size",
+    "model.gradient_checkpointing",
+)
+
+
+def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(key, saved value, current value)`` for each key that differs but may not change on resume.
+
+    Both arguments are ``TrainConfig.to_dict()`` outputs (the saved one from a checkpoint); a key one
+    side lacks (a config from an older trainer) counts as unchanged only if the other side has the default.
+    """
+    flat_saved, flat_now = _flatten(saved), _flatten(current)
+    defaults = _flatten(_default_dict())
+    conflicts = []
+    for key in sorted(set(flat_saved) | set(flat_now)):
+        if any(key == p or key.startswith(p + ".") for p in RESUME_MAY_CHANGE):
+            continue
+        old, new = flat_saved.get(key, defaults.get(key)), flat_now.get(key, defaults.get(key))
+        if old != new:
+            conflicts.append((key, old, new))
+    return conflicts
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _default_dict() -> dict[str, Any]:
+    """The defaults of every key (the required ones as None), for comparing configs of two trainer versions."""
+
+    def build(cls: type) -> dict[str, Any]:
+        hints = typing.get_type_hints(cls)
+        out: dict[str, Any] = {}
+        for f in fields(cls):
+            if is_dataclass(hints[f.name]):
+                out[f.name] = build(hints[f.name])
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = f.default_factory()
+            else:
+                out[f.name] = None if f.default is dataclasses.MISSING else f.default
+        return out
+
+    return build(TrainConfig)
+
+
 # ---- loading and validation ---------------------------------------------------------------------
 
 
@@ -206,12 +288,29 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(
+                f"config file '{path}' is a folder; pass the YAML file (e.g. training/configs/kontext.yaml)"
+            )
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            text = path.read_bytes().decode("utf-8-sig")
+        except OSError as err:
+            raise ConfigError(
+                f"config file '{path}' cannot be read ({err.strerror or err}); check its permissions"
+            ) from None
+        except UnicodeDecodeError:
+            raise ConfigError(
+                f"config file '{path}' is not UTF-8 text (a binary file?); pass the YAML config, e.g. "
+                "training/configs/kontext.yaml"
+            ) from None
+        try:
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config file '{path}' is not valid YAML: {_one_line(err)}") from None
+        except RecursionError:  # absurdly deep nesting: not a config anyone wrote
+            raise ConfigError(f"config file '{path}' is nested too deeply to be a training config") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections, not a {type(data).__name__}")
     for item in overrides:
@@ -227,7 +326,7 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
         raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.lr=3e-4)")
     try:
         value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = text
     parts = key.strip().split(".")
     node = data
@@ -295,7 +394,9 @@ def _value(tp: Any, value: Any, where: str, meta: dict[str, Any]) -> Any:
     if is_dataclass(tp):
         return _build(tp, value, where)
     if origin is Literal:
-        if value not in args:
+        if value is False and "no" in args:  # YAML 1.1 reads an unquoted `no` as false
+            value = "no"
+        if isinstance(value, bool) or value not in args:
             raise ConfigError(f"{where} = {_show(value)} is not allowed; choose one of: {', '.join(map(str, args))}")
         return value
     if origin is list:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -20,16 +21,18 @@ from typing import Any
 import torch
 
 from instructmole import InstructMoLE
+from instructmole.files import atomic_path
 
 from .buckets import BucketBatches, buckets_for, nearest_bucket
 from .cache import FeatureCache, ImageJob, encode_latents, encode_texts
-from .checkpoint import TrainState, install_state_hooks, read_marker, resolve_resume, save_checkpoint
+from .checkpoint import TrainState, check_resumable, install_state_hooks, save_checkpoint
 from .config import TrainConfig
 from .data import Row, check_rows, image_size, read_rows
 from .errors import CheckpointError, DataError, TrainingError
 from .evaluate import Evaluator, model_inputs, render_samples
 from .loading import SHIPPED_CONFIGS, KontextParts, load_comfyui_files, load_diffusers_folder
 from .modules import DTYPES, TrainingModel, build_mole_config, setup_transformer
+from .preflight import METRICS_FILE, OutputPlan, claim_output, preflight
 from .recipe import LatentNorm, MicroBatches, aux_weight
 
 __all__ = ["RunResult", "train"]
@@ -255,31 +258,17 @@ def _accelerator(config: TrainConfig) -> Any:
     )
 
 
-def _marker(config: TrainConfig, data: Dataset) -> dict[str, Any]:
-    """What a checkpoint must share with the run that resumes it (else the resume is not exact)."""
-    return {
-        "adapter": config.to_dict()["adapter"],
-        "seed": config.train.seed,
-        "batch_size": config.train.batch_size,
-        "gradient_accumulation": config.train.gradient_accumulation,
-        "data": data.fingerprint(),
-    }
+def _marker(config: TrainConfig, data: Dataset, plan: OutputPlan) -> dict[str, Any]:
+    """What a checkpoint records of its run: the run's id (pruning), the whole config and the data's
+    fingerprint (a resume checks both, see ``checkpoint.check_resumable``)."""
+    return {"run": plan.run, "config": config.to_dict(), "data": data.fingerprint()}
 
 
-def _check_resumable(path: Path, marker: dict[str, Any]) -> int:
-    saved = read_marker(path)
-    for key, value in marker.items():
-        if saved.get(key) != value:
-            what = {"data": "the data set (rows or images)", "adapter": "the adapter section"}.get(key, f"train.{key}")
-            raise CheckpointError(
-                f"{path} was trained with another {what}; resume with the same config and data, or start a new "
-                "train.output_dir"
-            )
-    return int(saved["step"])
+def train(config: TrainConfig, *, resume: str | None = None, overwrite: bool = False) -> RunResult:
+    """Train an adapter as ``config`` says; ``resume``: ``"latest"`` or a checkpoint folder.
 
-
-def train(config: TrainConfig, *, resume: str | None = None) -> RunResult:
-    """Train an adapter as ``config`` says; ``resume``: ``"latest"`` or a checkpoint folder."""
+    ``overwrite``: a fresh run into a folder that holds an earlier run deletes that run's files first
+    (after every check has passed); without it such a folder is refused (``preflight.plan_output``)."""
     accelerator = _accelerator(config)
     t = config.train
     out = Path(t.output_dir)
@@ -291,16 +280,13 @@ def train(config: TrainConfig, *, resume: str | None = None) -> RunResult:
             f"{os.environ['WORLD_SIZE']} processes were launched but accelerate formed a group of {world}; "
             "check the launcher's environment (MASTER_ADDR, RANK) or run accelerate config"
         )
-    _say(accelerator, f"{world} process(es) on {accelerator.device} ({accelerator.distributed_type})")
     micro_global = t.batch_size // t.gradient_accumulation
     if micro_global % world:
         raise TrainingError(
             f"train.batch_size / train.gradient_accumulation = {micro_global} samples per micro-batch do not divide "
             f"among {world} processes; make it a multiple of {world}"
         )
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config.to_yaml())
+    plan = _broadcast(accelerator, lambda: preflight(config, resume, overwrite))  # checks; writes nothing
 
     # 1. data and cache
     identity = _load_identity(config)
@@ -309,6 +295,8 @@ def train(config: TrainConfig, *, resume: str | None = None) -> RunResult:
     if data.problems:
         _say(accelerator, f"skipped {len(data.problems)} bad rows (data.on_error=skip); first: {data.problems[0]}")
     samples = _broadcast(accelerator, lambda: _sample_references(config, cache))
+    _broadcast(accelerator, lambda: claim_output(plan, config))  # the data is good: the folder is this run's
+    _say(accelerator, f"{world} process(es) on {accelerator.device} ({accelerator.distributed_type})")
     written = _build_cache(accelerator, config, cache, data, samples)
     vae = None
     if config.sample.items and accelerator.is_main_process:  # decodes the samples at each checkpoint
@@ -340,11 +328,11 @@ def train(config: TrainConfig, *, resume: str | None = None) -> RunResult:
     accelerator.register_for_checkpointing(state)
     install_state_hooks(accelerator, accelerator.unwrap_model)
     inner: TrainingModel = accelerator.unwrap_model(model)
-    marker = _marker(config, data)
+    marker = _marker(config, data, plan)
 
-    start = resolve_resume(out, resume)
+    start = plan.start
     if start is not None:
-        step = _check_resumable(start, marker)
+        step = check_resumable(start, marker["config"], marker["data"])["step"]
         accelerator.load_state(str(start))
         _say(accelerator, f"resumed from {start} (step {state.step})")
         if state.step != step:
@@ -362,7 +350,7 @@ def train(config: TrainConfig, *, resume: str | None = None) -> RunResult:
         inner, mb_data, data.train, data.holdout, config.save.report_rows, max(micro_global // world, 1),
         accelerator.device, input_dtype, t.mixed_precision, vae,
     )
-    metrics_path = out / "metrics.jsonl"
+    metrics_path = out / METRICS_FILE
     if accelerator.is_main_process:
         _trim_metrics(metrics_path, state.step)
         if config.save.report and state.step == 0:
@@ -432,9 +420,8 @@ def train(config: TrainConfig, *, resume: str | None = None) -> RunResult:
         final_adapter = _adapter_path(out / "checkpoints" / f"step-{state.step:07d}", config, state.step)
     result = out / f"{config.save.name}.safetensors"
     if accelerator.is_main_process and final_adapter.is_file():
-        tmp = result.with_name(f".{result.name}.tmp")
-        tmp.write_bytes(final_adapter.read_bytes())
-        os.replace(tmp, result)
+        with atomic_path(result) as tmp:
+            shutil.copyfile(final_adapter, tmp)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return RunResult(result, state.step, out, inner, written)
@@ -532,7 +519,8 @@ def _trim_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in keep))
 
 
 def _flat_hparams(config: TrainConfig) -> dict[str, Any]:
