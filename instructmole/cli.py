@@ -145,6 +145,12 @@ def _convert(args: argparse.Namespace) -> int:
         raise AdapterError(f"could not write '{out}': {err.strerror or err}; nothing was written") from None
     n = len(adapter.config.layers)
     print(f"wrote {path} ({n} MoLE layers, {len(adapter.lora_parts())} LoRA modules, id {adapter.adapter_id})")
+    if "router_heads_default" in adapter.config.extra:
+        cfg = adapter.config
+        print(
+            f"router: {cfg.router_heads} heads of {cfg.router_head_dim}, the reference code's (the folder does not "
+            "record a head count; pass --router-heads to choose another)"
+        )
     return 0
 
 
@@ -168,7 +174,11 @@ def _parser() -> _Parser:
         "--top-k", type=int, help="council size (moe_config.num_experts_per_tok); for ICEdit, experts per token (1)"
     )
     p.add_argument("--alpha", type=float, help="experts' LoRA alpha (moe_config.alpha)")
-    p.add_argument("--router-heads", type=int, help="router attention heads (reference code: 12)")
+    p.add_argument(
+        "--router-heads",
+        type=int,
+        help="router attention heads (default: train_config.json's, else the reference's 12)",
+    )
     p.add_argument("--router-head-dim", type=int, help="router attention head width (reference code: 64)")
     p.add_argument("--lora-alpha", type=float, help="plain LoRA alpha (lora_config.lora_alpha)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

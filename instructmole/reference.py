@@ -12,7 +12,11 @@ FF multiple, T5 width) is read from them; what they cannot prove (the council si
 experts' ``alpha``, the router's split of its attention width into heads × head width, the plain
 LoRA's alpha) comes from ``train_config.json`` or from the caller, and an import that lacks one
 fails naming the key and the argument that supplies it. A wrong guess would give an adapter that
-loads fine and routes differently from the trained one.
+loads fine and routes differently from the trained one. One exception, not a guess: the reference
+code has no head-count setting (its Perceiver always has ``REFERENCE_ROUTER_HEADS`` = 12 heads), so
+its ``train_config.json`` never records one; when neither the config nor the caller says, a router
+whose attention width 12 divides gets 12 heads, and the adapter's config records that it was this
+default (``extra["router_heads_default"]``).
 """
 
 from __future__ import annotations
@@ -34,7 +38,13 @@ from .adapter import LORA_PREFIX, MAX_LORA_ALPHA, Adapter, AdapterError
 from .config import LIMITS, MAX_ALPHA, ConfigError, LayerSpec, MoLEConfig, _show
 from .layers import block_of
 
-__all__ = ["REFERENCE_FILES", "import_reference", "reference_inputs", "write_reference_layout"]
+__all__ = [
+    "REFERENCE_FILES",
+    "REFERENCE_ROUTER_HEADS",
+    "import_reference",
+    "reference_inputs",
+    "write_reference_layout",
+]
 
 EXPERTS_FILE = "mole_experts.pt"
 ROUTER_FILE = "condition_type_embedder.pt"
@@ -48,7 +58,8 @@ _ROUTER_LAYER = re.compile(r"^layers\.([0-9]{1,6})\.")
 # torch.save's pre-1.6 format: a bare pickle stream starting with this magic number.
 _LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 _MAX_CONFIG_BYTES = 16 * 2**20
-_REFERENCE_HEADS = "checkpoints of the reference code use 12 heads of 64"
+REFERENCE_ROUTER_HEADS = 12  # the reference code's Perceiver: 12 heads (of 64 at width 768), not configurable
+_REFERENCE_HEADS = f"checkpoints of the reference code use {REFERENCE_ROUTER_HEADS} heads of 64"
 
 
 def reference_inputs(folder: str | Path) -> list[Path]:
@@ -420,7 +431,9 @@ def import_reference(
 
     ``top_k``, ``alpha``, ``router_heads``/``router_head_dim`` (one is enough: the tensors give
     their product) and ``lora_alpha`` replace what ``train_config.json`` says, or stand in for it
-    where it is silent; one of each is needed, since the tensors cannot tell them.
+    where it is silent; one of each is needed, since the tensors cannot tell them, except the head
+    count, which defaults to the reference code's fixed ``REFERENCE_ROUTER_HEADS`` where it divides
+    the router's attention width.
     """
     if not isinstance(folder, (str, Path)) or not str(folder).strip():
         raise AdapterError(
@@ -443,6 +456,9 @@ def import_reference(
     router = _tensor_dict(_router_state(_load_pickle(folder / ROUTER_FILE)), ROUTER_FILE)
     dims = _router_dims(router)
     inner = dims.pop("inner")
+    heads_default = settings["router_heads"] is None and settings["router_head_dim"] is None
+    if heads_default and inner % REFERENCE_ROUTER_HEADS == 0:
+        settings["router_heads"] = REFERENCE_ROUTER_HEADS
     _require(_missing_settings(settings, inner, lora_missing), has_config)
     settings["router_heads"], settings["router_head_dim"] = _heads(
         inner, settings["router_heads"], settings["router_head_dim"]
@@ -456,6 +472,8 @@ def import_reference(
     extra: dict[str, Any] = {"source": "reference-checkpoint", "moe_config": moe}
     if arguments:  # provenance: which settings the caller supplied rather than the run's config
         extra["import_arguments"] = arguments
+    if heads_default and settings["router_heads"] == REFERENCE_ROUTER_HEADS:
+        extra["router_heads_default"] = REFERENCE_ROUTER_HEADS  # neither config nor caller said: the code's fixed 12
     try:
         config = MoLEConfig(layers=tuple(specs), num_experts=num_experts, rank=rank, extra=extra, **settings, **dims)
     except ConfigError as err:
@@ -484,8 +502,8 @@ def _missing_settings(settings: dict[str, Any], inner: int, lora_missing: bool) 
         missing.append("the experts' alpha (moe_config.alpha: pass alpha= or --alpha)")
     if settings["router_heads"] is None and settings["router_head_dim"] is None:
         missing.append(
-            f"how the router's attention width {inner} splits into heads (moe_config.router_heads: pass "
-            f"router_heads= or --router-heads; {_REFERENCE_HEADS})"
+            f"how the router's attention width {inner} splits into heads ({REFERENCE_ROUTER_HEADS}, the reference "
+            f"code's, does not divide it; moe_config.router_heads: pass router_heads= or --router-heads)"
         )
     if lora_missing:
         missing.append("the plain LoRA's alpha (lora_config.lora_alpha: pass lora_alpha= or --lora-alpha)")
