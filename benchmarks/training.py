@@ -538,7 +538,7 @@ class ReferenceWay(TrainVariant):
         self._seeds, self._ortho = x.seeds, {}
         flow = flow_loss(self.bench.transformer, x)
         prob_sum, counts, units = balance_statistics(*self._routing)
-        load_balance = load_balancing_from_statistics(prob_sum, counts, units, self.mole.config.top_k).sum()
+        load_balance = load_balancing_from_statistics(prob_sum, counts, units).sum()
         ortho = torch.stack(list(self._ortho.values())).sum()
         loss = flow.mean() + LOAD_BALANCE * load_balance + ORTHOGONALITY * ortho
         return {"loss": loss, "flow": flow, "load_balance": load_balance, "orthogonality": ortho}

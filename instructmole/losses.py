@@ -41,19 +41,30 @@ def balance_statistics(probs: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, 
     return probs.sum(0), counts.sum(0).detach(), probs.shape[0]
 
 
-def load_balancing_from_statistics(prob_sum: Tensor, counts: Tensor, units: int | Tensor, top_k: int) -> Tensor:
-    """Per layer ``N · Σ_i f_i p_i`` (``[L]``): ``f_i`` the share of the ``units·k`` routing slots that
-    went to expert ``i``, ``p_i`` its mean probability. Balanced scores 1; collapsed scores up to N."""
+def load_balancing_from_statistics(
+    prob_sum: Tensor, counts: Tensor, units: int | Tensor, prob_units: float | Tensor | None = None
+) -> Tensor:
+    """Per layer ``N · Σ_i f_i p_i`` (``[L]``), the recipe's formula.
+
+    ``f_i = counts_i / units``: the share of routed units whose top-k holds expert ``i`` (so
+    ``Σ_i f_i = k``); ``p_i = prob_sum_i / prob_units`` (default ``units``): the mean probability.
+    Balanced routing scores ``k``, routing collapsed onto one council scores ``N``.
+
+    ``prob_units`` apart from ``units`` serves gradient accumulation: ``counts``/``units`` of the
+    whole optimizer step and ``prob_sum`` of one micro-batch, with ``prob_units = units / M`` for
+    ``M`` micro-batches, give terms whose mean over the step (what accumulation takes) is the
+    step's ``N · Σ_i f_i p_i`` exactly, in value and gradient (``f`` carries no gradient).
+    """
     n = prob_sum.shape[-1]
-    f = counts / (units * top_k)
-    p = prob_sum / units
+    f = counts / units
+    p = prob_sum / (units if prob_units is None else prob_units)
     return n * (f * p).sum(-1)
 
 
 def load_balancing_loss(probs: Tensor, indices: Tensor) -> Tensor:
     """``N · Σ_i f_i p_i`` of one batch, averaged over layers (see ``balance_statistics`` for shapes)."""
     prob_sum, counts, units = balance_statistics(probs, indices)
-    return load_balancing_from_statistics(prob_sum, counts, units, indices.shape[-1]).mean()
+    return load_balancing_from_statistics(prob_sum, counts, units).mean()
 
 
 def projection_gram(proj: Tensor) -> Tensor:

@@ -44,7 +44,7 @@ from .losses import balance_statistics, load_balancing_from_statistics, orthogon
 from .model import InstructMoLE
 from .routing import route_instances
 
-__all__ = ["AuxLosses", "DeviceCache", "MoLERuntime", "RoutingError"]
+__all__ = ["AuxLosses", "DeviceCache", "MoLERuntime", "RoutingError", "StepRouting"]
 
 Reduce = Literal["sum", "mean"]
 
@@ -97,6 +97,24 @@ class AuxLosses:
 
     def as_floats(self) -> dict[str, float]:
         return {k: float(v.detach()) for k, v in vars(self).items()}
+
+
+@dataclass(frozen=True)
+class StepRouting:
+    """The instruction routing of a whole optimizer step, for its load-balancing term.
+
+    ``counts`` ``[L, n]``: routing slots per expert over every row of the step (all of its
+    micro-batches, all processes; no gradient); ``units``: those rows; ``micro_batches``: ``M``.
+    A trainer routes the step's rows first (``routing_counts``, exactly as the forwards will route
+    them: the draws come from the rows' seeds and the weights do not change within a step), and
+    each micro-batch's term then uses the step's ``f`` with its own probabilities (see
+    ``load_balancing_from_statistics``): the mean over the step's micro-batches is the loss of
+    one batch holding every row of the step, in value and gradient.
+    """
+
+    counts: Tensor
+    units: int
+    micro_batches: int
 
 
 class MoLERuntime:
@@ -185,6 +203,15 @@ class MoLERuntime:
         with torch.autocast(text.device.type, enabled=False):
             signal = self.model.signal(text.float(), pooled.float(), keep)
             return route_instances(signal, self.model.gates(), cfg.top_k, self.model.gate_noise_std, noise)
+
+    @torch.no_grad()
+    def routing_counts(self, text: Tensor, pooled: Tensor, seeds: Tensor | None = None) -> Tensor:
+        """Routing slots per instruction layer and expert (``[L, n]``) that a training forward of this
+        batch would give (the same code and draws as ``route``), without gradients: a trainer adds
+        them over an optimizer step for ``StepRouting``. Needs the row ``seeds`` when the module is
+        in training mode, so that the gate noise and dropout equal the forward's."""
+        probs, indices, _ = self.route(text, pooled, seeds)
+        return balance_statistics(probs, indices)[1]
 
     def _row_draws(self, seeds: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
         """Per row: gate noise ``[L, n]`` and a router-dropout keep mask ``[d]`` from its seed."""
@@ -331,7 +358,9 @@ class MoLERuntime:
 
     # ---- training losses ----------------------------------------------------------------------
 
-    def aux_losses(self, reduce: Reduce = "sum", *, distributed: bool = False) -> AuxLosses:
+    def aux_losses(
+        self, reduce: Reduce = "sum", *, distributed: bool = False, step: StepRouting | None = None
+    ) -> AuxLosses:
         """Load balancing and orthogonality of the latest forward, reduced over layers.
 
         ``reduce="sum"`` adds the layers' losses (the reference recipe's weights were tuned so);
@@ -339,22 +368,31 @@ class MoLERuntime:
         ``torch.distributed`` group) first adds every process's routing and Gram sums, so each
         process computes the loss of the global batch; with DDP's gradient averaging this gives
         exactly the gradients of a single process running the whole batch.
+
+        ``step``: the instruction layers' ``f`` comes from the whole optimizer step (see
+        ``StepRouting``) instead of this forward alone. Token-routed layers and orthogonality stay
+        per forward: their units are tokens (thousands per image), and their statistics depend on
+        the layer inputs, which only the forward itself computes.
         """
         if not self.training:
             raise RoutingError("aux_losses needs a runtime created with training=True")
         agg = torch.sum if reduce == "sum" else torch.mean
         zero = next(self.model.parameters()).new_zeros(())
-        k = self.config.top_k
 
-        def balance(probs: Tensor, indices: Tensor) -> Tensor:
+        def balance(probs: Tensor, indices: Tensor, step: StepRouting | None = None) -> Tensor:
             prob_sum, counts, units = balance_statistics(probs, indices)
             if distributed:
-                prob_sum, counts, units = _all_sum(prob_sum), _all_sum(counts, grad=False), _all_sum_int(units)
-            return load_balancing_from_statistics(prob_sum, counts, units, k)
+                prob_sum = _all_sum(prob_sum)
+            if step is not None:
+                counts = step.counts.to(prob_sum.device, prob_sum.dtype)
+                return load_balancing_from_statistics(prob_sum, counts, step.units, step.units / step.micro_batches)
+            if distributed:
+                counts, units = _all_sum(counts, grad=False), _all_sum_int(units)
+            return load_balancing_from_statistics(prob_sum, counts, units)
 
         lb = zero
         if "instruction" in self._records:
-            lb = agg(balance(*self._records["instruction"]))
+            lb = agg(balance(*self._records["instruction"], step))
         token = [balance(p[..., None, :], i[..., None, :]) for p, i in self._records["token"].values()]
         lb_token = agg(torch.cat(token)) if token else zero
         grams = self._records["grams"]

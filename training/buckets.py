@@ -108,10 +108,20 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 class BucketBatches:
     """The global batches of every epoch: rows of one batch share a key (bucket, reference count…)."""
 
-    def __init__(self, keys: Sequence[Hashable], batch_size: int, seed: int, drop_last: bool = True) -> None:
+    def __init__(
+        self, keys: Sequence[Hashable], batch_size: int, seed: int, drop_last: bool = True, multiple: int = 1
+    ) -> None:
+        """``multiple``: every batch's size is a multiple of it (micro-batches per step × processes,
+        so that each micro-batch of each process gets an equal share)."""
         if batch_size < 1:
             raise DataError(f"train.batch_size must be at least 1, got {batch_size}")
+        if multiple < 1 or batch_size % multiple:
+            raise DataError(
+                f"train.batch_size={batch_size} does not split into {multiple} equal parts (micro-batches × "
+                f"processes); make it a multiple of {multiple}"
+            )
         self.batch_size = batch_size
+        self.multiple = multiple
         self.seed = seed
         self.drop_last = drop_last
         self.groups: dict[Hashable, list[int]] = {}
@@ -155,20 +165,6 @@ class BucketBatches:
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         return divmod(step, self._len)
-
-    def shard(self, batch: list[int], rank: int, world: int) -> list[int]:
-        """This process's contiguous slice of a global batch; equal slices keep every process in step."""
-        if self.batch_size % world:
-            raise DataError(
-                f"train.batch_size={self.batch_size} does not divide among {world} processes; "
-                f"make it a multiple of {world}"
-            )
-        if not 0 <= rank < world:
-            raise ValueError(f"rank {rank} is outside 0..{world - 1}")
-        # A short tail batch (drop_last=False) splits as evenly as it can; later ranks may get one fewer.
-        base, extra = divmod(len(batch), world)
-        start = rank * base + min(rank, extra)
-        return batch[start : start + base + (rank < extra)]
 
 
 def _mix(seed: int, epoch: int) -> int:

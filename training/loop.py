@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from instructmole import InstructMoLE
+from instructmole.runtime import StepRouting
 from instructmole.files import atomic_path
 
 from .buckets import BucketBatches, buckets_for, nearest_bucket
@@ -33,7 +35,7 @@ from .evaluate import Evaluator, model_inputs, render_samples
 from .loading import SHIPPED_CONFIGS, KontextParts, load_comfyui_files, load_diffusers_folder
 from .modules import DTYPES, TrainingModel, build_mole_config, setup_transformer
 from .preflight import METRICS_FILE, OutputPlan, claim_output, preflight
-from .recipe import LatentNorm, MicroBatches, aux_weight
+from .recipe import LatentNorm, MicroBatch, MicroBatches, aux_weight
 
 __all__ = ["RunResult", "train"]
 
@@ -301,7 +303,8 @@ def train(config: TrainConfig, *, resume: str | None = None, overwrite: bool = F
     vae = None
     if config.sample.items and accelerator.is_main_process:  # decodes the samples at each checkpoint
         vae = _load(config, ("vae",), DTYPES[config.model.dtype]).vae.to(accelerator.device).eval()
-    batches = BucketBatches([(data.sizes[i], len(data.rows[i].references)) for i in data.train], micro_global, t.seed)
+    keys = [(data.sizes[i], len(data.rows[i].references)) for i in data.train]
+    batches = BucketBatches(keys, t.batch_size, t.seed, multiple=t.gradient_accumulation * world)
     norm = _latent_norm(config)
 
     # 2. model
@@ -373,12 +376,13 @@ def train(config: TrainConfig, *, resume: str | None = None, overwrite: bool = F
     count, tick = 0, time.perf_counter()
     final_adapter = None
     params = [p for p in model.parameters() if p.requires_grad]
-    for mb in loader:
+    for mb, routing in _routed_steps(accelerator, inner, loader, t.gradient_accumulation, input_dtype):
         with accelerator.accumulate(model):
             outputs = model(
                 **model_inputs(mb, accelerator.device, input_dtype, t.guidance),
                 aux_reduction=t.aux_reduction,
                 distributed=world > 1,
+                step_routing=routing,
             )
             w = aux_weight(state.step, decay)
             flow = outputs["flow"].mean()
@@ -439,8 +443,44 @@ class _TrainView:
     def epoch(self, e: int) -> list[list[int]]:
         return [[self.train[i] for i in batch] for batch in self.inner.epoch(e)]
 
-    def shard(self, batch: list[int], rank: int, world: int) -> list[int]:
-        return self.inner.shard(batch, rank, world)
+
+def _routed_steps(
+    accelerator: Any, inner: TrainingModel, loader: Any, micro_batches: int, dtype: torch.dtype
+) -> Iterator[tuple[MicroBatch, StepRouting | None]]:
+    """The loader's micro-batches, each with the instruction routing of its whole optimizer step.
+
+    The load-balancing loss is defined over the batch of one optimizer step. Under gradient
+    accumulation a micro-batch alone can hold a single row, whose routing scores balanced and
+    collapsed routers alike; so the step's rows are routed first (no gradient: the router alone,
+    with each row's own draws, exactly as its forward will route it), their counts added over the
+    micro-batches and processes, and each micro-batch's term uses that step-level ``f``
+    (``StepRouting``). The loader starts at a step boundary, so its items group into steps.
+    """
+    step: list[MicroBatch] = []
+    for mb in loader:
+        step.append(mb)
+        if len(step) < micro_batches:
+            continue
+        routing = _step_routing(accelerator, inner, step, dtype)
+        for item in step:
+            yield item, routing
+        step = []
+
+
+def _step_routing(
+    accelerator: Any, inner: TrainingModel, step: list[MicroBatch], dtype: torch.dtype
+) -> StepRouting | None:
+    """Routing counts and rows of one optimizer step over all processes (None: no instruction layer)."""
+    if not inner.mole.config.instruction_layers:
+        return None
+    device = accelerator.device
+    route = inner.handle.runtime.routing_counts  # the text as the forward gets it (``model_inputs``)
+    counts = sum(route(mb.text.to(device, dtype), mb.pooled.to(device, dtype), mb.seeds) for mb in step)
+    rows = counts.new_tensor([float(sum(len(mb.rows) for mb in step))])
+    total = torch.cat([counts.flatten(), rows])
+    if accelerator.num_processes > 1:
+        total = accelerator.reduce(total, "sum")
+    return StepRouting(total[:-1].view_as(counts), int(total[-1]), len(step))
 
 
 def _load_identity(config: TrainConfig) -> dict[str, str]:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from instructmole import Adapter, InstructMoLE, LayerSpec, MoLEConfig, attach
 from instructmole.layers import reference_targets
+from instructmole.runtime import StepRouting
 
 from .config import TrainConfig
 from .errors import ConfigError, ModelLoadError
@@ -145,7 +146,10 @@ class TrainingModel(nn.Module):
         seeds: Tensor,
         aux_reduction: str = "sum",
         distributed: bool = False,
+        step_routing: StepRouting | None = None,
     ) -> dict[str, Tensor]:
+        """``step_routing``: the optimizer step's instruction routing, for its load balancing
+        (``StepRouting``; None: this forward's own)."""
         self.handle.seeds = seeds
         out = self.transformer(
             hidden_states=hidden_states,
@@ -159,7 +163,7 @@ class TrainingModel(nn.Module):
         )[0]
         pred = out[:, : target.shape[1]].float()
         flow = (pred - target.float()).pow(2).mean(dim=(1, 2))
-        aux = self.handle.runtime.aux_losses(aux_reduction, distributed=distributed)
+        aux = self.handle.runtime.aux_losses(aux_reduction, distributed=distributed, step=step_routing)
         return {"flow": flow, **vars(aux)}
 
     def runtime_layers(self, layers: set[str] | None) -> None:

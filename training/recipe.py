@@ -1,8 +1,8 @@
 """The training recipe as data: from cached features to one process's micro-batch of model inputs.
 
 Every random draw of a sample (timestep, noise, latent sample, instruction dropout, the router's
-gate noise and dropout) comes from a generator seeded by ``(seed, micro-batch, position in the
-global batch)``; the reference dropout of a batch from ``(seed, micro-batch)``. Nothing depends on
+gate noise and dropout) comes from a generator seeded by ``(seed, optimizer step, position in the
+step's global batch)``; the reference dropout of a step's batch from ``(seed, step)``. Nothing depends on
 the global RNG, the process count or how often the run was interrupted, which is what makes a
 resumed run end with the weights of an uninterrupted one, and two processes with those of one.
 
@@ -81,10 +81,16 @@ class MicroBatch:
 
 
 class MicroBatches(torch.utils.data.Dataset):
-    """Item ``i``: this process's share of global micro-batch ``i`` (a pure function of ``i``).
+    """Item ``i``: this process's share of micro-batch ``i`` (a pure function of ``i``).
 
     A map-style data set indexed by the micro-batch number, so a resumed run starts its
     ``DataLoader`` at the exact micro-batch where it stopped, with worker prefetching intact.
+
+    The unit of the batch order is the optimizer step: ``BucketBatches`` gives each step's global
+    batch, micro-batch ``m`` of step ``s`` is its ``m``-th equal slice, and each process takes an
+    equal contiguous part of that. Every draw is keyed by (step, position in the step's batch),
+    so gradient accumulation changes the memory a step needs, not its rows or draws: batch 8 ×
+    accumulation 1 and batch 8 in 8 micro-batches of 1 train the same samples.
     """
 
     def __init__(
@@ -108,19 +114,22 @@ class MicroBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.config.train.max_steps * self.config.train.gradient_accumulation
 
-    def global_batch(self, micro: int) -> list[int]:
-        epoch, position = self.batches.position(micro)
+    def global_batch(self, step: int) -> list[int]:
+        """The rows of optimizer step ``step`` (0-based), over all micro-batches and processes."""
+        epoch, position = self.batches.position(step)
         if self._epoch is None or self._epoch[0] != epoch:
             self._epoch = (epoch, self.batches.epoch(epoch))
         return self._epoch[1][position]
 
     def __getitem__(self, micro: int) -> MicroBatch:
         cfg = self.config
-        batch = self.global_batch(micro)
-        local = self.batches.shard(batch, self.rank, self.world)
-        first = batch.index(local[0])  # position of this process's first row in the global batch
-        drop_refs = torch.rand((), generator=_gen(cfg.train.seed, micro, "references")) < cfg.data.reference_dropout
-        seeds = [sample_seed(cfg.train.seed, micro, first + j) for j in range(len(local))]
+        step, part = divmod(micro, cfg.train.gradient_accumulation)
+        batch = self.global_batch(step)
+        share = len(batch) // (cfg.train.gradient_accumulation * self.world)  # exact: see BucketBatches.multiple
+        first = (part * self.world + self.rank) * share  # this process's first position in the step's batch
+        local = batch[first : first + share]
+        drop_refs = torch.rand((), generator=_gen(cfg.train.seed, step, "references")) < cfg.data.reference_dropout
+        seeds = [sample_seed(cfg.train.seed, step, first + j) for j in range(len(local))]
         return self.assemble(local, seeds, bool(drop_refs))
 
     def assemble(

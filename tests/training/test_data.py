@@ -273,13 +273,9 @@ def test_position_matches_epochs_and_keep_last():
     assert sorted(i for b in keep.epoch(0) for i in b) == list(range(len(KEYS)))
 
 
-def test_shard_covers_the_batch_and_checks_divisibility():
-    order = BucketBatches(KEYS, batch_size=4, seed=0)
-    batch = order.epoch(0)[0]
-    assert order.shard(batch, 0, 2) + order.shard(batch, 1, 2) == batch
-    assert len(order.shard(batch, 1, 2)) == 2
-    with pytest.raises(DataError, match=r"train.batch_size=4 does not divide among 3 processes"):
-        order.shard(batch, 0, 3)
+def test_batch_size_must_split_into_micro_batches_and_processes():
+    with pytest.raises(DataError, match=r"train.batch_size=4 does not split into 3 equal parts"):
+        BucketBatches(KEYS, batch_size=4, seed=0, multiple=3)
 
 
 def test_too_few_rows_for_one_batch():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -38,3 +39,24 @@ def test_a_token_routed_layer_trains_three_steps(tiny_kontext, tmp_path):
     saved = load_file(str(result.adapter))
     assert any(TOKEN_LAYER in key for key in saved)
     assert all(torch.isfinite(v).all() for v in saved.values())
+
+
+def test_gradient_accumulation_trains_what_one_batch_trains(tiny_kontext, tmp_path):
+    """Batch 8 × accumulation 1 and 8 micro-batches of 1: the same rows and draws per step, the same
+    load-balancing loss (its statistics cover the whole optimizer step) and the same flow loss.
+    Orthogonality is left out: its Gram matrix is per micro-batch (units: tokens), documented."""
+    results = {}
+    for ga in (1, 8):
+        out = tmp_path / f"ga{ga}"
+        result = run(
+            tiny_kontext, out, f"train.gradient_accumulation={ga}", "train.orthogonality=0", "log.every=1",
+            steps=2, every=2,
+        )
+        results[ga] = (metrics(out), load_file(str(result.adapter)))
+    (lines1, adapter1), (lines8, adapter8) = results[1], results[8]
+    for a, b in zip(lines1, lines8, strict=True):
+        assert b["load_balance"] == pytest.approx(a["load_balance"], rel=1e-5)
+        assert b["flow"] == pytest.approx(a["flow"], rel=1e-5)
+    assert lines1[0]["load_balance"] > 0
+    worst = max(float((adapter1[k].float() - adapter8[k].float()).abs().max()) for k in adapter1)
+    assert worst < 1e-5, worst
