@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from instructmole import InstructMoLE
-from instructmole.runtime import StepRouting
 from instructmole.files import atomic_path
+from instructmole.runtime import StepRouting
 
 from .buckets import BucketBatches, buckets_for, nearest_bucket
 from .cache import FeatureCache, ImageJob, encode_latents, encode_texts
