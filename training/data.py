@@ -129,6 +129,8 @@ def _parse_line(line: str, *, where: str, index: int, root: Path) -> Row:
         raise DataError(
             f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); write one JSON object per line"
         ) from None
+    except RecursionError:  # thousands of nested brackets: no row looks like that
+        raise DataError(f"{where}: nested too deeply to be a row; write one flat JSON object per line") from None
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object with 'instruction' and 'target', got {type(obj).__name__}")
     _reject_unknown_keys(obj, where)
