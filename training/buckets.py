@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -106,13 +106,18 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 
 class BucketBatches:
-    """The global batches of every epoch: rows of one batch share a key (bucket, reference count…)."""
+    """The global batches of every epoch: rows of one batch share a key (bucket, reference count…).
 
-    def __init__(
-        self, keys: Sequence[Hashable], batch_size: int, seed: int, drop_last: bool = True, multiple: int = 1
-    ) -> None:
-        """``multiple``: every batch's size is a multiple of it (micro-batches per step × processes,
-        so that each micro-batch of each process gets an equal share)."""
+    Every row is in a batch every epoch. A group's rows are cut into batches of ``batch_size``; its
+    last batch may be partial, and is kept (as musubi-tuner and kohya's scripts keep theirs; a
+    dropped tail would leave a group smaller than one batch out of every epoch). ``multiple``:
+    every batch's size is a multiple of it (micro-batches per step × processes, so that each
+    micro-batch of each process gets an equal share); a partial batch that is not is topped up
+    with repeats of its own group's rows, the first of this epoch's order. ``summary`` says all of
+    it in lines for the log.
+    """
+
+    def __init__(self, keys: Sequence[Hashable], batch_size: int, seed: int, multiple: int = 1) -> None:
         if batch_size < 1:
             raise DataError(f"train.batch_size must be at least 1, got {batch_size}")
         if multiple < 1 or batch_size % multiple:
@@ -123,28 +128,27 @@ class BucketBatches:
         self.batch_size = batch_size
         self.multiple = multiple
         self.seed = seed
-        self.drop_last = drop_last
         self.groups: dict[Hashable, list[int]] = {}
         for index, key in enumerate(keys):
             self.groups.setdefault(key, []).append(index)
-        self._len = sum(self._batches_in(len(rows)) for rows in self.groups.values())
-        if self._len == 0:
-            self._raise_too_few_rows()
-        # Inspectable, not printed: the caller decides how to report rows that never train.
-        self.dropped_rows = sum(len(rows) % batch_size for rows in self.groups.values()) if drop_last else 0
-        self.empty_keys = [key for key, rows in self.groups.items() if self._batches_in(len(rows)) == 0]
-
-    def _batches_in(self, rows: int) -> int:
-        return rows // self.batch_size if self.drop_last else math.ceil(rows / self.batch_size)
-
-    def _raise_too_few_rows(self) -> None:
         if not self.groups:
             raise DataError("the data set has no training rows; add rows with split=train")
-        largest = max(len(rows) for rows in self.groups.values())
-        raise DataError(
-            f"no bucket has enough rows for one batch of train.batch_size={self.batch_size} "
-            f"(the largest has {largest}); set train.batch_size to {largest} or less"
-        )
+        self._len = sum(math.ceil(len(rows) / batch_size) for rows in self.groups.values())
+
+    def summary(self, label: Callable[[Hashable], str] = str) -> list[str]:
+        """One line per group (largest first: rows, full and partial batches, repeats), then the total."""
+        rows = sum(len(g) for g in self.groups.values())
+        lines = [f"{rows} training rows in {len(self.groups)} bucket(s), batches of {self.batch_size} rows:"]
+        for key, group in sorted(self.groups.items(), key=lambda kv: -len(kv[1])):
+            full, tail = divmod(len(group), self.batch_size)
+            parts = [f"{full} full batch{'es' if full != 1 else ''}"] if full else []
+            if tail:
+                pad = -tail % self.multiple
+                extra = f", topped up with {pad} repeated row{'s' if pad != 1 else ''}" if pad else ""
+                parts.append(f"1 partial batch of {tail} row{'s' if tail != 1 else ''}{extra}")
+            lines.append(f"  {label(key)}: {len(group)} rows -> {' + '.join(parts)}")
+        lines.append(f"{len(self)} batches per epoch; every training row is in one of them every epoch")
+        return lines
 
     def __len__(self) -> int:
         """Batches per epoch; the same every epoch, since only the order changes."""
@@ -156,8 +160,10 @@ class BucketBatches:
         batches: list[list[int]] = []
         for rows in self.groups.values():
             order = [rows[i] for i in torch.randperm(len(rows), generator=generator).tolist()]
-            for start in range(0, self._batches_in(len(rows)) * self.batch_size, self.batch_size):
-                batches.append(order[start : start + self.batch_size])
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start : start + self.batch_size]
+                batch += [order[i % len(order)] for i in range(-len(batch) % self.multiple)]
+                batches.append(batch)
         return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
     def position(self, step: int) -> tuple[int, int]:

@@ -91,6 +91,28 @@ def _prepare_data(config: TrainConfig, cache: FeatureCache) -> Dataset:
     return Dataset(rows, sizes, digests, train, holdout, checked.problems)
 
 
+def _batch_order(config: TrainConfig, data: Dataset, world: int) -> BucketBatches:
+    """The optimizer steps' batches of the training rows, grouped by (bucket, reference count)."""
+    t = config.train
+    keys = [(data.sizes[i], len(data.rows[i].references)) for i in data.train]
+    return BucketBatches(keys, t.batch_size, t.seed, multiple=t.gradient_accumulation * world)
+
+
+def _batch_lines(batches: BucketBatches, data: Dataset) -> list[str]:
+    """What trains each epoch (every bucket, its rows and batches) and the rows that never train, and why:
+    printed at the start of a run and by ``--check``. Bad rows skipped by the data checks have their
+    own lines (``data.problems``)."""
+
+    def label(key: tuple) -> str:
+        (width, height), references = key
+        return f"{width}x{height} px, {references} reference{'s' if references != 1 else ''}"
+
+    lines = batches.summary(label)
+    if data.holdout:
+        lines.append(f"{len(data.holdout)} held-out rows (split=holdout) never train: they measure the routing report")
+    return lines
+
+
 def _broadcast(accelerator: Any, make: Any) -> Any:
     """``make()`` on the main process, the result on every process (one set of file reads)."""
     from accelerate.utils import broadcast_object_list
@@ -303,8 +325,9 @@ def train(config: TrainConfig, *, resume: str | None = None, overwrite: bool = F
     vae = None
     if config.sample.items and accelerator.is_main_process:  # decodes the samples at each checkpoint
         vae = _load(config, ("vae",), DTYPES[config.model.dtype]).vae.to(accelerator.device).eval()
-    keys = [(data.sizes[i], len(data.rows[i].references)) for i in data.train]
-    batches = BucketBatches(keys, t.batch_size, t.seed, multiple=t.gradient_accumulation * world)
+    batches = _batch_order(config, data, world)
+    for line in _batch_lines(batches, data):
+        _say(accelerator, line)
     norm = _latent_norm(config)
 
     # 2. model

@@ -259,7 +259,7 @@ def run_checks(config: TrainConfig, *, resume: str | None = None, overwrite: boo
     files' fingerprints, the data a resumed checkpoint was trained on, and every cache entry this data
     would read (a damaged one would stop the run at its first read)."""
     from .cache import FeatureCache
-    from .loop import _load_identity, _prepare_data, _sample_references
+    from .loop import _batch_lines, _batch_order, _load_identity, _prepare_data, _sample_references
 
     plan = preflight(config, resume, overwrite)
     cache = FeatureCache(config.cache_dir, _load_identity(config), config.adapter.text_length)
@@ -281,6 +281,7 @@ def run_checks(config: TrainConfig, *, resume: str | None = None, overwrite: boo
     for key in present:
         _check_entry(cache.path(key))
     lines = list(data.problems)
+    lines += _batch_lines(_batch_order(config, data, world=1), data)  # every bucket; rows that never train
     where = "a fresh run" if plan.start is None else f"resuming from {plan.start}"
     if plan.remove:
         where += f", deleting the earlier run's {', '.join(p.name for p in plan.remove)} first (--overwrite)"

@@ -248,29 +248,53 @@ def test_load_image_puts_alpha_over_white(tmp_path: Path):
 KEYS = ["a"] * 10 + ["b"] * 7 + ["c"] * 3 + ["a"] * 2
 
 
-def test_batches_are_deterministic_single_key_and_disjoint():
+def test_batches_are_deterministic_single_key_and_cover_every_row():
     order = BucketBatches(KEYS, batch_size=4, seed=1)
-    assert len(order) == 3 + 1  # a: 12 rows -> 3, b: 7 -> 1, c: 3 -> none
-    assert order.dropped_rows == 3 + 3 and order.empty_keys == ["c"]
+    assert len(order) == 3 + 2 + 1  # a: 12 rows -> 3, b: 7 -> 1 full + 1 partial, c: 3 -> 1 partial
     e0 = order.epoch(0)
     assert e0 == BucketBatches(KEYS, batch_size=4, seed=1).epoch(0)
     assert e0 != order.epoch(1) and e0 != BucketBatches(KEYS, batch_size=4, seed=2).epoch(0)
     for e in range(3):
         batches = order.epoch(e)
-        assert len(batches) == len(order) and all(len(b) == 4 for b in batches)
+        assert len(batches) == len(order)
+        assert sorted(len(b) for b in batches) == [3, 3, 4, 4, 4, 4]
         assert all(len({KEYS[i] for i in b}) == 1 for b in batches)
-        assert max(Counter(i for b in batches for i in b).values()) == 1
+        assert sorted(i for b in batches for i in b) == list(range(len(KEYS)))  # each row once
 
 
-def test_position_matches_epochs_and_keep_last():
+def test_partial_batches_are_topped_up_to_equal_shares_from_their_own_group():
+    order = BucketBatches(KEYS, batch_size=4, seed=0, multiple=2)  # e.g. 2 micro-batches or 2 processes
+    for e in range(3):
+        batches = order.epoch(e)
+        assert all(len(b) % 2 == 0 for b in batches) and all(len({KEYS[i] for i in b}) == 1 for b in batches)
+        counts = Counter(i for b in batches for i in b)
+        assert set(counts) == set(range(len(KEYS)))  # every row at least once
+        assert sum(counts.values()) == len(KEYS) + 2  # b's and c's tails (3 rows) each got one repeat
+    lines = order.summary()
+    assert lines[0] == "22 training rows in 3 bucket(s), batches of 4 rows:"
+    assert "  a: 12 rows -> 3 full batches" in lines
+    assert "  b: 7 rows -> 1 full batch + 1 partial batch of 3 rows, topped up with 1 repeated row" in lines
+    assert "  c: 3 rows -> 1 partial batch of 3 rows, topped up with 1 repeated row" in lines
+    assert lines[-1] == "6 batches per epoch; every training row is in one of them every epoch"
+
+
+def test_the_issue_experiment_every_row_trains_every_epoch():
+    """144 rows in one bucket plus 3 wide rows and 3 rows with two references, batch 8: the six odd rows
+    were once in no batch of any epoch (drop_last); now each row is in a batch in each of 50 epochs."""
+    keys = [("512x512", 1)] * 144 + [("768x336", 1)] * 3 + [("512x512", 2)] * 3
+    order = BucketBatches(keys, batch_size=8, seed=3407)
+    assert len(order) == 18 + 1 + 1
+    for e in range(50):
+        seen = Counter(i for b in order.epoch(e) for i in b)
+        assert set(seen) == set(range(150)) and max(seen.values()) == 1, e
+
+
+def test_position_matches_epochs():
     order = BucketBatches(KEYS, batch_size=4, seed=0)
     flat = [b for e in range(3) for b in order.epoch(e)]
     for step, batch in enumerate(flat):
         e, i = order.position(step)
         assert order.epoch(e)[i] == batch
-    keep = BucketBatches(KEYS, batch_size=4, seed=0, drop_last=False)
-    assert len(keep) == 3 + 2 + 1 and keep.dropped_rows == 0
-    assert sorted(i for b in keep.epoch(0) for i in b) == list(range(len(KEYS)))
 
 
 def test_batch_size_must_split_into_micro_batches_and_processes():
@@ -278,6 +302,6 @@ def test_batch_size_must_split_into_micro_batches_and_processes():
         BucketBatches(KEYS, batch_size=4, seed=0, multiple=3)
 
 
-def test_too_few_rows_for_one_batch():
-    with pytest.raises(DataError, match=r"the largest has 12\); set train.batch_size to 12 or less"):
-        BucketBatches(KEYS, batch_size=16, seed=0)
+def test_no_training_rows():
+    with pytest.raises(DataError, match=r"no training rows"):
+        BucketBatches([], batch_size=16, seed=0)

@@ -60,3 +60,51 @@ def test_gradient_accumulation_trains_what_one_batch_trains(tiny_kontext, tmp_pa
     assert lines1[0]["load_balance"] > 0
     worst = max(float((adapter1[k].float() - adapter8[k].float()).abs().max()) for k in adapter1)
     assert worst < 1e-5, worst
+
+
+def test_no_training_row_is_left_out_and_the_buckets_are_printed(tiny_kontext, tmp_path, capsys, monkeypatch):
+    """The issue's experiment on the tiny data: 3 wide rows and 3 rows with two references added to the
+    manifest (groups smaller than the batch of 8). ``--check`` and the run's start print every bucket;
+    one epoch of steps trains every training row."""
+    from PIL import Image
+
+    from training.preflight import run_checks
+    from training.recipe import MicroBatches
+
+    root = tiny_kontext["manifest"].parent
+    rows = [json.loads(line) for line in tiny_kontext["manifest"].read_text().splitlines()]
+    for r in rows:
+        r["target"], r["references"] = str(root / r["target"]), [str(root / p) for p in r["references"]]
+    for i in range(3):
+        wide = tmp_path / f"wide{i}.png"
+        Image.new("RGB", (64, 32), (40 * i, 90, 200 - 40 * i)).save(wide)
+        wide_row = {"instruction": "invert the colors", "target": str(wide), "references": [str(wide)]}
+        rows.append({**wide_row, "split": "train"})
+        two = rows[i]["references"] + rows[i + 6]["references"]
+        rows.append({**rows[i], "references": two, "split": "train"})
+    manifest = tmp_path / "odd.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overrides = [f"data.manifest={manifest}", f"data.cache_dir={tmp_path / 'cache'}"]
+
+    config = load_config(TINY_CONFIG, run_overrides(tiny_kontext, tmp_path / "check", *overrides))
+    lines = run_checks(config)
+    train_rows = sum(r["split"] == "train" for r in rows)
+    assert f"{train_rows} training rows in 3 bucket(s), batches of 8 rows:" in lines
+    assert any(line.endswith(": 3 rows -> 1 partial batch of 3 rows") and "2 references" in line for line in lines)
+    assert sum(line.endswith(": 3 rows -> 1 partial batch of 3 rows") for line in lines) == 2
+    epoch = next(int(line.split()[0]) for line in lines if "batches per epoch" in line)
+
+    seen: list[int] = []
+    getitem = MicroBatches.__getitem__
+
+    def record(self, micro):
+        mb = getitem(self, micro)
+        seen.extend(mb.rows)
+        return mb
+
+    monkeypatch.setattr(MicroBatches, "__getitem__", record)
+    capsys.readouterr()
+    run(tiny_kontext, tmp_path / "run", *overrides, steps=epoch, every=epoch)
+    printed = capsys.readouterr().err
+    assert f"{train_rows} training rows in 3 bucket(s)" in printed and "2 references: 3 rows" in printed
+    assert sorted(seen) == [i for i, r in enumerate(rows) if r["split"] == "train"]  # each row once in the epoch
