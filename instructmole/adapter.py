@@ -40,6 +40,8 @@ from .council import Council
 from .errors import InstructMoLEError
 from .files import atomic_path
 from .model import InstructMoLE, make_router
+from .routing import route_instances
+from .runtime import DeviceCache
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "Adapter", "AdapterError", "LoraPart", "load_adapter"]
 
@@ -84,19 +86,31 @@ class Adapter:
 
     # ---- routing ------------------------------------------------------------------------------
 
+    @property
+    def cache(self) -> DeviceCache:
+        """The adapter's tensors as inference runs them (fp32 router, experts per device and dtype),
+        made once and shared by every runtime of this adapter and by ``route``."""
+        cache = self.__dict__.get("_cache")
+        if cache is None or cache.model is not self.model:
+            cache = self.__dict__["_cache"] = DeviceCache(self.model)
+        return cache
+
     @torch.no_grad()
     def route(self, text: Tensor, pooled: Tensor, labels: list[str] | tuple[str, ...] = ()) -> Council:
         """Councils for a batch of instructions, as in training but without noise or dropout.
 
-        ``text [b, t, text_dim]`` (T5 features) and ``pooled [b, router_dim]`` (CLIP pooled) are
-        checked first, so a wrong encoder gives one sentence rather than a matmul error."""
+        The router maths run in fp32 whatever dtype the file stores (the trainer exports bf16), on
+        the very copy and kernels the runtime's auto mode uses (``cache``): a council routed here is
+        bit for bit the one a patched model routes for the same signal. ``text [b, t, text_dim]``
+        (T5 features) and ``pooled [b, router_dim]`` (CLIP pooled) are checked first, so a wrong
+        encoder gives one sentence rather than a matmul error."""
         self._check_route_inputs(text, pooled)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            return self.model.route(text, pooled, labels)
-        finally:
-            self.model.train(was_training)
+        router, gates = self.cache.router(text.device)
+        signal = router(text.to(torch.float32), pooled.to(text.device, torch.float32))
+        probs, indices, weights = route_instances(signal, gates, self.config.top_k)
+        return Council.from_topk(
+            self.config.instruction_layers, probs, indices, weights, adapter_id=self.adapter_id, label=labels
+        )
 
     def _check_route_inputs(self, text: Any, pooled: Any) -> None:
         cfg = self.config

@@ -146,7 +146,7 @@ class ComfyRuntime:
             expert_strength=expert_strength,
             layers=token if merged else None,  # merged: only token-routed layers keep a dynamic term
             adapter_id=adapter.adapter_id,
-            cache=cache,
+            cache=cache or adapter.cache,
         )
         self.last_exact: bool | None = None  # whether the latest councils came from the exact signal
         self.last_layout: TokenLayout | None = None  # where the image tokens sat in the latest forward

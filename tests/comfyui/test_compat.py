@@ -139,6 +139,8 @@ def dequantized_twin(transformer: Any, dequantized: dict[str, torch.Tensor]) -> 
     twin = copy.deepcopy(transformer)
     sd = twin.state_dict()
     for name, target in key_map.items():
+        if name not in sd:  # v0.33's map also names FLUX.2's aliases (ff.linear_in, attn.to_out, ...)
+            continue
         if isinstance(target, str):
             if target in dequantized:
                 sd[name] = dequantized[target]

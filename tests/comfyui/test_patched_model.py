@@ -200,3 +200,23 @@ def test_fp8_weights_keep_working(setup):
     merged_effect, fixed_effect = run_comfy(merged8, **x) - base8, run_comfy(fixed8, **x) - base8
     # Merging into fp8 weights rounds W0 + ΔW to fp8 (stochastically): the same effect, coarser.
     assert torch.nn.functional.cosine_similarity(merged_effect.flatten(), fixed_effect.flatten(), dim=0) > 0.9
+
+
+def test_bf16_adapter_routes_alike_in_route_and_auto(setup):
+    """The trainer exports bf16: the Route node and auto mode both run the router maths in fp32 on the
+    same copy, so they give the same council bit for bit (before: up to 0.023 apart in probability)."""
+    import folder_paths
+
+    path = os.path.join(folder_paths.get_folder_paths("instructmole")[0], "bf16.safetensors")
+    setup["adapter"].save(path, dtype=torch.bfloat16)
+    nodes = setup["nodes"]
+    model, adapter = nodes.loaders.LoadAdapter.execute(setup["base"], "bf16.safetensors", 1.0, 1.0).result
+    assert adapter.model.layer(adapter.config.layer_names[0]).gate.weight.dtype == torch.bfloat16
+    for seed in range(3):  # one row per forward: a batch's matmuls may round other than a single row's
+        x = inputs(1, seed=15 + seed)
+        exact_t5, exact_pooled = torch.randn(1, 40, 64), torch.randn(1, 32)
+        run_comfy(model, **x, extra=signal_kwargs(exact_t5, exact_pooled))
+        auto = model.get_attachment("instructmole").last_council
+        cond = nodes.signal.attach_signal([[x["t5"], {"pooled_output": x["pooled"]}]], exact_t5, exact_pooled)
+        routed = nodes.routing_nodes.Route.execute(adapter, conditioning=cond).result[0]
+        assert torch.equal(routed.probs, auto.probs) and torch.equal(routed.weights, auto.weights)
