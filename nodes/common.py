@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
-from functools import lru_cache
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -83,9 +84,51 @@ def adapter_path(name: str) -> str | None:
     return folder_paths.get_full_path(FOLDER, name) or folder_paths.get_full_path("loras", name)
 
 
-@lru_cache(maxsize=4)
-def _load_cached(path: str, mtime: float) -> Adapter:
-    return load_adapter(path)
+def file_identity(path: str) -> str:
+    """What tells one version of a file from another, cheaply: size, modification and change times,
+    inode, and a hash of its first and last MiB (header and tensor data). A file replaced with its
+    old modification time kept (``cp -p``, ``rsync -t``) still differs: new change time, new bytes."""
+    st = os.stat(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(1 << 20))
+        if st.st_size > 2 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+            digest.update(f.read())
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}:{digest.hexdigest()[:16]}"
+
+
+class _AdapterCache:
+    """The loaded adapters, one version per path (a changed file replaces its old version in RAM),
+    at most ``size`` paths (the least recently used goes)."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self._entries: OrderedDict[str, tuple[str, Adapter]] = OrderedDict()
+
+    def get(self, path: str) -> Adapter:
+        identity = file_identity(path)
+        entry = self._entries.pop(path, None)
+        if entry is None or entry[0] != identity:
+            entry = (identity, load_adapter(path))
+        self._entries[path] = entry
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return entry[1]
+
+
+_ADAPTERS = _AdapterCache()
+
+
+def adapter_fingerprint(name: str | None) -> str:
+    """For the loaders' ``fingerprint_inputs``: ComfyUI re-runs them when the named file changes."""
+    path = adapter_path(name) if isinstance(name, str) else None
+    if path is None:
+        return f"missing:{name}"
+    try:
+        return file_identity(path)
+    except OSError:
+        return f"unreadable:{name}"
 
 
 def load_adapter_input(node: str, name: str) -> Adapter:
@@ -94,6 +137,8 @@ def load_adapter_input(node: str, name: str) -> Adapter:
     if path is None:
         raise NodeInputError(node, "adapter", f"'{name}' was not found in models/instructmole or models/loras")
     try:
-        return _load_cached(path, os.path.getmtime(path))
+        return _ADAPTERS.get(path)
     except AdapterError as err:
         raise NodeInputError(node, "adapter", str(err)) from None
+    except OSError as err:
+        raise NodeInputError(node, "adapter", f"'{name}' cannot be read ({err.strerror}); check the file") from None

@@ -15,7 +15,7 @@ from pathlib import Path
 from comfy_api.latest import io
 
 from ..instructmole import Council, InstructMoLEError
-from .common import COUNCIL, COUNCILS, NodeInputError
+from .common import COUNCIL, COUNCILS, NodeInputError, file_identity
 
 NODE = "InstructMoLE Load Council"
 NO_FILE = "(paste the JSON below)"
@@ -124,4 +124,4 @@ class LoadCouncil(io.ComfyNode):
         import folder_paths
 
         path = os.path.join(folder_paths.get_output_directory(), file)
-        return f"{file}:{os.path.getmtime(path) if os.path.isfile(path) else 'missing'}"
+        return f"{file}:{file_identity(path) if os.path.isfile(path) else 'missing'}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from comfy_api.latest import io
 
@@ -16,6 +18,7 @@ from .common import (
     LOADERS,
     NodeInputError,
     adapter_files,
+    adapter_fingerprint,
     adapter_path,
     load_adapter_input,
 )
@@ -104,6 +107,11 @@ class AdapterFile(io.ComfyNode):
         return _missing_adapter(adapter)
 
     @classmethod
+    def fingerprint_inputs(cls, adapter: str | None = None, **_: Any) -> str:
+        """Run again when the adapter file changes on disk, even with its old modification time."""
+        return adapter_fingerprint(adapter)
+
+    @classmethod
     def execute(cls, adapter: str) -> io.NodeOutput:
         return io.NodeOutput(load_adapter_input(ADAPTER_FILE, adapter))
 
@@ -151,6 +159,11 @@ class LoadAdapter(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, adapter: str | None = None) -> bool | str:
         return _missing_adapter(adapter)
+
+    @classmethod
+    def fingerprint_inputs(cls, adapter: str | None = None, **_: Any) -> str:
+        """Run again when the adapter file changes on disk, even with its old modification time."""
+        return adapter_fingerprint(adapter)
 
     @classmethod
     def execute(cls, model, adapter: str, lora_strength: float, expert_strength: float) -> io.NodeOutput:
@@ -201,6 +214,11 @@ class LoadKontext(io.ComfyNode):
         if unet_name is not None and folder_paths.get_full_path("diffusion_models", unet_name) is None:
             return f"unet_name '{unet_name}' was not found in models/diffusion_models; pick a file from the list"
         return _missing_adapter(adapter)
+
+    @classmethod
+    def fingerprint_inputs(cls, adapter: str | None = None, **_: Any) -> str:
+        """Run again when the adapter file changes on disk, even with its old modification time."""
+        return adapter_fingerprint(adapter)
 
     @classmethod
     def execute(
