@@ -122,7 +122,7 @@ def load_stage(ctx: StageContext, res: StageResult) -> None:
     params = adapter.model.num_parameters()
     res.put(config=cfg.name, layers=len(adapter.config.instruction_layers), expert_parameters=params["experts"])
     ctx.log(f"adapter: {res.data['layers']} layers, {params['experts'] / 1e6:.1f} M expert parameters")
-    load = measure_load(adapter, {}, torch.bfloat16, device, reps=2 if ctx.dry_run else 3)
+    load = measure_load(adapter, {}, torch.bfloat16, device, reps=2)  # the best of two: warm page cache
     entry = load["mole"]
     ms = min(entry.get("device_ms", entry["cpu_ms"]))  # warm page cache: the best run is the library's cost
     res.put(file_mib=entry["file_mb"], load_cpu_ms=entry["cpu_ms"], load_device_ms=entry.get("device_ms"))
