@@ -37,6 +37,16 @@ def _colour(v: float) -> tuple[int, int, int]:
     return tuple(round(a[c] + (b[c] - a[c]) * t) for c in range(3))  # type: ignore[return-value]
 
 
+def weight_text(weight: float, decimals: int = 2) -> str:
+    """A council member's weight for reading: rounded, but never shown as 0 (a member is never
+    'weight 0'). The heat map, the Council Preview's summary and the frontend's council map
+    (web/lib/council_map.mjs, weightText) all follow this rule."""
+    step = 10.0**-decimals
+    if weight != 0 and abs(weight) < step / 2:
+        return f"<{step:.{decimals}f}" if weight > 0 else f">-{step:.{decimals}f}"
+    return f"{weight:.{decimals}f}"
+
+
 def _font(size: int) -> ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=size)
@@ -123,7 +133,7 @@ def council_heatmap(council: Council, cell: int = 40, title: str = "") -> Image.
                 w = float(council.weights[b, row, e])
                 if w != 0:
                     draw.rectangle(box, outline=(255, 255, 255), width=3)
-                    text = f"{w:.2f}".lstrip("0") if abs(w) < 1 else f"{w:.1f}"
+                    text = weight_text(w).replace("0.", ".", 1) if abs(w) < 1 else f"{w:.1f}"
                     ink = (0, 0, 0) if sum(fill) > 420 else (255, 255, 255)  # readable on bright cells
                     draw.text((box[0] + 5, box[1] + cell // 3), text, fill=ink, font=small)
                 if council.banned is not None and bool(council.banned[b, row, e]):

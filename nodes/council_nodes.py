@@ -22,7 +22,7 @@ from ..instructmole import Council, CouncilMismatchError, CouncilRuleError, appl
 from ..instructmole.council import describe_value
 from ..instructmole.layers import rule_names
 from ..instructmole.overrides import parse_selector
-from ..instructmole.viz import council_heatmap
+from ..instructmole.viz import council_heatmap, weight_text
 from .common import COUNCIL, COUNCILS, LOAD_ADAPTER, NodeInputError, fraction_input
 from .runtime import ModelMismatchError, apply_council
 
@@ -246,15 +246,6 @@ def council_ui(council: Council) -> dict[str, Any]:
         "banned": part.banned[0].tolist() if part.banned is not None and b else None,
         "instances": b,
     }
-
-
-def weight_text(weight: float, decimals: int = 2) -> str:
-    """A member's weight for reading: rounded, but never shown as 0 (a member is never 'weight 0';
-    the council map's cells and hover line follow the same rule, web/lib/council_map.mjs)."""
-    step = 10.0**-decimals
-    if weight != 0 and abs(weight) < step / 2:
-        return f"<{step:.{decimals}f}" if weight > 0 else f">-{step:.{decimals}f}"
-    return f"{weight:.{decimals}f}"
 
 
 def _summary(council: Council, note: str = "") -> str:

@@ -60,13 +60,16 @@ GROUP_GAP = 40  # between groups
 NOTE = "Note"  # in a layout: where the Note goes
 NOTE_WIDTH, NOTE_HEIGHT = 770, 260  # the Note's least width: its title fits (the frontend widens it otherwise)
 GROUP_COLOURS = ("#3f789e", "#8A8", "#b06634", "#a1309b", "#88A", "#b58b2a")
-# Heights the frontend needs (measured in the browser tests, which fail when a node is drawn taller
-# than the file says): the expert grid with a group unfolded (rules on single blocks) or folded,
-# and the Council Preview with room for a FLUX.1 council map after a run.
-OVERRIDE_GRID_OPEN = 420
+# Room the frontend needs (the browser tests fail when it draws a node larger than the file says):
+# the expert grid with a group unfolded (block rules: its table scrolls past 400 px) or folded; the
+# Council Preview 700 px tall, room for the map of a FLUX.1 council after a run (57 layers: 602 px,
+# preferredHeight in web/lib/council_map.mjs) and 440 wide, as the map widens it; nodes with long
+# titles (the frontend widens a node to its title).
+OVERRIDE_GRID_OPEN = 470
 OVERRIDE_GRID_FOLDED = 200
-PREVIEW_TALL = 420
+PREVIEW_TALL = 630
 PREVIEW_WIDTH = 440
+LONG_TITLE_WIDTH = 380
 
 
 @dataclass
@@ -411,6 +414,7 @@ def icedit_diptych() -> Workflow:
             0,
             title="InstructMoLE Load Adapter (ICEdit MoE-LoRA)",
             group=m,
+            width=LONG_TITLE_WIDTH,
         ),
         10: Node(
             "DualCLIPLoader",
@@ -426,6 +430,7 @@ def icedit_diptych() -> Workflow:
             title="Prompt (ICEdit's diptych sentence + your edit)",
             group=t,
             tall=80,
+            width=LONG_TITLE_WIDTH,
         ),
         12: Node("FluxGuidance", {"conditioning": [11, 0], "guidance": 50.0}, 1, group=t),
         13: Node("ConditioningZeroOut", {"conditioning": [11, 0]}, 1, title="Negative (empty)", group=t),

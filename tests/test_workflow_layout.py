@@ -19,6 +19,8 @@ from scripts import workflows as wf
 
 SHIPPED = sorted((Path(__file__).resolve().parent.parent / "workflows").glob("*.json"))
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1
+FLUX_MAP = 602  # the council map's height for 57 layers with its summary (tests/web/council_map.test.mjs)
+SLOTS = 70  # the Council Preview's input and two outputs above the map
 
 
 def node_box(node: dict) -> Box:
@@ -93,8 +95,8 @@ def test_sizes_are_the_generators(path: Path) -> None:
     for node in ui["nodes"]:
         if node["type"] == "InstructMoLE_OverrideCouncil":
             assert node["size"][1] >= wf.OVERRIDE_GRID_FOLDED, name(node)
-        if node["type"] == "InstructMoLE_CouncilPreview":
-            assert node["size"][0] == wf.PREVIEW_WIDTH and node["size"][1] >= wf.PREVIEW_TALL, name(node)
+        if node["type"] == "InstructMoLE_CouncilPreview":  # the map of a FLUX.1 council fits after a run
+            assert node["size"][0] == wf.PREVIEW_WIDTH and node["size"][1] >= FLUX_MAP + SLOTS, name(node)
 
 
 def test_overlap_helpers() -> None:

@@ -36,7 +36,7 @@ const NODE_TYPE = "InstructMoLE_OverrideCouncil";
 const WIDGET_NAME = "instructmole_expert_grid";
 const UI_KEY = "instructmole_council";
 const LOG = "[InstructMoLE grid]";
-const MAX_SCROLL = 300; // px of block rows before the grid scrolls
+const MAX_SCROLL = 400; // px of block rows before the grid scrolls: all 19 double blocks of FLUX.1 fit
 
 function warn(what, err) {
   console.warn(`${LOG} ${what}:`, err);

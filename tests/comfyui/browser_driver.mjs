@@ -6,7 +6,7 @@
 // JOB: { url, chromium, width, height, shotsDir,
 //        workflows: [{ stem, path }],                     // UI-format files to load and screenshot
 //        run: { prompt, previewId, overrideId, timeoutMs } | null }   // an API prompt to queue
-// RESULT: { frontendVersion, startup: {console}, workflows: {stem: {...}}, run: {...} | null, error }
+// RESULT: { frontendVersion, startup: {console}, workflows: {stem: {..., layout: [node sizes]}}, run: {...} | null, error }
 // Every console error/warning and page error is recorded with the phase it happened in; the test
 // decides which are ours. playwright-core is found through NODE_PATH (CommonJS resolution).
 import { createRequire } from "node:module";
@@ -61,6 +61,34 @@ async function fitView(page) {
   await page.waitForTimeout(700);
 }
 
+// Each node as the frontend holds it after loading: its size, the least size it needs
+// (computeSize: slots, widgets, the DOM widgets' minimum heights) and, for the pack's DOM widgets
+// (expert grid, council map), whether their content fits: the root's scroll height against its
+// height, and the grid's block-row table against the height it may take before it scrolls.
+const OUR_DOM_WIDGETS = ["instructmole_expert_grid", "council_map"];
+
+async function measureNodes(page) {
+  return page.evaluate((ours) => window.app.graph.nodes.map((n) => ({
+    id: Number(n.id),
+    type: n.type,
+    size: Array.from(n.size).map(Number),
+    min: typeof n.computeSize === "function" ? Array.from(n.computeSize()).map(Number) : null,
+    dom: (n.widgets || [])
+      .filter((w) => w && ours.includes(w.name) && w.element instanceof HTMLElement)
+      .map((w) => {
+        const scroll = w.element.querySelector(".imole-scroll");
+        return {
+          name: w.name,
+          shown: w.element.offsetParent !== null,
+          scrollHeight: w.element.scrollHeight,
+          clientHeight: w.element.clientHeight,
+          table: scroll ? { clientHeight: scroll.clientHeight, scrollHeight: scroll.scrollHeight,
+            maxHeight: parseFloat(getComputedStyle(scroll).maxHeight) || null } : null,
+        };
+      }),
+  })), OUR_DOM_WIDGETS);
+}
+
 async function toasts(page) {
   return page.evaluate(() => [...document.querySelectorAll(".p-toast-message")].map((t) => t.innerText.trim()));
 }
@@ -110,6 +138,7 @@ try {
     }, { wf: workflow, stem });
     Object.assign(entry, loaded);
     await fitView(page);
+    entry.layout = await measureNodes(page);
     entry.toasts = await toasts(page);
     if (job.shotsDir) {
       fs.mkdirSync(job.shotsDir, { recursive: true });

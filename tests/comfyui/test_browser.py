@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import subprocess
+import urllib.request
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -174,6 +175,43 @@ def test_workflow_loads_in_the_frontend(comfy_server: Any, browser: dict[str, An
         assert np.asarray(shot.convert("L")).std() > 5  # a graph, not a blank page
 
 
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_workflow_nodes_are_drawn_at_the_size_the_file_declares(browser: dict[str, Any], path: Path) -> None:
+    """The frontend neither grows nor shrinks a node of a shipped workflow: each is at least as large
+    as the frontend needs (its computeSize: slots, widgets, the expert grid's and council map's
+    minimum heights, the title's width), so the boxes tests/test_workflow_layout.py checks are the
+    drawn ones. The pack's DOM widgets show all their content (the grid's table scrolls only past
+    the height it is allowed)."""
+    declared = {n["id"]: n["size"] for n in json.loads(path.read_text())["nodes"]}
+    layout = browser["workflows"][path.stem]["layout"]
+    assert sorted(n["id"] for n in layout) == sorted(declared)
+    for node in layout:
+        want = declared[node["id"]]
+        where = f"{node['id']} ({node['type']})"
+        assert node["size"] == pytest.approx(want, abs=0.5), f"{where}: drawn {node['size']}, declared {want}"
+        assert node["min"][0] <= want[0] + 0.5 and node["min"][1] <= want[1] + 0.5, f"{where} needs {node['min']}"
+        for widget in node["dom"]:
+            assert widget["shown"], where
+            assert widget["scrollHeight"] <= widget["clientHeight"] + 1, (where, widget)
+            table = widget["table"]
+            if table and table["maxHeight"]:  # the grid: its table is cut only where it scrolls by design
+                assert table["clientHeight"] >= min(table["scrollHeight"], table["maxHeight"]) - 1, (where, widget)
+    kinds = {n["type"] for n in layout}
+    if "InstructMoLE_OverrideCouncil" in kinds:
+        assert any(w["name"] == "instructmole_expert_grid" for n in layout for w in n["dom"])
+
+
+def test_only_the_entry_scripts_load_as_extensions(comfy_server: Any) -> None:
+    """ComfyUI loads every *.js under WEB_DIRECTORY (subfolders too) as an extension: the pack has
+    two, and its modules (web/lib/*.mjs) are served for them to import, as JavaScript."""
+    listed = [e for e in comfy_server.request("/extensions") if "/instructmole/" in e]
+    assert sorted(listed) == ["/extensions/instructmole/expert_grid.js", "/extensions/instructmole/instructmole.js"]
+    for module in ("lib/grid_rules.mjs", "lib/council_map.mjs"):
+        with urllib.request.urlopen(f"{comfy_server.url}/extensions/instructmole/{module}", timeout=30) as r:
+            assert r.status == 200 and "javascript" in r.headers["Content-Type"], module
+            assert b"export " in r.read()
+
+
 def test_council_map_shows_the_executed_council(comfy_server: Any, browser: dict[str, Any]) -> None:
     run = browser["run"]
     assert run["queued"] is True, run["queued"]
@@ -201,12 +239,20 @@ def test_council_map_shows_the_executed_council(comfy_server: Any, browser: dict
     # The Override node shows its edited council too (the same one here: Preview shows it as is).
     assert run["overrideMap"]["state"] == "ready"
     assert run["overrideMap"]["data"] == outputs[OVERRIDE_ID]["instructmole_council"][0] == executed
-    row, expert, text = run["map"]["chosen"][0]
+    assert sum(map(sum, executed["chosen"])) == len(chosen)  # the server's members are the ones drawn
+    from instructmole.viz import weight_text  # the summary's and heat map's rule, shared by the map
+
+    def cell(weight: float) -> str:
+        return weight_text(weight).replace("0.", ".", 1) if abs(weight) < 1 else f"{weight:.1f}"
+
+    assert [text for _, _, text in run["map"]["chosen"]] == [
+        cell(executed["weights"][r][e]) for r, e, _ in run["map"]["chosen"]
+    ]
+    row, expert, _ = run["map"]["chosen"][0]
     weight = executed["weights"][row][expert]
-    assert text == (f"{weight:.2f}".replace("0.", ".", 1) if abs(weight) < 1 else f"{weight:.1f}")  # the weight shown
     assert run["hover"] == (
         f"layer {executed['names'][row]} ({layers[row]}) · expert {expert} · "
-        f"probability {executed['probs'][row][expert]:.4f} · weight {weight:.4f}"
+        f"probability {executed['probs'][row][expert]:.4f} · weight {weight_text(weight, 4)}"
     )
 
 

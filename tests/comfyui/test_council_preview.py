@@ -2,7 +2,8 @@
 
 Which experts are members is decided on the unrounded weights (a weight of 0.00003 is a member
 although it rounds to 0.0000); only the shown numbers are rounded, and a member's weight is never
-shown as 0. The council map (web/lib/council_map.mjs) follows the same rule: tests/web/.
+shown as 0 (instructmole/viz.py weight_text, for the summary and the heat map). The council map
+(web/lib/council_map.mjs) follows the same rule: tests/web/.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ def make_council(council_nodes: Any, weights: list[list[float]]) -> Any:
     return council_nodes.Council(layers=LAYERS, probs=probs, weights=w, top_k=2, adapter_id="x", label=("an edit",))
 
 
-def test_weight_text_never_shows_a_member_as_zero(council_nodes: Any) -> None:
-    text = council_nodes.weight_text
+def test_weight_text_never_shows_a_member_as_zero() -> None:
+    from instructmole.viz import weight_text as text
+
     assert [text(0.25), text(1.5), text(0.0), text(TINY), text(-TINY), text(0.004), text(0.005)] == [
         "0.25",
         "1.50",

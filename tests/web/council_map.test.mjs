@@ -1,5 +1,5 @@
 // Unit tests of web/lib/council_map.mjs without a DOM: the council map's numbers agree with the
-// Python summary (nodes/council_nodes.py weight_text) and members come from the server's `chosen`
+// Python summary and heat map (instructmole/viz.py weight_text) and members come from the server's `chosen`
 // mask, never from rounded weights. Run: node --test tests/web/
 import assert from "node:assert/strict";
 import { test } from "node:test";
@@ -51,4 +51,11 @@ test("the hover line of a member whose rounded weight is 0 still names it a memb
 
 test("a malformed chosen mask is refused like the other grids", () => {
   assert.equal(m.councilData(message({ chosen: [[true]] })), null);
+});
+
+test("the map of a FLUX.1 council (57 layers) with its summary wants 602 px", () => {
+  // scripts/workflows.py sizes the shipped Council Previews for it (tests/test_workflow_layout.py)
+  const layers = Array.from({ length: 57 }, (_, i) => `l${i}`);
+  assert.equal(m.preferredHeight({ layers }, true), 602);
+  assert.equal(m.preferredHeight(null, false), 40);
 });

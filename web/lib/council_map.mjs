@@ -52,7 +52,7 @@ export function summaryText(message) {
 
 /**
  * A member's weight rounded for reading, never shown as 0 (a member is never "weight 0"): the rule
- * of nodes/council_nodes.py weight_text. `compact` is the cell's form (".25", "1.5", "<.01").
+ * of instructmole/viz.py weight_text (the heat map and the Council Preview's summary). `compact` is the cell's form (".25", "1.5", "<.01").
  */
 export function weightText(w, decimals, compact = false) {
   const step = 10 ** -decimals;
