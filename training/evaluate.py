@@ -2,7 +2,8 @@
 
 All of it runs on the main process in eval mode (no gate noise, no router dropout) without
 gradients, and puts the model back into training mode afterwards. Flow losses are measured at
-fixed timesteps with fixed noise, so numbers of different checkpoints compare like with like.
+fixed timesteps with fixed noise and at the guidance the adapter trains at (``train.guidance``), so
+numbers of different checkpoints compare like with like.
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ class Evaluator:
 
     def _flow(self, mb: MicroBatch) -> Tensor:
         with torch.autocast(self.device.type, dtype=_AUTOCAST.get(self.autocast), enabled=self.autocast != "no"):
-            outputs = self.model(**model_inputs(mb, self.device, self.dtype, guidance=1.0), aux_reduction="mean")
+            guidance = self.data.config.train.guidance  # the value the adapter is trained at (the flow it learns)
+            outputs = self.model(**model_inputs(mb, self.device, self.dtype, guidance), aux_reduction="mean")
         self._orthogonality.append(float(outputs["orthogonality"]))  # mean cos² of expert outputs, per layer
         return outputs["flow"].float()
 

@@ -35,7 +35,7 @@ from .evaluate import Evaluator, model_inputs, render_samples
 from .loading import SHIPPED_CONFIGS, KontextParts, load_comfyui_files, load_diffusers_folder
 from .modules import DTYPES, TrainingModel, build_mole_config, setup_transformer
 from .preflight import METRICS_FILE, OutputPlan, claim_output, preflight
-from .recipe import LatentNorm, MicroBatch, MicroBatches, aux_weight
+from .recipe import LatentNorm, MicroBatch, MicroBatches, aux_weight, lr_scheduler
 
 __all__ = ["RunResult", "train"]
 
@@ -343,9 +343,7 @@ def train(config: TrainConfig, *, resume: str | None = None, overwrite: bool = F
     model.train()
     groups = model.parameter_groups(t.lr, t.gate_lr, t.weight_decay)
     optimizer = torch.optim.AdamW(groups, betas=tuple(t.betas), weight_decay=t.weight_decay)
-    from diffusers.optimization import get_scheduler
-
-    scheduler = get_scheduler(t.lr_schedule, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)
+    scheduler = lr_scheduler(optimizer, t.lr_schedule, t.warmup_steps, t.max_steps)
     if world > 1:  # the frozen base is the same file on every process: never broadcast or reduce it
         frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
         torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)

@@ -28,7 +28,7 @@ from .cache import FeatureCache
 from .config import TrainConfig
 from .data import Row
 
-__all__ = ["LatentNorm", "MicroBatch", "MicroBatches", "aux_weight", "draw_sigma", "sample_seed"]
+__all__ = ["LatentNorm", "MicroBatch", "MicroBatches", "aux_weight", "draw_sigma", "lr_scheduler", "sample_seed"]
 
 
 def sample_seed(seed: int, *parts: int | str) -> int:
@@ -41,6 +41,18 @@ def aux_weight(step: int, decay_steps: int) -> float:
     """The auxiliary losses' weight factor: cosine from 1 at step 0 to 1e-5 at ``decay_steps`` (then flat)."""
     progress = min(step, decay_steps) / decay_steps
     return 1e-5 + 0.5 * (1 - 1e-5) * (1 + math.cos(math.pi * progress))
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int, total_steps: int):
+    """The learning-rate schedule, after ``warmup_steps`` of linear warm-up from 0 whatever the schedule.
+
+    diffusers' ``get_scheduler("constant")`` ignores ``num_warmup_steps`` (its warm-up variant is
+    another name, ``constant_with_warmup``); ``cosine`` and ``linear`` warm up themselves.
+    """
+    from diffusers.optimization import get_scheduler
+
+    name = "constant_with_warmup" if schedule == "constant" and warmup_steps else schedule
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
 
 
 def draw_sigma(generator: torch.Generator, mode: str, mean: float = 0.0, std: float = 1.0) -> float:

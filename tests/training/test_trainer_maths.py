@@ -3,6 +3,7 @@ optimizer step, warm-up under every schedule, partial batches, the report's guid
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -108,3 +109,40 @@ def test_no_training_row_is_left_out_and_the_buckets_are_printed(tiny_kontext, t
     printed = capsys.readouterr().err
     assert f"{train_rows} training rows in 3 bucket(s)" in printed and "2 references: 3 rows" in printed
     assert sorted(seen) == [i for i, r in enumerate(rows) if r["split"] == "train"]  # each row once in the epoch
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])
+def test_warmup_works_with_every_schedule(schedule):
+    from training.recipe import lr_scheduler
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([param], lr=1e-3)
+    scheduler = lr_scheduler(optimizer, schedule, warmup_steps=4, total_steps=20)
+    lrs = []
+    for _ in range(20):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:5] == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3])  # linear warm-up from 0
+    if schedule == "constant":
+        assert lrs[4:] == pytest.approx([1e-3] * 16)
+    else:
+        assert all(a > b for a, b in itertools.pairwise(lrs[4:]))  # then it decays
+    no_warmup = lr_scheduler(torch.optim.AdamW([param], lr=1e-3), schedule, warmup_steps=0, total_steps=20)
+    assert no_warmup.get_last_lr()[0] == pytest.approx(1e-3)
+
+
+def test_the_report_measures_flow_losses_at_the_trained_guidance(tiny_kontext, tmp_path, monkeypatch):
+    from training.modules import TrainingModel
+
+    forward, seen = TrainingModel.forward, {"train": set(), "eval": set()}
+
+    def spy(self, *args, guidance=None, **kwargs):
+        seen["train" if self.training else "eval"].update(guidance.tolist())
+        return forward(self, *args, guidance=guidance, **kwargs)
+
+    monkeypatch.setattr(TrainingModel, "forward", spy)
+    out = tmp_path / "guidance"
+    train(load_config(TINY_CONFIG, run_overrides(tiny_kontext, out, "train.guidance=3.5", steps=1, every=1)))
+    assert seen == {"train": {3.5}, "eval": {3.5}}
+    assert (out / "reports" / "step-0000001.json").is_file()
