@@ -1,13 +1,17 @@
 """Latents and text features, computed once and kept on disk for every later step, process and run.
 
-An entry's key is a hash of what determines it: the image's *content* (not its path) with the VAE's
-identity and the bucket size, or the instruction text with the text encoders' identities and the
-T5 padding length. A renamed image still hits, an edited one misses, and another VAE never reads
-a stale latent. Each entry is one small ``.safetensors`` file written to a temp name and renamed,
-so a run killed mid-way leaves only whole entries behind.
+An entry's key is a hash of everything that determines it: the image's *content* (not its path)
+with the VAE's identity and the bucket size, or the instruction text with the text encoders'
+identities and the T5 padding length; for both, the dtype the encoders ran in (``model.dtype``:
+bf16 features are not fp32 features) and ``FORMAT``, the version of the encoding code here (bump
+it when what an entry holds or how it is computed changes). A renamed image still hits, an edited
+one misses, and another VAE or dtype never reads a stale entry. Each entry is one small
+``.safetensors`` file written to a temp name and renamed, so a run killed mid-way leaves only whole
+entries behind.
 
-Under accelerate every process reads the same cache; the missing entries are split between the
-processes (each entry is encoded exactly once), and everybody waits until all are on disk.
+Under accelerate every process reads the same cache; the main process decides which entries are
+missing and every process takes its share of that one list (each entry is encoded exactly once),
+and everybody waits until all are on disk.
 
 Latents are kept as the VAE posterior (mean and std), not as one sample: the trainer draws a fresh
 sample per step from the sample's own seed, as the recipe's ``latent_dist.sample()`` does.
@@ -43,8 +47,14 @@ class ImageJob:
     size: tuple[int, int]  # (width, height)
 
 
+FORMAT = "2"  # 2: keys hold the encoders' dtype
+
+
 class FeatureCache:
-    """The on-disk cache of one encoder set: key derivation, reads (with a small memory LRU), writes."""
+    """The on-disk cache of one encoder set: key derivation, reads (with a small memory LRU), writes.
+
+    ``identity``: the encoders' fingerprints ("t5", "clip", "vae") and "dtype", the dtype they run in.
+    """
 
     def __init__(self, root: Path, identity: dict[str, str], text_length: int, memory_bytes: int = 1 << 30) -> None:
         self.root = Path(root)
@@ -57,10 +67,11 @@ class FeatureCache:
 
     def text_key(self, instruction: str) -> str:
         ids = f"{self.identity.get('t5', '')}|{self.identity.get('clip', '')}|{self.text_length}"
-        return _digest("text", ids, instruction)
+        return _digest("text", FORMAT, self.identity.get("dtype", ""), ids, instruction)
 
     def latent_key(self, digest: str, size: tuple[int, int]) -> str:
-        return _digest("latent", self.identity.get("vae", ""), digest, f"{size[0]}x{size[1]}")
+        ids = self.identity.get("vae", "")
+        return _digest("latent", FORMAT, self.identity.get("dtype", ""), ids, digest, f"{size[0]}x{size[1]}")
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"

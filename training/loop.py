@@ -505,7 +505,8 @@ def _step_routing(
 
 
 def _load_identity(config: TrainConfig) -> dict[str, str]:
-    return _load(config, (), DTYPES[config.model.dtype]).identity
+    """The cache's identity of the encoders: their files' fingerprints and the dtype they run in."""
+    return {**_load(config, (), DTYPES[config.model.dtype]).identity, "dtype": config.model.dtype}
 
 
 def _adapter_path(folder: Path, config: TrainConfig, step: int) -> Path:
