@@ -160,6 +160,11 @@ def _build_cache(
 ) -> int:
     """Encode what the cache lacks, split between the processes; encoders are freed afterwards.
 
+    The main process alone decides what is missing, and every process splits that one list: lists
+    each process made for itself could differ (another process may already have written some
+    entries), leaving entries that nobody encodes. Writes are atomic renames, and every process
+    waits at the end until all entries are on disk, so none reads an entry still being written.
+
     ``samples``: the sample items' references (content hash, bucket); their instructions are cached too.
     """
     extra = {item.instruction for item in config.sample.items}
@@ -171,8 +176,13 @@ def _build_cache(
     }
     images |= {ImageJob(path, digest, size) for path, (digest, size) in samples.items()}
     jobs = sorted(images, key=lambda j: (j.digest, j.size))
-    texts = [t for t in texts if not cache.has(cache.text_key(t))]
-    jobs = [j for j in jobs if not cache.has(cache.latent_key(j.digest, j.size))]
+    texts, jobs = _broadcast(
+        accelerator,
+        lambda: (
+            [t for t in texts if not cache.has(cache.text_key(t))],
+            [j for j in jobs if not cache.has(cache.latent_key(j.digest, j.size))],
+        ),
+    )
     rank, world = accelerator.process_index, accelerator.num_processes
     my_texts, my_jobs = texts[rank::world], jobs[rank::world]
     written = 0
