@@ -1,15 +1,17 @@
 """The example workflows: their definitions, the UI-format files built from them, and the way back.
 
 Each workflow is written once, here, as an API-style graph (``class_type`` + ``inputs``, links as
-``[node, slot]``) plus what only the canvas has: titles, a layout in columns, groups, a Note, and
-the frontend's ``models`` metadata (file names, folders, public download URLs) on the loaders.
+``[node, slot]``) plus what only the canvas has: titles, groups laid out in columns (``Workflow.layout``;
+no two groups, nodes or titles overlap), node sizes the frontend keeps, a Note, and the frontend's
+``models`` metadata (file names, folders, public download URLs) on the loaders.
 ``build`` turns a definition into the format the ComfyUI frontend saves (nodes with their sockets
 and ``widgets_values``, links, groups), using the server's ``/object_info`` for each node's inputs
 in order; ``to_prompt`` turns such a file back into the prompt the frontend would queue. The
 headless workflow tests run exactly that prompt, and the browser tests check that the frontend's
 own ``graphToPrompt`` agrees.
 
-Rebuild the shipped files after changing a definition or a node's inputs (a server with this pack)::
+Rebuild the shipped files after changing a definition or a node's inputs (a server with this pack,
+the oldest ComfyUI the pack supports, v0.3.64: newer ones give some core nodes more sockets)::
 
     python -m scripts.workflows --url http://127.0.0.1:8188      # writes workflows/*.json
 """
