@@ -7,7 +7,7 @@ DIFFUSION_MODEL wrapper and ComfyUI weight patches, on ComfyUI's own Flux, loade
 the core benchmark, in one process, interleaved:
 
 * ``base``         the unpatched ``ModelPatcher``;
-* ``auto-exact``   ``apply_adapter`` (Load InstructMoLE Adapter), routed every forward from the exact
+* ``auto-exact``   ``apply_adapter`` (InstructMoLE Load Adapter), routed every forward from the exact
                    signal that InstructMoLE Text Encode attaches (the ``instructmole_t5`` /
                    ``instructmole_pooled`` int32 bit-cast conds, built by the pack's ``attach_signal``
                    and handed over the way sampling does);

@@ -378,7 +378,7 @@ def assert_same(compiled: Any, reference: Any, x: dict[str, torch.Tensor], **kw:
 
 
 def compile_in_front(setup: dict[str, Any], model: Any, backend: RecordingBackend, lora: float) -> tuple:
-    """MODEL -> TorchCompileModel -> Load InstructMoLE Adapter, checked against the uncompiled
+    """MODEL -> TorchCompileModel -> InstructMoLE Load Adapter, checked against the uncompiled
     chain on two batches that route differently (nothing of the first may be baked into a graph)."""
     load_adapter = setup["nodes"].loaders.LoadAdapter.execute
     front, adapter = load_adapter(compile_node(model, backend), "tiny.safetensors", lora, 1.0).result
@@ -398,7 +398,7 @@ def compile_in_front(setup: dict[str, Any], model: Any, backend: RecordingBacken
 
 
 def compile_around_the_pack(setup: dict[str, Any], backend: RecordingBackend) -> None:
-    """TorchCompileModel in front of Load InstructMoLE Adapter (then Apply Council on the compiled
+    """TorchCompileModel in front of InstructMoLE Load Adapter (then Apply Council on the compiled
     chain), behind it, and behind Apply Council fixed / merged: each output is the uncompiled one."""
     apply = setup["nodes"].council_nodes.ApplyCouncil.execute
     front, plain, adapter, x = compile_in_front(setup, setup["base"], backend, lora=1.0)
@@ -409,7 +409,7 @@ def compile_around_the_pack(setup: dict[str, Any], backend: RecordingBackend) ->
         assert_same(apply(front, chosen, mode).result[0], apply(plain, chosen, mode).result[0], x)
 
     x = inputs(2, seed=33)
-    assert_same(compile_node(plain, backend), plain, x)  # Load InstructMoLE Adapter -> TorchCompileModel
+    assert_same(compile_node(plain, backend), plain, x)  # InstructMoLE Load Adapter -> TorchCompileModel
     for mode in ("fixed", "merged"):  # ... -> Apply Council -> TorchCompileModel
         applied = apply(plain, chosen, mode).result[0]
         got = assert_same(compile_node(applied, backend), applied, x)

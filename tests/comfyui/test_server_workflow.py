@@ -171,7 +171,7 @@ def workflow(model_from_apply_council: bool, prefix: str) -> dict[str, Any]:
 
 def model_free_loader(prompt: dict[str, Any]) -> dict[str, Any]:
     """The same workflow with the adapter loaded on its own (Adapter File) and put on the model by
-    Apply InstructMoLE Adapter: Route and Override no longer wait for the diffusion model."""
+    InstructMoLE Apply Adapter: Route and Override no longer wait for the diffusion model."""
     prompt = json.loads(json.dumps(prompt))
     prompt["20"] = {"class_type": "InstructMoLE_AdapterFile", "inputs": {"adapter": SERVER_ADAPTER}}
     prompt["2"] = {
@@ -258,7 +258,7 @@ def test_workflow_with_auto_routing_runs(server: Any) -> None:
 
 
 def test_model_free_loader_gives_the_same_image(server: Any) -> None:
-    """Adapter File + Apply InstructMoLE Adapter is the one-node loader split in two: same pixels."""
+    """Adapter File + InstructMoLE Apply Adapter is the one-node loader split in two: same pixels."""
     images = []
     for prefix, prompt in (
         ("instructmole_one_node", workflow(model_from_apply_council=True, prefix="instructmole_one_node")),

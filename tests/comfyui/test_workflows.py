@@ -167,7 +167,7 @@ def swap_loaders(prompt: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str,
         if kind == "UNETLoader":
             family = "fill" if inputs["unet_name"] == wf.FILL else "kontext"
             out[node_id] = {"class_type": "InstructMoLETest_TinyFlux", "inputs": {"seed": 0, "family": family}}
-        elif kind == "InstructMoLE_LoadKontext":  # = Load Diffusion Model + Load InstructMoLE Adapter
+        elif kind == "InstructMoLE_LoadKontext":  # = Load Diffusion Model + InstructMoLE Load Adapter
             out[f"{node_id}_model"] = {"class_type": "InstructMoLETest_TinyFlux", "inputs": {"seed": 0}}
             kept = {k: inputs[k] for k in ("lora_strength", "expert_strength")}
             out[node_id] = {
