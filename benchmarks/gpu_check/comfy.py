@@ -233,7 +233,8 @@ def load_flux(path: str, unet_config: dict[str, Any], dtype: torch.dtype, disabl
     model_config = comfy.supported_models.Flux(dict(unet_config))
     model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({}, "")
-    cls = comfy.model_patcher.ModelPatcher if disable_dynamic else comfy.model_patcher.CoreModelPatcher
+    core_class = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)  # v0.33 on
+    cls = comfy.model_patcher.ModelPatcher if disable_dynamic else core_class
     patcher = cls(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
     if not mm.is_device_cpu(mm.unet_offload_device()):
         model.to(mm.unet_offload_device())
