@@ -242,10 +242,13 @@ class MoLERuntime:
         rows: int | None = None,
         device: torch.device | None = None,
         seeds: Tensor | None = None,
+        routed: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> None:
         """Route the batch of one transformer forward of ``rows`` rows on ``device`` (default: the
         text's). ``text``/``pooled`` may be None when nothing is routed (fixed council, merged).
-        ``seeds``: per-row seeds for training's random draws (see ``route``)."""
+        ``seeds``: per-row seeds for training's random draws (see ``route``). ``routed``: the
+        ``route`` output of every row, already computed (rows whose signals differ in length are
+        routed apart and joined; the router is row-independent, so that is the same council)."""
         layers = self.config.instruction_layers
         self._records = {"grams": {}, "token": {}}
         self._token_choices = {}
@@ -261,10 +264,13 @@ class MoLERuntime:
                     f"the fixed council holds {indices.shape[0]} instances but the batch has {rows} rows"
                 )
         else:
-            if text is None or pooled is None:
-                raise RoutingError("auto routing needs the instruction's T5 features and CLIP pooled vector")
-            self._check_signal(text, pooled, rows)
-            probs, indices, weights = self.route(text, pooled, self._seeds)
+            if routed is not None:
+                probs, indices, weights = routed
+            else:
+                if text is None or pooled is None:
+                    raise RoutingError("auto routing needs the instruction's T5 features and CLIP pooled vector")
+                self._check_signal(text, pooled, rows)
+                probs, indices, weights = self.route(text, pooled, self._seeds)
             self._last = (probs, indices, weights)
             if self.training:
                 self._records["instruction"] = (probs, indices)

@@ -45,7 +45,7 @@ from ..instructmole.fold import fold_council
 from ..instructmole.layers import to_bfl
 from ..instructmole.overrides import with_strength
 from ..instructmole.runtime import DeviceCache, MoLERuntime, RoutingError
-from .signal import POOLED_KEY, T5_KEY, unpack
+from .signal import CHECK_KEY, POOLED_KEY, T5_KEY, rows_still_matching, unpack
 
 ATTACHMENT = "instructmole"
 PREFIX = "diffusion_model."
@@ -149,6 +149,7 @@ class ComfyRuntime:
             cache=cache or adapter.cache,
         )
         self.last_exact: bool | None = None  # whether the latest councils came from the exact signal
+        self.last_exact_rows: tuple[bool, ...] = ()  # the same, row by row
         self.last_layout: TokenLayout | None = None  # where the image tokens sat in the latest forward
         self._warned = False
         # The forward installed on each module of a model this runtime ran (kept while the module lives).
@@ -196,23 +197,54 @@ class ComfyRuntime:
         if self.merged or self.council is not None or not cfg.instruction_layers:
             self.core.begin(None, None, rows=x.shape[0], device=x.device)
             return
+        if y is None:
+            raise RoutingError("InstructMoLE needs the CLIP pooled vector (y) to route; use FLUX conditioning")
+        exact = torch.zeros(x.shape[0], dtype=torch.bool)
         if T5_KEY in kwargs and POOLED_KEY in kwargs:
-            text, pooled, exact = unpack(kwargs[T5_KEY]), unpack(kwargs[POOLED_KEY]), True
+            exact[:] = True
+            if CHECK_KEY in kwargs:  # rows whose conditioning a core node edited after Text Encode
+                exact = rows_still_matching(kwargs[CHECK_KEY], context, y).cpu()
+        self._note_fallback(int((~exact).sum()), x.shape[0], context.shape[1], T5_KEY in kwargs)
+        if bool(exact.all()):
+            self.core.begin(
+                unpack(kwargs[T5_KEY]).to(x.device), unpack(kwargs[POOLED_KEY]).to(x.device), rows=x.shape[0]
+            )
+        elif not bool(exact.any()):
+            self.core.begin(context, y, rows=x.shape[0])
+        else:  # some rows exact, some not: the signals differ in length, so route the two groups apart
+            mask = exact.to(x.device)
+            t5, pooled = unpack(kwargs[T5_KEY]).to(x.device), unpack(kwargs[POOLED_KEY]).to(x.device)
+            own, carried = self.core.route(context[~mask], y[~mask]), self.core.route(t5[mask], pooled[mask])
+            routed = []
+            for own_part, carried_part in zip(own, carried, strict=True):
+                joined = own_part.new_empty((x.shape[0], *own_part.shape[1:]))
+                joined[~mask], joined[mask] = own_part, carried_part
+                routed.append(joined)
+            self.core.begin(None, None, rows=x.shape[0], routed=tuple(routed))
+        self.last_exact = bool(exact.all())
+        self.last_exact_rows = tuple(exact.tolist())
+
+    def _note_fallback(self, own: int, rows: int, tokens: int, carried: bool) -> None:
+        """Say once per runtime why councils are close rather than exact (routing from ComfyUI's features)."""
+        if not own or self._warned:
+            return
+        self._warned = True
+        if carried:
+            log.info(
+                "InstructMoLE: %d of %d rows carry a conditioning that a node changed after InstructMoLE Text "
+                "Encode (ConditioningZeroOut, Average, Concat, ...): routed from their own features, as the "
+                "model sees them, not from the instruction they were encoded from.",
+                own,
+                rows,
+            )
         else:
-            if y is None:
-                raise RoutingError("InstructMoLE needs the CLIP pooled vector (y) to route; use FLUX conditioning")
-            text, pooled, exact = context, y, False
-            if not self._warned:
-                log.info(
-                    "InstructMoLE: routing a conditioning from ComfyUI's own T5 features (padded to %d tokens, "
-                    "not the %d the adapter was trained with): close, not exact. Encode with 'InstructMoLE Text "
-                    "Encode' for exact councils.",
-                    context.shape[1],
-                    cfg.text_length,
-                )
-                self._warned = True
-        self.core.begin(text.to(x.device), pooled.to(x.device), rows=x.shape[0])
-        self.last_exact = exact
+            log.info(
+                "InstructMoLE: routing a conditioning from ComfyUI's own T5 features (padded to %d tokens, "
+                "not the %d the adapter was trained with): close, not exact. Encode with 'InstructMoLE Text "
+                "Encode' for exact councils.",
+                tokens,
+                self.adapter.config.text_length,
+            )
 
     def end(self) -> None:
         self.core.end()

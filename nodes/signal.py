@@ -6,6 +6,13 @@ the padding changes every token's features, so the exact signal needs a second e
 training length. It travels in the conditioning's ``model_conds`` so that sampling hands it, row by
 row, to the model wrapper. The fp32 tensors travel bit-cast to int32: ComfyUI casts floating
 conds to the model dtype (bf16) on the way, but leaves integer tensors alone.
+
+Core conditioning nodes copy ``model_conds`` unchanged while they edit the conditioning itself
+(ConditioningZeroOut zeroes it, Average mixes two, Concat appends tokens). So the signal also
+carries a fingerprint of the conditioning it was made for: the mean of its T5 tokens (unchanged
+by the token repetition ComfyUI batches with) and its pooled vector. A row whose conditioning no
+longer matches is routed from what the model sees instead, its own features: an edited
+conditioning is never routed as the instruction it came from.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from ..instructmole import InstructMoLEError
 
 T5_KEY = "instructmole_t5"
 POOLED_KEY = "instructmole_pooled"
+CHECK_KEY = "instructmole_of"  # the fingerprint of the conditioning the signal belongs to
 TRAINING_TEXT_LENGTH = 512
 
 
@@ -34,7 +42,8 @@ def encode_for_routing(clip: Any, text: str, length: int = TRAINING_TEXT_LENGTH)
 
 
 def attach_signal(conditioning: list, t5: Tensor, pooled: Tensor) -> list:
-    """A copy of ``conditioning`` whose every entry carries the exact routing signal."""
+    """A copy of ``conditioning`` whose every entry carries the exact routing signal, and the
+    fingerprint of that entry (see the module's docstring)."""
     import comfy.conds
 
     out = []
@@ -42,8 +51,30 @@ def attach_signal(conditioning: list, t5: Tensor, pooled: Tensor) -> list:
         model_conds = dict(extras.get("model_conds", {}))  # merge: never drop other packs' conds
         model_conds[T5_KEY] = comfy.conds.CONDRegular(t5.contiguous().view(torch.int32))
         model_conds[POOLED_KEY] = comfy.conds.CONDRegular(pooled.contiguous().view(torch.int32))
+        if extras.get("pooled_output") is not None:
+            check = fingerprint(cond, extras["pooled_output"])
+            model_conds[CHECK_KEY] = comfy.conds.CONDRegular(check.contiguous().view(torch.int32))
         out.append([cond, {**extras, "model_conds": model_conds}])
     return out
+
+
+def fingerprint(context: Tensor, pooled: Tensor) -> Tensor:
+    """``[rows, text_dim + pooled_dim]`` fp32: each row's mean T5 token and its pooled vector."""
+    return torch.cat([context.float().mean(dim=1), pooled.float().reshape(context.shape[0], -1)], dim=-1)
+
+
+def rows_still_matching(check: Tensor, context: Tensor, pooled: Tensor) -> Tensor:
+    """Per row (bool ``[rows]``): does the conditioning that reached the model still match the one
+    the signal was made for? Tolerant of the model dtype ComfyUI cast it to (bf16: 2^-9 relative)."""
+    want = unpack(check).to(context.device)
+    got = fingerprint(context, pooled.to(context.device))
+    if got.shape != want.shape:
+        return torch.zeros(context.shape[0], dtype=torch.bool, device=context.device)
+    matching = torch.ones(context.shape[0], dtype=torch.bool, device=context.device)
+    for part in (slice(0, context.shape[-1]), slice(context.shape[-1], None)):  # T5 mean, pooled: own scales
+        scale = want[:, part].abs().amax(dim=-1, keepdim=True)
+        matching &= ((got[:, part] - want[:, part]).abs() <= 0.02 * scale + 1e-6).all(dim=-1)
+    return matching
 
 
 def carried_signal(extras: dict) -> tuple[Tensor, Tensor] | None:

@@ -21,7 +21,9 @@ def conditioning(setup: dict[str, Any], seed: int, tokens: int, exact: bool) -> 
     return cond
 
 
-def sample_and_record(setup: dict[str, Any], model: Any, positive: list, negative: list, cfg: float) -> list:
+def sample_and_record(
+    setup: dict[str, Any], model: Any, positive: list, negative: list, cfg: float, size: int = 8
+) -> list:
     """Run a short KSampler; record, for every model forward, each row's council and its source."""
     import nodes as comfy_nodes
 
@@ -38,6 +40,7 @@ def sample_and_record(setup: dict[str, Any], model: Any, positive: list, negativ
                 "layout": runtime.last_layout,
                 "council": runtime.last_council,
                 "exact": runtime.last_exact,
+                "exact_rows": runtime.last_exact_rows,
                 "context": context.clone(),
                 "y": y.clone(),
                 "kwargs": dict(kwargs),
@@ -46,7 +49,7 @@ def sample_and_record(setup: dict[str, Any], model: Any, positive: list, negativ
 
     runtime.begin = spy
     try:
-        latent = {"samples": torch.zeros(1, 16, 8, 8)}
+        latent = {"samples": torch.zeros(1, 16, size, size)}
         comfy_nodes.common_ksampler(model, 1, 2, cfg, "euler", "simple", positive, negative, latent)
     finally:
         del runtime.begin
