@@ -175,6 +175,12 @@ class MoLERuntime:
         return Council.from_topk(self.config.instruction_layers, probs, indices, weights, adapter_id=self.adapter_id)
 
     @property
+    def token_choices(self) -> dict[str, Tensor]:
+        """The latest forward's first choices as they are (``[rows, tokens]`` on the device): a host
+        may keep them past later forwards (each forward starts a new dict) without a device sync."""
+        return self._token_choices
+
+    @property
     def last_token_experts(self) -> dict[str, Tensor]:
         """Per token-routed layer, the expert each token ranked first in the latest inference forward
         (``[rows, tokens]``, on the CPU; built on demand: nothing waits on the device per step)."""

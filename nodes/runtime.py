@@ -151,6 +151,9 @@ class ComfyRuntime:
         self.last_exact: bool | None = None  # whether the latest councils came from the exact signal
         self.last_exact_rows: tuple[bool, ...] = ()  # the same, row by row
         self.last_layout: TokenLayout | None = None  # where the image tokens sat in the latest forward
+        # The token map's record: the latest forward that held a positive row (under CFG the negative
+        # may run last, in a forward of its own), with its per-token first choices (device tensors).
+        self.map_record: tuple[TokenLayout, dict[str, Tensor]] | None = None
         self._warned = False
         # The forward installed on each module of a model this runtime ran (kept while the module lives).
         self._forwards: weakref.WeakKeyDictionary[Any, Callable] = weakref.WeakKeyDictionary()
@@ -247,6 +250,9 @@ class ComfyRuntime:
             )
 
     def end(self) -> None:
+        layout = self.last_layout
+        if layout is not None and (not layout.cond_or_uncond or 0 in layout.cond_or_uncond):
+            self.map_record = (layout, self.core.token_choices)
         self.core.end()
 
     def wrapper(

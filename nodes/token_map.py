@@ -105,7 +105,7 @@ class TokenExpertMap(io.ComfyNode):
         except CouncilRuleError as err:
             raise NodeInputError(NODE, "layers", str(err)) from None
         chosen = [name for name, keep in zip(token_layers, mask.tolist(), strict=True) if keep]
-        recorded, layout = runtime.core.last_token_experts, runtime.last_layout
+        layout, recorded = runtime.map_record or (None, {})
         if layout is None or not all(name in recorded for name in chosen):
             raise NodeInputError(
                 NODE, "samples", "this MODEL has not sampled yet; connect the LATENT output of the sampler that uses it"
@@ -122,7 +122,7 @@ class TokenExpertMap(io.ComfyNode):
                 f"this MODEL was {layout.grid[1] * PIXELS_PER_TOKEN}x{layout.grid[0] * PIXELS_PER_TOKEN}; connect "
                 "the LATENT of the sampler that ran last with it",
             )
-        per_layer = torch.stack([layout.image_tokens(name, recorded[name]) for name in chosen])  # [L, rows, t]
+        per_layer = torch.stack([layout.image_tokens(name, recorded[name].cpu()) for name in chosen])  # [L, rows, t]
         if per_layer.shape[-1] != grid[0] * grid[1]:  # not FLUX's [text; image] layout
             raise NodeInputError(
                 NODE, "model", "its layers saw the image tokens in a layout the map cannot place; use a FLUX model"

@@ -228,6 +228,28 @@ def test_token_expert_map_draws_the_positive_rows_of_a_cfg_batch(icedit):
     assert positive.shape[0] == 1 and torch.equal(positive[0], both[1])
 
 
+def test_token_expert_map_keeps_the_positive_pass_when_the_negative_runs_last(icedit):
+    """Under CFG with conds that cannot batch, the negative runs in a forward of its own, after the
+    positive: the map still shows the positive pass."""
+    nodes = icedit["nodes"]
+    model = nodes.loaders.LoadAdapter.execute(icedit["base"], FILE, 1.0, 1.0).result[0]
+    positive, negative = model.clone(), model.clone()
+    positive.model_options.setdefault("transformer_options", {})["cond_or_uncond"] = [0]
+    negative.model_options.setdefault("transformer_options", {})["cond_or_uncond"] = [1]
+    x, x_negative = fill_inputs(1), fill_inputs(7)
+    comfy_out(positive, x)
+    want = nodes.token_map.TokenExpertMap.execute(positive, {"samples": x["latents"]}, "all", None, 1.0).result[0]
+    comfy_out(negative, x_negative)
+    runtime = negative.get_attachment("instructmole")
+    assert runtime is positive.get_attachment("instructmole") and runtime.last_layout.cond_or_uncond == (1,)
+    got = nodes.token_map.TokenExpertMap.execute(negative, {"samples": x["latents"]}, "all", None, 1.0).result[0]
+    assert torch.equal(got, want)
+    comfy_out(positive, x_negative)  # a positive pass of other inputs: now that one is shown
+    assert not torch.equal(
+        nodes.token_map.TokenExpertMap.execute(positive, {"samples": x["latents"]}, "all", None, 1.0).result[0], want
+    )
+
+
 def test_token_layout_keeps_the_positive_rows_and_the_target_image_tokens(instructmole_pack):
     TokenLayout = instructmole_pack.nodes.runtime.TokenLayout
     choices = torch.arange(4 * 20).reshape(4, 20)  # rows [uncond, uncond, cond, cond], 5 text + 12 image + 3 ref
