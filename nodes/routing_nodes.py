@@ -6,7 +6,7 @@ from comfy_api.latest import io
 
 from ..instructmole import InstructMoLEError
 from .common import ADAPTER, ADAPTER_FILE, COUNCIL, LOAD_ADAPTER, ROUTING, NodeInputError
-from .signal import attach_signal, carried_signal, encode_for_routing
+from .signal import attach_signal, carried_signal, encode_for_routing, routing_tokens
 
 
 class TextEncode(io.ComfyNode):
@@ -16,21 +16,24 @@ class TextEncode(io.ComfyNode):
             node_id="InstructMoLE_TextEncode",
             display_name="InstructMoLE Text Encode",
             category=ROUTING,
-            description="Like CLIP Text Encode, and the conditioning also carries the exact InstructMoLE routing "
-            "signal of the text (T5 padded to 512 tokens as in training, plus CLIP pooled), so each image is "
-            "routed exactly as the adapter was trained.",
+            description="Encodes the instruction as the adapter was trained on it, for the router and the model "
+            "alike: the text taken literally (no '(word:1.2)' weighting), T5 padded and truncated to 512 tokens "
+            "(CLIP Text Encode pads to 256), plus CLIP pooled. The conditioning carries the exact routing signal, "
+            "so each image is routed exactly as in training.",
             inputs=[
                 io.Clip.Input("clip", tooltip="The FLUX text encoders (T5-XXL + CLIP-L)."),
                 io.String.Input(
                     "text",
                     multiline=True,
                     dynamic_prompts=True,
-                    tooltip="The edit instruction, e.g. 'make the sky a stormy purple'.",
+                    tooltip="The edit instruction, e.g. 'make the sky a stormy purple'. Taken literally: "
+                    "brackets stay text, as in training.",
                 ),
             ],
             outputs=[
                 io.Conditioning.Output(
-                    tooltip="The same conditioning CLIP Text Encode gives, carrying the exact routing signal."
+                    tooltip="The instruction's conditioning, 512 T5 tokens as in training, carrying the exact "
+                    "routing signal."
                 )
             ],
         )
@@ -43,7 +46,8 @@ class TextEncode(io.ComfyNode):
             signal = encode_for_routing(clip, text)
         except InstructMoLEError as err:
             raise NodeInputError("InstructMoLE Text Encode", "clip", str(err)) from None
-        conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+        # The model gets the tokens the router gets: the ones the adapter was trained with.
+        conditioning = clip.encode_from_tokens_scheduled(routing_tokens(clip, text))
         return io.NodeOutput(attach_signal(conditioning, *signal))
 
 

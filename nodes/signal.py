@@ -30,10 +30,23 @@ CHECK_KEY = "instructmole_of"  # the fingerprint of the conditioning the signal 
 TRAINING_TEXT_LENGTH = 512
 
 
+def routing_tokens(clip: Any, text: str, length: int = TRAINING_TEXT_LENGTH) -> dict:
+    """The text's tokens as the trainer made them: literal (ComfyUI's ``(word:1.2)`` weighting syntax
+    is off: the trainer never parsed it, so ``(OPEN)`` keeps its brackets), T5 padded to ``length``
+    and truncated to it (the end-of-text token stays last, as the trainer's tokenizer keeps it)."""
+    tokens = clip.tokenize(text, tokenizer_options={"t5xxl_min_length": length}, disable_weights=True)
+    t5 = tokens.get("t5xxl") if isinstance(tokens, dict) else None
+    if t5:
+        tokens = {
+            **tokens,
+            "t5xxl": [batch if len(batch) <= length else batch[: length - 1] + batch[-1:] for batch in t5],
+        }
+    return tokens
+
+
 def encode_for_routing(clip: Any, text: str, length: int = TRAINING_TEXT_LENGTH) -> tuple[Tensor, Tensor]:
-    """``(t5 [1, ≥length, d], pooled [1, p])`` in fp32, encoded the way the router was trained."""
-    tokens = clip.tokenize(text, tokenizer_options={"t5xxl_min_length": length})
-    t5, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    """``(t5 [1, length, d], pooled [1, p])`` in fp32, encoded the way the router was trained."""
+    t5, pooled = clip.encode_from_tokens(routing_tokens(clip, text, length), return_pooled=True)
     if pooled is None:
         raise InstructMoLEError(
             "this text encoder gives no pooled output; load the FLUX text encoders (T5-XXL + CLIP-L)"
