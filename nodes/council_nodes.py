@@ -170,7 +170,8 @@ class ApplyCouncil(io.ComfyNode):
                     options=list(MODES),
                     default="merged",
                     tooltip="merged: folded into ComfyUI weight patches once; then it costs exactly the "
-                    "base model and stacks with other LoRAs. fixed: applied on the fly to every row.",
+                    "base model and stacks with other LoRAs. fixed: applied on the fly to every row. On fp8 "
+                    "weights merged is rounded to fp8 with the weight, so fixed is the exact mode there.",
                 ),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with this council on every image.")],
