@@ -153,31 +153,59 @@ def save_checkpoint(
     root = Path(output_dir) / "checkpoints"
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}"
-    try:
-        if accelerator.is_main_process:
+    main = accelerator.is_main_process
+    error: Exception | None = None
+    if main:
+        try:
             _clear_leftovers(root)
             tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
+        except OSError as err:
+            error = err
+    error = _agree(accelerator, error)
+    if error is None:
+        try:
+            accelerator.save_state(str(tmp))
+        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+            error = err
+        error = _agree(accelerator, error)
+    if error is None and main:
+        try:
             write_extras(tmp)
             (tmp / MARKER).write_text(json.dumps({**marker, "step": step}, indent=2))
             _publish(tmp, final)
-    except OSError as err:  # a full disk, a folder gone read-only: the earlier checkpoints stay as they were
-        shutil.rmtree(tmp, ignore_errors=True)
+        except OSError as err:
+            error = err
+    error = _agree(accelerator, error)
+    if error is not None:  # a full disk, a folder gone read-only: the earlier checkpoints stay as they were
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
         done = [p.name for _, p in checkpoints(output_dir)]
         kept = f"the newest complete one, {done[-1]}, is intact" if done else "no earlier checkpoint exists"
+        reason = getattr(error, "strerror", None) or " ".join(str(error).split())[:120]
         raise CheckpointError(
-            f"could not write checkpoint {final.name} in {root} ({err.strerror or err}); {kept}; free space or "
-            "fix the folder, then continue with --resume latest"
-        ) from None
-    if accelerator.is_main_process:
+            f"could not write checkpoint {final.name} in {root} ({reason}); {kept}; free space or fix the folder, "
+            "then continue with --resume latest"
+        )
+    if main:
         ours = [p for _, p in checkpoints(output_dir) if _run_of(p) == marker.get("run")]
         for old in ours[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _agree(accelerator: Any, error: Exception | None) -> Exception | None:
+    """Tell every process whether any of them failed (one all-reduce), so that all stop together
+    instead of the others waiting at the next barrier for a process that has given up."""
+    if accelerator.num_processes == 1:
+        return error
+    import torch
+
+    flag = torch.tensor([0.0 if error is None else 1.0], device=accelerator.device)
+    failed = float(accelerator.reduce(flag, "sum")) > 0  # every process takes part, failed or not
+    if error is None and failed:
+        return OSError("another process could not write its part of the checkpoint")
+    return error
 
 
 def _publish(tmp: Path, final: Path) -> None:

@@ -34,7 +34,7 @@ from .errors import CheckpointError, DataError, TrainingError
 from .evaluate import Evaluator, model_inputs, render_samples
 from .loading import SHIPPED_CONFIGS, KontextParts, load_comfyui_files, load_diffusers_folder
 from .modules import DTYPES, TrainingModel, build_mole_config, setup_transformer
-from .preflight import METRICS_FILE, OutputPlan, claim_output, preflight
+from .preflight import METRICS_FILE, OutputPlan, check_cache_entries, claim_output, preflight
 from .recipe import LatentNorm, MicroBatch, MicroBatches, aux_weight, lr_scheduler
 
 __all__ = ["RunResult", "train"]
@@ -329,6 +329,7 @@ def train(config: TrainConfig, *, resume: str | None = None, overwrite: bool = F
     if data.problems:
         _say(accelerator, f"skipped {len(data.problems)} bad rows (data.on_error=skip); first: {data.problems[0]}")
     samples = _broadcast(accelerator, lambda: _sample_references(config, cache))
+    _broadcast(accelerator, lambda: check_cache_entries(config, cache, data, samples))  # none damaged
     _broadcast(accelerator, lambda: claim_output(plan, config))  # the data is good: the folder is this run's
     _say(accelerator, f"{world} process(es) on {accelerator.device} ({accelerator.distributed_type})")
     written = _build_cache(accelerator, config, cache, data, samples)

@@ -37,6 +37,7 @@ __all__ = [
     "METRICS_FILE",
     "RUN_FILES",
     "OutputPlan",
+    "check_cache_entries",
     "check_space",
     "checkpoint_bytes",
     "claim_output",
@@ -95,10 +96,11 @@ def plan_output(config: TrainConfig, resume: str | None, overwrite: bool) -> Out
         saved = check_resumable(start, current, data=None)  # train() checks the data's fingerprint too
         run = str(saved.get("run") or "")
         others = sorted({str(read_marker(p).get("run") or "") for _, p in checkpoints(out)} - {run})
-        if others:
+        foreign = found and not checkpoints(out) and not _same_run_config(out, current)
+        if others or foreign:
             raise CheckpointError(
-                f"train.output_dir '{out}' holds checkpoints of another run than {start}; continue that run "
-                "there, or write this one into another train.output_dir"
+                f"train.output_dir '{out}' holds files of another run than {start}; continue that run there, or "
+                "write this one into another train.output_dir"
             )
         return OutputPlan(out, start, run or uuid.uuid4().hex, need_bytes=checkpoint_bytes(config))
     plan = OutputPlan(out, None, uuid.uuid4().hex, need_bytes=checkpoint_bytes(config))
@@ -257,9 +259,9 @@ def run_checks(config: TrainConfig, *, resume: str | None = None, overwrite: boo
 
     Beyond ``preflight``: the rows and every image (opened, hashed), the sample references, the model
     files' fingerprints, the data a resumed checkpoint was trained on, and every cache entry this data
-    would read (a damaged one would stop the run at its first read)."""
+    would read (``check_cache_entries``)."""
     from .cache import FeatureCache
-    from .loop import _batch_lines, _batch_order, _load_identity, _prepare_data, _sample_references
+    from .loop import _load_identity, _prepare_data, _sample_references
 
     plan = preflight(config, resume, overwrite)
     cache = FeatureCache(config.cache_dir, _load_identity(config), config.adapter.text_length)
@@ -267,34 +269,38 @@ def run_checks(config: TrainConfig, *, resume: str | None = None, overwrite: boo
     samples = _sample_references(config, cache)
     if plan.start is not None:
         check_resumable(plan.start, config.to_dict(), data.fingerprint())
-    texts = {r.instruction for r in data.rows} | {""} | {item.instruction for item in config.sample.items}
-    keys = [cache.text_key(t) for t in sorted(texts)]
-    keys += sorted(
-        {
-            cache.latent_key(data.digests[p], data.sizes[i])
-            for i, r in enumerate(data.rows)
-            for p in (r.target, *r.references)
-        }
-    )
-    keys += [cache.latent_key(digest, size) for digest, size in samples.values()]
-    present = [k for k in keys if cache.has(k)]
-    for key in present:
-        _check_entry(cache.path(key))
+    present, total = check_cache_entries(config, cache, data, samples)
     lines = list(data.problems)
-    lines += _batch_lines(_batch_order(config, data, world=1), data)  # every bucket; rows that never train
     where = "a fresh run" if plan.start is None else f"resuming from {plan.start}"
     if plan.remove:
         where += f", deleting the earlier run's {', '.join(p.name for p in plan.remove)} first (--overwrite)"
     lines.append(
         f"config OK; {len(data.train)} training and {len(data.holdout)} held-out rows usable, "
-        f"{len(data.problems)} skipped; {len(present)} of {len(keys)} features cached in {cache.root}; "
+        f"{len(data.problems)} skipped; {present} of {total} features cached in {cache.root}; "
         f"{where} in {plan.out} (about {_size(plan.need_bytes)} per checkpoint)"
     )
     return lines
 
 
+def check_cache_entries(config: TrainConfig, cache: Any, data: Any, samples: dict) -> tuple[int, int]:
+    """``(present, needed)``: the cache entries the run will read, each one already there checked to open
+    (its header, not its tensors), since the run would skip encoding it and then fail at its first read.
+
+    ``cache``: the run's ``FeatureCache``; ``data``: its ``loop.Dataset``; ``samples``: the sample
+    references' (content hash, bucket)."""
+    texts = {r.instruction for r in data.rows} | {""} | {item.instruction for item in config.sample.items}
+    keys = [cache.text_key(t) for t in sorted(texts)]
+    images = {(data.digests[p], data.sizes[i]) for i, r in enumerate(data.rows) for p in (r.target, *r.references)}
+    images |= set(samples.values())
+    keys += [cache.latent_key(digest, size) for digest, size in sorted(images)]
+    present = [k for k in keys if cache.has(k)]
+    for key in present:
+        _check_entry(cache.path(key))
+    return len(present), len(keys)
+
+
 def _check_entry(path: Path) -> None:
-    """A cache entry opens as safetensors (its header is read, not its tensors)."""
+    """A cache entry opens as safetensors."""
     from safetensors import safe_open
 
     try:

@@ -143,6 +143,17 @@ def test_resume_latest_before_the_first_checkpoint_starts_the_same_run_again(tin
     assert code == 0, err
 
 
+def test_resume_from_a_checkpoint_into_another_runs_folder_is_refused(tiny_kontext, first_run, tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.yaml").write_text("train: {seed: 1}\n")  # another run, stopped before its first checkpoint
+    checkpoint = first_run / "checkpoints" / "step-0000004"
+    code, err = cli(tiny_kontext, other, capsys, "--resume", str(checkpoint), steps=6)
+    assert code == 2
+    assert_one_error_line(err, f"train.output_dir '{other}' holds files of another run than {checkpoint}")
+    assert (other / "config.yaml").read_text() == "train: {seed: 1}\n"
+
+
 def test_overwrite_and_resume_together_are_refused(tiny_kontext, tmp_path, capsys):
     code, err = cli(tiny_kontext, tmp_path / "x", capsys, "--overwrite", "--resume", "latest")
     assert code == 2
@@ -156,6 +167,7 @@ class FakeAccelerator:
     """What ``save_checkpoint`` uses of accelerate: one main process whose state is one file."""
 
     is_main_process = True
+    num_processes = 1
 
     def __init__(self, fail: OSError | None = None) -> None:
         self.fail = fail
@@ -302,9 +314,20 @@ def test_a_damaged_cache_entry_fails_the_check(tiny_kontext, tmp_path, capsys):
     assert code == 0, err
     entry = next(p for p in cache.rglob("*.safetensors"))
     entry.write_bytes(b"\x00" * 5)
-    code, err = cli(tiny_kontext, tmp_path / "run2", capsys, f"data.cache_dir={cache}", "--check")
-    assert code == 2
-    assert_one_error_line(err, f"the cache entry {entry} is damaged", "delete it")
+    for code, err in both(tiny_kontext, tmp_path / "run2", capsys, f"data.cache_dir={cache}"):
+        assert code == 2
+        assert_one_error_line(err, f"the cache entry {entry} is damaged", "delete it")
+    assert not (tmp_path / "run2").exists()
+
+
+def test_a_file_where_the_run_keeps_its_checkpoints(tiny_kontext, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoints").write_text("a note")
+    for code, err in both(tiny_kontext, out, capsys):
+        assert code == 2
+        assert_one_error_line(err, f"'{out / 'checkpoints'}' is a file, but the run keeps its checkpoints there")
+    assert (out / "checkpoints").read_text() == "a note"
 
 
 def test_a_binary_config_file(tmp_path, capsys):
