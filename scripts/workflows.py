@@ -255,7 +255,7 @@ def creative_control() -> Workflow:
         "'double:0-9 force 1' or 'single ban 2'. The council map shows which experts each layer uses.\n\n"
         "'Apply Council' (merged) folds the council into the weights: sampling then costs what the base model costs."
     )
-    layout = (("Model", "Image to edit"), ("Text", "Sampling"), ("Council", NOTE))
+    layout = (("Model", "Image to edit", NOTE), ("Text", "Sampling"), ("Council",))
     return Workflow("2_creative_control", "Creative control: override and apply a council", note, nodes, layout)
 
 
@@ -294,7 +294,7 @@ def route_and_blend() -> Workflow:
         "the two (factor 0 = the edit's own councils, 1 = the other's; 'layers' limits it, e.g. 'single').\n\n"
         "Connect 'Route: another instruction' straight to 'Apply Council' to route by it alone."
     )
-    layout = (("Model", "Image to edit"), ("Text", "Sampling"), ("Council", NOTE))
+    layout = (("Model", "Image to edit", NOTE), ("Text", "Sampling"), ("Council",))
     return Workflow("3_route_and_blend", "Route by another instruction, blend two councils", note, nodes, layout)
 
 
@@ -311,7 +311,7 @@ def comparison() -> Workflow:
         **_text_and_image(10),
         **_negative(20, [11, 0]),
         40: Node("InstructMoLE_Route", {"adapter": [2, 1], "conditioning": [11, 0], "text": ""}, 0, group="Councils"),
-        41: Node(
+        41: Node(  # Override Councils end their columns: after a run each grows downwards to show its map
             "InstructMoLE_OverrideCouncil",
             {"council": [40, 0], "rules": "all top 1"},
             0,
@@ -319,7 +319,7 @@ def comparison() -> Workflow:
             group="Councils",
             tall=OVERRIDE_GRID_FOLDED,
         ),
-        42: Node(
+        45: Node(
             "InstructMoLE_OverrideCouncil",
             {"council": [40, 0], "rules": "all scale 2"},
             1,
@@ -328,10 +328,10 @@ def comparison() -> Workflow:
             tall=OVERRIDE_GRID_FOLDED,
         ),
         43: Node(
-            "InstructMoLE_ApplyCouncil", {"model": [2, 0], "council": [41, 0], "mode": "merged"}, 0, group="Councils"
+            "InstructMoLE_ApplyCouncil", {"model": [2, 0], "council": [41, 0], "mode": "merged"}, 1, group="Councils"
         ),
         44: Node(
-            "InstructMoLE_ApplyCouncil", {"model": [2, 0], "council": [42, 0], "mode": "merged"}, 1, group="Councils"
+            "InstructMoLE_ApplyCouncil", {"model": [2, 0], "council": [45, 0], "mode": "merged"}, 1, group="Councils"
         ),
     }
     # Four samplers in two columns (base, council A | auto, council B), their decoders in a third,

@@ -99,6 +99,25 @@ def test_sizes_are_the_generators(path: Path) -> None:
             assert node["size"][0] == wf.PREVIEW_WIDTH and node["size"][1] >= FLUX_MAP + SLOTS, name(node)
 
 
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_nothing_below_an_override_council(path: Path) -> None:
+    """After a run Override Council shows the council map under its grid and grows downwards: no
+    node, Note or other group lies below it (its own group ends under it)."""
+    ui = json.loads(path.read_text())
+    for node in ui["nodes"]:
+        if node["type"] != "InstructMoLE_OverrideCouncil":
+            continue
+        x0, _, x1, bottom = node_box(node)
+        below = (x0, bottom, x1, float("inf"))
+        nodes = [name(n) for n in ui["nodes"] if n is not node and overlap(node_box(n), below)]
+        groups = [
+            g["title"]
+            for g in ui["groups"]
+            if overlap(group_box(g), below) and not inside(node_box(node), group_box(g))
+        ]
+        assert nodes == groups == [], f"{name(node)} has {nodes + groups} below it"
+
+
 def test_overlap_helpers() -> None:
     assert overlap((0, 0, 10, 10), (5, 5, 15, 15))
     assert not overlap((0, 0, 10, 10), (10, 0, 20, 10))  # touching edges

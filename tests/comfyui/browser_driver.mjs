@@ -89,6 +89,30 @@ async function measureNodes(page) {
   })), OUR_DOM_WIDGETS);
 }
 
+// What a FLUX.1 council (19 double + 38 single layers, 8 experts, top-2) does to each Council
+// Preview of the loaded workflow: its map and summary are shown as after a run (the node's own
+// onExecuted, with the message the server sends) and the node's size is read back.
+async function previewsAfterFluxRun(page) {
+  return page.evaluate(() => {
+    const layers = [
+      ...Array.from({ length: 19 }, (_, i) => `transformer_blocks.${i}.ff.net.2`),
+      ...Array.from({ length: 38 }, (_, i) => `single_transformer_blocks.${i}.proj_out`),
+    ];
+    const names = layers.map((_, i) => (i < 19 ? `double:${i}` : `single:${i - 19}`));
+    const weights = layers.map(() => [0.6, 0.4, 0, 0, 0, 0, 0, 0]);
+    const data = {
+      layers, names, num_experts: 8, top_k: 2, adapter_id: "", label: "a FLUX.1 council", instances: 1, banned: null,
+      probs: layers.map(() => [0.3, 0.2, 0.1, 0.1, 0.1, 0.1, 0.05, 0.05]), weights,
+      chosen: weights.map((r) => r.map((w) => w !== 0)),
+    };
+    const text = ["a FLUX.1 council", ...names.map((n) => `  ${n}  0:0.60, 1:0.40`)].join("\n");
+    return window.app.graph.nodes.filter((n) => n.type === "InstructMoLE_CouncilPreview").map((n) => {
+      n.onExecuted?.({ instructmole_council: [data], text: [text] });
+      return { id: Number(n.id), size: Array.from(n.size).map(Number), min: Array.from(n.computeSize()).map(Number) };
+    });
+  });
+}
+
 async function toasts(page) {
   return page.evaluate(() => [...document.querySelectorAll(".p-toast-message")].map((t) => t.innerText.trim()));
 }
@@ -145,6 +169,7 @@ try {
       entry.screenshot = path.join(job.shotsDir, `${stem}.png`);
       await page.screenshot({ path: entry.screenshot });
     }
+    entry.previewsAfterRun = await previewsAfterFluxRun(page); // after the picture: it changes the graph
     await closeToasts(page);
   }
 

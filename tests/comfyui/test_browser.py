@@ -199,6 +199,15 @@ def test_workflow_nodes_are_drawn_at_the_size_the_file_declares(browser: dict[st
     kinds = {n["type"] for n in layout}
     if "InstructMoLE_OverrideCouncil" in kinds:
         assert any(w["name"] == "instructmole_expert_grid" for n in layout for w in n["dom"])
+    # A Council Preview keeps its size when it shows the map of a FLUX.1 council (57 layers), as
+    # after a run: the file gives it the room (Override Council, which shows a map after a run too,
+    # grows downwards, into free canvas: nothing is placed below it).
+    previews = browser["workflows"][path.stem]["previewsAfterRun"]
+    assert len(previews) == sum(n["type"] == "InstructMoLE_CouncilPreview" for n in layout)
+    for node in previews:
+        want = declared[node["id"]]
+        assert node["size"] == pytest.approx(want, abs=0.5), f"Council Preview {node['id']}: {node['size']} after a run"
+        assert node["min"][1] <= want[1] + 0.5, node
 
 
 def test_only_the_entry_scripts_load_as_extensions(comfy_server: Any) -> None:
