@@ -79,7 +79,7 @@ def _apply(node: str, model, adapter, lora_strength: float, expert_strength: flo
     if isinstance(adapter, str):
         adapter = load_adapter_input(node, adapter)
     elif not isinstance(adapter, Adapter):
-        raise NodeInputError(node, "adapter", "connect the adapter output of 'InstructMoLE Adapter File'")
+        raise NodeInputError(node, "adapter", f"connect the adapter output of '{ADAPTER_FILE}'")
     try:
         patched = apply_adapter(model, adapter, expert_strength=expert_strength, lora_strength=lora_strength)
     except ModelMismatchError as err:

@@ -465,7 +465,7 @@ def runtime_of(model: Any) -> ComfyRuntime:
     runtime = model.get_attachment(ATTACHMENT)
     if runtime is None:
         raise ModelMismatchError(
-            "this MODEL carries no InstructMoLE adapter; connect the MODEL output of 'Load InstructMoLE Adapter'"
+            "this MODEL carries no InstructMoLE adapter; connect the MODEL output of 'InstructMoLE Load Adapter'"
         )
     return runtime
 

@@ -116,7 +116,7 @@ def test_apply_council_errors(setup):
     msg = error_of(nodes.ApplyCouncil.execute, setup["base"], council, "merged")
     assert msg == (
         "InstructMoLE Apply Council, input 'model': this MODEL carries no InstructMoLE adapter; "
-        "connect the MODEL output of 'Load InstructMoLE Adapter'"
+        "connect the MODEL output of 'InstructMoLE Load Adapter'"
     )
     second, _ = load(setup, "second.safetensors")
     assert "input 'council': this council was routed by a different adapter file" in error_of(
