@@ -44,7 +44,7 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Comple
         env=_clean_env(),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert (out / "gpu_check-dry.json").is_file(), proc.stderr[-4000:]
     return proc, json.loads((out / "gpu_check-dry.json").read_text()), out

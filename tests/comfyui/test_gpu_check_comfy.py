@@ -31,7 +31,7 @@ def stages(tmp_path_factory: pytest.TempPathFactory) -> dict:
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=420,
     )
     result = Path(out, "gpu_check-dry.json")
     assert result.is_file(), proc.stderr[-4000:]
