@@ -4,11 +4,12 @@ Pure PyTorch at import time: nothing here imports ComfyUI or diffusers at module
 ComfyUI nodes, the trainer and plain scripts all share this one core.
 """
 
-from .adapter import Adapter, AdapterError, load_adapter
+from .adapter import Adapter, AdapterError
 from .attach import AttachedAdapter, AttachError, attach
 from .config import ConfigError, LayerSpec, MoLEConfig
 from .council import Council, CouncilMismatchError
 from .errors import InstructMoLEError
+from .formats import load_adapter
 from .model import InstructMoLE
 from .overrides import CouncilRuleError, apply_rules, ban, blend, force, only, parse_rules, scale, take, top
 from .reference import import_reference

@@ -12,12 +12,16 @@ into the file)::
     transformer.<module>.alpha             its alpha as a 0-d tensor
 
 ``__metadata__``: ``format = "instructmole"``, ``format_version = "1"``, ``config`` (the MoLEConfig
-JSON), ``base_model``. Loading validates names, shapes, dtypes, values, version and family and fails
-with one sentence that says what is wrong and what to do: a file that loads is one that routes.
+JSON), ``base_model``. ``Adapter.from_tensors`` validates names, shapes, dtypes and values and fails
+with one sentence that says what is wrong and what to do: an adapter that builds is one that routes.
 NaN, infinite or absurdly large weights are refused (they would turn every image black), and the
 floating dtypes are brought to one per part (MoLE part, plain LoRA; fp8 to bf16, a mix to the
 widest present) so the first forward never meets two dtypes in one matmul. Saving goes through a
 temp file, fsync and rename, so a crash never leaves half an adapter behind.
+
+This module is the adapter *type* and imports no file reader: ``formats.py`` reads files of every
+format (ours, ICEdit's) into it and ``icedit.py``/``reference.py`` convert other layouts to it, so
+each of them depends on this one and nothing here depends back on them.
 """
 
 from __future__ import annotations
@@ -31,11 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .config import LIMITS, ConfigError, MoLEConfig, _show
+from .config import LIMITS, MoLEConfig, _show
 from .council import Council
 from .errors import InstructMoLEError
 from .files import atomic_path
@@ -43,7 +46,7 @@ from .model import InstructMoLE, make_router
 from .routing import route_instances
 from .runtime import DeviceCache
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "Adapter", "AdapterError", "LoraPart", "load_adapter"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "Adapter", "AdapterError", "LoraPart", "describe"]
 
 FORMAT = "instructmole"
 FORMAT_VERSION = 1
@@ -51,7 +54,7 @@ LORA_PREFIX = "transformer."
 MAX_LORA_ALPHA = 1e6
 MAX_ABS_WEIGHT = 1e6  # see _check_values
 _LORA_KEY = re.compile(r"transformer\.([A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*)\.(lora_A\.weight|lora_B\.weight|alpha)")
-_RESERVED_METADATA = ("format", "format_version", "config", "base_model")
+RESERVED_METADATA = ("format", "format_version", "config", "base_model")
 
 
 class AdapterError(InstructMoLEError):
@@ -456,121 +459,6 @@ def _target_path(path: Any) -> Path:
             f"adapter output path '{path}' is a folder; name a file such as '{path / 'adapter.safetensors'}'"
         )
     return path
-
-
-def _source_path(path: Any) -> Path:
-    """An existing adapter file, or one sentence saying why not."""
-    path = _as_path(path, "adapter path")
-    try:
-        is_dir, is_file = path.is_dir(), path.is_file()
-    except OSError as err:
-        raise AdapterError(f"adapter path '{path}' cannot be examined: {err.strerror or _short(err)}") from None
-    if is_dir:
-        raise AdapterError(f"adapter path '{path}' is a folder, not a file; pass the .safetensors file inside it")
-    if not is_file:
-        raise AdapterError(f"adapter file '{path}' does not exist; put it in models/instructmole or models/loras")
-    return path
-
-
-def _read_failure(path: Path, err: Exception) -> AdapterError:
-    """One sentence for any failure of safetensors/the OS while reading ``path``."""
-    if isinstance(err, OSError):
-        return AdapterError(
-            f"'{path}' could not be read: {err.strerror or _short(err)}; check the file and its permissions"
-        )
-    return AdapterError(
-        f"'{path.name}' is not a readable .safetensors file (truncated or corrupt?): {_short(err)}; "
-        "download or export it again"
-    )
-
-
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file, with errors a user can act on."""
-    path = _source_path(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-    except (MemoryError, torch.OutOfMemoryError):
-        raise
-    except Exception as err:  # safetensors, the OS, or anything else the reader raises for a bad file
-        raise _read_failure(path, err) from None
-    return dict(meta or {})
-
-
-def _device(device: Any) -> torch.device:
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise AdapterError(f"device {_show(device)} is not a torch device; use e.g. 'cpu' or 'cuda:0'") from None
-
-
-def load_adapter(
-    path: str | os.PathLike, device: str | torch.device = "cpu", expect_base: str | None = None
-) -> Adapter:
-    """Load and validate an adapter file. ``expect_base``: refuse adapters made for another model family."""
-    device = _device(device)
-    path = _source_path(path)
-    meta = read_metadata(path)
-    if meta.get("format") != FORMAT:
-        icedit = _load_icedit(path, meta, device, expect_base)
-        if icedit is not None:
-            return icedit
-        raise AdapterError(
-            f"'{path.name}' is a safetensors file but not an InstructMoLE adapter (its metadata has no "
-            f"format '{FORMAT}' and no ICEdit MoE-LoRA keys); load a plain LoRA with a LoRA loader, or convert "
-            "a reference checkpoint with 'python -m instructmole convert'"
-        )
-    version = meta.get("format_version", "")
-    if version != str(FORMAT_VERSION):
-        raise AdapterError(
-            f"'{path.name}' has adapter format version {version[:40]!r}, but this InstructMoLE reads version "
-            f"{FORMAT_VERSION}; update the InstructMoLE pack"
-        )
-    if "config" not in meta:
-        raise AdapterError(f"'{path.name}' has no 'config' in its metadata; export or convert it again")
-    try:
-        config = MoLEConfig.from_json(meta["config"])
-    except ConfigError as err:
-        raise AdapterError(f"'{path.name}' carries an invalid config: {err}") from None
-    if expect_base is not None and config.base_model != expect_base:
-        raise AdapterError(
-            f"'{path.name}' was made for {config.base_model!r}, not {_show(expect_base)}; pick an adapter for "
-            "this model"
-        )
-    tensors = _read_tensors(path, device)
-    extra = {k: v for k, v in meta.items() if k not in _RESERVED_METADATA}
-    return Adapter.from_tensors(config, tensors, extra, source=path.name)
-
-
-def _read_tensors(path: Path, device: torch.device) -> dict[str, Tensor]:
-    try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    except (MemoryError, torch.OutOfMemoryError):
-        raise
-    except Exception as err:  # safetensors, the OS, an unknown dtype, a device that is not there
-        raise _read_failure(path, err) from None
-
-
-def _load_icedit(path: Path, meta: dict[str, str], device: torch.device, expect_base: str | None) -> Adapter | None:
-    """An ICEdit MoE-LoRA file converted on the fly (see ``icedit.py``), or None if it is not one."""
-    from .icedit import ICEDIT_BASE, convert_icedit, is_icedit
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-    except (MemoryError, torch.OutOfMemoryError):
-        raise
-    except Exception as err:
-        raise _read_failure(path, err) from None
-    if not is_icedit(keys):
-        return None
-    if expect_base is not None and expect_base != ICEDIT_BASE:
-        raise AdapterError(
-            f"'{path.name}' is an ICEdit MoE-LoRA, made for {ICEDIT_BASE!r}, not {_show(expect_base)}; pick an "
-            "adapter for this model"
-        )
-    return convert_icedit(_read_tensors(path, device), metadata=meta, source=path.name)
 
 
 def describe(adapter: Adapter) -> dict:

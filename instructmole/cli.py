@@ -18,8 +18,10 @@ from typing import NoReturn
 import torch
 from tqdm import tqdm
 
-from .adapter import AdapterError, describe, load_adapter
+from .adapter import AdapterError, describe
 from .errors import InstructMoLEError
+from .formats import load_adapter, read_metadata, read_tensors
+from .icedit import convert_icedit
 from .reference import import_reference, reference_inputs
 
 ADAPTER_SUFFIX = ".safetensors"
@@ -93,8 +95,6 @@ def check_output(out: str, folder: str, overwrite: bool) -> Path:
 
 def _convert_icedit(args: argparse.Namespace) -> int:
     """``convert`` with an ICEdit MoE-LoRA .safetensors file as input (``icedit.py``)."""
-    from .adapter import _read_tensors, read_metadata
-    from .icedit import convert_icedit
 
     source = Path(args.folder)
     for flag in ("alpha", "router_heads", "router_head_dim", "lora_alpha"):
@@ -110,7 +110,7 @@ def _convert_icedit(args: argparse.Namespace) -> int:
     if meta.get("format") == "instructmole":
         raise AdapterError(f"'{source.name}' is already an InstructMoLE adapter; there is nothing to convert")
     top_k = 1 if args.top_k is None else args.top_k
-    adapter = convert_icedit(_read_tensors(source, torch.device("cpu")), top_k=top_k, metadata=meta, source=source.name)
+    adapter = convert_icedit(read_tensors(source, torch.device("cpu")), top_k=top_k, metadata=meta, source=source.name)
     try:
         path = adapter.save(out)
     except OSError as err:

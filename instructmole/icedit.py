@@ -29,7 +29,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from .adapter import _LORA_KEY, Adapter, AdapterError, _checked_tensor_dict, _short
+from .adapter import _LORA_KEY, RESERVED_METADATA, Adapter, AdapterError, _checked_tensor_dict, _short
 from .config import ConfigError, LayerSpec, MoLEConfig, _show
 from .layers import block_of
 from .model import make_router
@@ -200,6 +200,6 @@ def convert_icedit(
         router = make_router(config)
     for key, value in router.state_dict().items():
         mole[f"router.{key}"] = torch.zeros(value.shape, dtype=dtype, device=device)
-    meta = {k: v for k, v in (metadata or {}).items() if k not in ("format", "format_version", "config", "base_model")}
+    meta = {k: v for k, v in (metadata or {}).items() if k not in RESERVED_METADATA}
     meta["converted_from"] = "icedit"
     return Adapter.from_tensors(config, {**mole, **lora}, meta, source=source)

@@ -367,7 +367,7 @@ def test_unexpected_reader_errors_become_adapter_errors(tmp_path, small, monkeyp
         def __init__(self, *_a, **_k):
             raise TypeError("an unknown dtype the reader chokes on")
 
-    monkeypatch.setattr("instructmole.adapter.safe_open", Weird)
+    monkeypatch.setattr("instructmole.formats.safe_open", Weird)
     with pytest.raises(im.AdapterError, match=r"is not a readable \.safetensors file .* unknown dtype"):
         im.load_adapter(path)
 
