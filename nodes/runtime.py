@@ -155,6 +155,7 @@ class ComfyRuntime:
         # may run last, in a forward of its own), with its per-token first choices (device tensors).
         self.map_record: tuple[TokenLayout, dict[str, Tensor]] | None = None
         self._warned = False
+        self._warned_length = False
         # The forward installed on each module of a model this runtime ran (kept while the module lives).
         self._forwards: weakref.WeakKeyDictionary[Any, Callable] = weakref.WeakKeyDictionary()
         self.merged_patches: list = []  # the weight-patch keys this runtime merged (to undo on replace)
@@ -224,6 +225,16 @@ class ComfyRuntime:
                 joined[~mask], joined[mask] = own_part, carried_part
                 routed.append(joined)
             self.core.begin(None, None, rows=x.shape[0], routed=tuple(routed))
+        if T5_KEY in kwargs and kwargs[T5_KEY].shape[1] != cfg.text_length:  # encoded for another length
+            exact[:] = False
+            if not self._warned_length:
+                self._warned_length = True
+                log.warning(
+                    "InstructMoLE: the conditioning's routing signal has %d T5 tokens but this adapter was trained "
+                    "with %d: routed from it, close but not exact.",
+                    kwargs[T5_KEY].shape[1],
+                    cfg.text_length,
+                )
         self.last_exact = bool(exact.all())
         self.last_exact_rows = tuple(exact.tolist())
 

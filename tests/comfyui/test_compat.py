@@ -402,7 +402,7 @@ def compile_around_the_pack(setup: dict[str, Any], backend: RecordingBackend) ->
     chain), behind it, and behind Apply Council fixed / merged: each output is the uncompiled one."""
     apply = setup["nodes"].council_nodes.ApplyCouncil.execute
     front, plain, adapter, x = compile_in_front(setup, setup["base"], backend, lora=1.0)
-    assert_same(front, plain, x, extra=signal_kwargs(torch.randn(2, 40, 64), torch.randn(2, 32)))
+    assert_same(front, plain, x, extra=signal_kwargs(torch.randn(2, 512, 64), torch.randn(2, 32)))
     assert front.get_attachment("instructmole").last_exact is True  # the carried exact signal
     chosen = route(setup, adapter, x)
     for mode in ("fixed", "merged"):  # Apply Council on the compiled chain

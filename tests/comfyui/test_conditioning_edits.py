@@ -24,7 +24,7 @@ def encoded(setup: dict[str, Any], seed: int, tokens: int = 16) -> list:
     g = torch.Generator().manual_seed(seed)
     cond = [[torch.randn(1, tokens, 64, generator=g), {"pooled_output": torch.randn(1, 32, generator=g)}]]
     return setup["nodes"].signal.attach_signal(
-        cond, torch.randn(1, 40, 64, generator=g), torch.randn(1, 32, generator=g)
+        cond, torch.randn(1, 512, 64, generator=g), torch.randn(1, 32, generator=g)
     )
 
 

@@ -65,7 +65,7 @@ def test_auto_routes_every_row_from_its_own_conditioning(setup):
 def test_auto_uses_the_carried_exact_signal(setup):
     model, _ = load(setup)
     x = inputs(2, seed=4)
-    exact_t5, exact_pooled = torch.randn(2, 40, 64), torch.randn(2, 32)  # e.g. T5 padded to the training length
+    exact_t5, exact_pooled = torch.randn(2, 512, 64), torch.randn(2, 32)  # T5 padded to the training length
     got = run_comfy(model, **x, extra=signal_kwargs(exact_t5, exact_pooled))
     council = setup["adapter"].route(exact_t5, exact_pooled)
     with im.attach(setup["transformer"], setup["adapter"]) as handle:
@@ -214,9 +214,21 @@ def test_bf16_adapter_routes_alike_in_route_and_auto(setup):
     assert adapter.model.layer(adapter.config.layer_names[0]).gate.weight.dtype == torch.bfloat16
     for seed in range(3):  # one row per forward: a batch's matmuls may round other than a single row's
         x = inputs(1, seed=15 + seed)
-        exact_t5, exact_pooled = torch.randn(1, 40, 64), torch.randn(1, 32)
+        exact_t5, exact_pooled = torch.randn(1, 512, 64), torch.randn(1, 32)
         run_comfy(model, **x, extra=signal_kwargs(exact_t5, exact_pooled))
         auto = model.get_attachment("instructmole").last_council
         cond = nodes.signal.attach_signal([[x["t5"], {"pooled_output": x["pooled"]}]], exact_t5, exact_pooled)
         routed = nodes.routing_nodes.Route.execute(adapter, conditioning=cond).result[0]
         assert torch.equal(routed.probs, auto.probs) and torch.equal(routed.weights, auto.weights)
+
+
+def test_a_signal_of_another_text_length_is_not_called_exact(setup):
+    """The adapter was trained on T5 padded to its ``text_length``: a signal encoded for another
+    length is used (it is still closer than ComfyUI's own features) but labelled approximate."""
+    model, _ = load(setup)
+    x = inputs(1, seed=16)
+    run_comfy(model, **x, extra=signal_kwargs(torch.randn(1, 40, 64), torch.randn(1, 32)))
+    runtime = model.get_attachment("instructmole")
+    assert runtime.adapter.config.text_length == 512 and runtime.last_exact is False
+    run_comfy(model, **x, extra=signal_kwargs(torch.randn(1, 512, 64), torch.randn(1, 32)))
+    assert runtime.last_exact is True

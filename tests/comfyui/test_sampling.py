@@ -16,7 +16,7 @@ def conditioning(setup: dict[str, Any], seed: int, tokens: int, exact: bool) -> 
     cond = [[t5, {"pooled_output": pooled, "guidance": 3.5}]]
     if exact:
         cond = setup["nodes"].signal.attach_signal(
-            cond, torch.randn(1, 40, 64, generator=g), torch.randn(1, 32, generator=g)
+            cond, torch.randn(1, 512, 64, generator=g), torch.randn(1, 32, generator=g)
         )
     return cond
 
