@@ -207,6 +207,7 @@ def mole_config(cfg: BenchConfig) -> im.MoLEConfig:
         router_dim=cfg.pooled_dim,
         router_heads=cfg.router_heads,
         router_head_dim=cfg.router_head_dim,
+        text_length=cfg.text_tokens,  # the signal's length at this size: what the adapter is "trained" on
     )
 
 
