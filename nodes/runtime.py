@@ -277,10 +277,11 @@ class ComfyRuntime:
         **kwargs: Any,
     ) -> Tensor:
         self.begin(x, context, y, _transformer_options(executor, args, kwargs), kwargs)
-        installed = self._install_forwards(executor.class_obj)
+        installed: list[tuple[Any, bool, Any]] = []
         try:
+            self._install_forwards(executor.class_obj, installed)
             return executor(x, timestep, context, y, *args, **kwargs)
-        finally:
+        finally:  # also after a failure half-way through installing: every module gets its own back
             _restore_forwards(installed)
             self.end()
 
@@ -297,11 +298,10 @@ class ComfyRuntime:
             return [p for p in self.placements if p.name not in instruction]
         return list(self.placements)
 
-    def _install_forwards(self, diffusion_model: Any) -> list[tuple[Any, bool, Any]]:
+    def _install_forwards(self, diffusion_model: Any, installed: list[tuple[Any, bool, Any]]) -> None:
         """Give each dynamic layer of ``diffusion_model`` (the module tree this forward really runs)
-        a forward that adds the term; returns what to restore. One forward object per module and
-        runtime, so ``torch.compile`` guards see the same function on every step."""
-        installed = []
+        a forward that adds the term, noting in ``installed`` what to restore. One forward object per
+        module and runtime, so ``torch.compile`` guards see the same function on every step."""
         for p in self.dynamic_placements:
             module = _get_module(diffusion_model, p.module.removeprefix(PREFIX))
             own = module.__dict__.get("forward")
@@ -313,7 +313,6 @@ class ComfyRuntime:
                 self._forwards[module] = forward
             installed.append((module, "forward" in module.__dict__, own))
             module.forward = forward
-        return installed
 
 
 def _get_module(root: Any, path: str) -> Any:

@@ -232,3 +232,15 @@ def test_a_signal_of_another_text_length_is_not_called_exact(setup):
     assert runtime.adapter.config.text_length == 512 and runtime.last_exact is False
     run_comfy(model, **x, extra=signal_kwargs(torch.randn(1, 512, 64), torch.randn(1, 32)))
     assert runtime.last_exact is True
+
+
+def test_a_failing_forward_leaves_no_term_installed(setup):
+    """The wrapper's forwards live for one forward: an error inside the model (here a latent of the
+    wrong width) still gives every module its own forward back, and the next run is the base's."""
+    model, _ = load(setup)
+    x = inputs(1, seed=17)
+    bad = dict(x, latents=torch.randn(1, 15, 8, 6))
+    with pytest.raises(RuntimeError):
+        run_comfy(model, **bad)
+    assert not [n for n, mod in model.model.named_modules() if "forward" in mod.__dict__]
+    torch.testing.assert_close(run_comfy(model, **x), diffusers_out(setup, setup["adapter"], x), atol=ATOL, rtol=0)

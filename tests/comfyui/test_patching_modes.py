@@ -157,7 +157,7 @@ def test_adapter_and_stacked_lora_each_keep_their_effect(setup, lora_setup, mode
     runtime = both.get_attachment("instructmole")
     ran_on: list = []
     install = runtime._install_forwards
-    monkeypatch.setattr(runtime, "_install_forwards", lambda dm: ran_on.append(dm) or install(dm))
+    monkeypatch.setattr(runtime, "_install_forwards", lambda dm, done: ran_on.append(dm) or install(dm, done))
 
     out_both = sample(both, hooked_positive)
     out_lora = sample(lora_only, hooked_positive)
