@@ -257,11 +257,11 @@ def run_checks(config: TrainConfig, *, resume: str | None = None, overwrite: boo
     """``--check``: every check a run makes before its GPU work, in the same functions, so it fails
     exactly where training would; returns the report lines (bad rows skipped, cache state, plan).
 
-    Beyond ``preflight``: the rows and every image (opened, hashed), the sample references, the model
-    files' fingerprints, the data a resumed checkpoint was trained on, and every cache entry this data
-    would read (``check_cache_entries``)."""
+    Beyond ``preflight``: the rows and every image (opened, hashed), the buckets and batches (and rows
+    that cannot train), the sample references, the model files' fingerprints, the data a resumed
+    checkpoint was trained on, and every cache entry this data would read (``check_cache_entries``)."""
     from .cache import FeatureCache
-    from .loop import _load_identity, _prepare_data, _sample_references
+    from .loop import _batch_lines, _batch_order, _load_identity, _prepare_data, _sample_references
 
     plan = preflight(config, resume, overwrite)
     cache = FeatureCache(config.cache_dir, _load_identity(config), config.adapter.text_length)
@@ -270,7 +270,9 @@ def run_checks(config: TrainConfig, *, resume: str | None = None, overwrite: boo
     if plan.start is not None:
         check_resumable(plan.start, config.to_dict(), data.fingerprint())
     present, total = check_cache_entries(config, cache, data, samples)
-    lines = list(data.problems)
+    # Every bucket and its batches, as the run's start prints them (for one process: --check cannot know
+    # how many a launcher will start; more processes only round the batches up to their multiple).
+    lines = [*data.problems, *_batch_lines(_batch_order(config, data, 1), data)]
     where = "a fresh run" if plan.start is None else f"resuming from {plan.start}"
     if plan.remove:
         where += f", deleting the earlier run's {', '.join(p.name for p in plan.remove)} first (--overwrite)"
