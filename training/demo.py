@@ -11,25 +11,31 @@
 3. training through the entry point users call (``python -m training``, here in-process);
 4. the exported adapter loaded as the nodes load it, and edits made with held-out phrasings.
 
-It prints the flow loss start → end and the routing report's numbers at init and after training
-beside the targets, and writes the report picture and a before/after strip.
+It prints a line per stage with the elapsed time (and a bar through each long one), the flow loss
+start → end and the routing report's numbers at init and after training beside the targets, and
+writes the report picture and a labelled picture of the edits. Every random draw is seeded and
+the algorithms are deterministic, so two runs on one machine print the same numbers.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "training" / "configs" / "tiny_demo.yaml"
 
-# The demo's targets (measured on a prototype; ../shared/TRAINING.md), on held-out phrasings.
+# The demo's targets, on held-out phrasings (docs/training.md, "The demo's targets").
 TARGETS = {
     "distinctness": (">=", 0.5),
     "decode_accuracy": (">=", 0.5),
@@ -37,23 +43,87 @@ TARGETS = {
     "flow_vs_base": ("<=", -0.20),
 }
 
+# Threads per process. The demo's tensors are tiny (hidden 32, 32x32 images), so an operation is
+# over before a second OpenMP thread has paid for waking up: measured on 2 cores, 40 training steps
+# took 36 s with torch's default (2 threads) and 3 s with one, and the VAE and copy stages were 3x
+# and 6x faster with one thread on a busy machine. One thread is fastest in every stage.
+THREADS = 1
 
-def build(out: Path) -> tuple[Path, Path]:
-    """The tiny pipeline and the data set (reused when already there)."""
+
+class Clock:
+    """The demo's elapsed time, printed with a line at the start and end of every stage.
+
+    Each stage also gives its CPU time: on a busy machine the wall time says little, while the CPU
+    time of a one-thread stage is what it takes on an idle core.
+    """
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        began, cpu = time.perf_counter(), time.process_time()
+        print(f"[{self.elapsed():5.0f} s] {name} ...", flush=True)
+        yield
+        wall, cpu = time.perf_counter() - began, time.process_time() - cpu
+        print(f"[{self.elapsed():5.0f} s] {name}: done in {wall:.1f} s (CPU {cpu:.1f} s)", flush=True)
+
+
+def progress(total: int, desc: str) -> Any:
+    """A bar on a terminal; in a log file a line every 10 s, not one per step."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10)
+
+
+@contextlib.contextmanager
+def reproducible(threads: int = THREADS) -> Iterator[None]:
+    """One thread count and deterministic algorithms for the block (the previous settings after it).
+
+    With a fixed thread count the reductions add in a fixed order, so the demo's numbers repeat
+    bit for bit on one machine; another thread count (or CPU) may move them in the last digits.
+    """
+    was_threads, was_deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(was_threads)
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def build(out: Path, clock: Clock) -> tuple[Path, Path]:
+    """The tiny pipeline and the data set (reused when already complete).
+
+    The pipeline is built in a side folder and renamed when whole, so an interrupted build is
+    started afresh rather than reused half-taught.
+    """
     from instructmole.tiny import save_tiny_kontext
 
     from .synthetic import all_phrasings, write_dataset
 
     model, data = out / "tiny-kontext", out / "data"
     if not (model / "model_index.json").is_file():
-        started = time.perf_counter()
-        save_tiny_kontext(model, seed=0, text_length=32, corpus=all_phrasings())
-        fit_vae(model / "vae")
-        teach_copy(model)
-        print(f"built the tiny pipeline in {time.perf_counter() - started:.0f} s", flush=True)
+        partial = out / "tiny-kontext.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        with clock.stage("tiny pipeline: random transformer, VAE, T5 and CLIP"):
+            save_tiny_kontext(partial, seed=0, text_length=32, corpus=all_phrasings())
+        with clock.stage("VAE: taught to keep colour"):
+            fit_vae(partial / "vae")
+        with clock.stage("transformer: taught to give back its reference"):
+            teach_copy(partial)
+        shutil.rmtree(model, ignore_errors=True)
+        partial.rename(model)
+    else:
+        print(f"[{clock.elapsed():5.0f} s] tiny pipeline: reusing {model}", flush=True)
     manifest = data / "manifest.jsonl"
     if not manifest.is_file():
-        write_dataset(data)
+        with clock.stage("data set: six tonal edits on procedural images"):
+            write_dataset(data)
     return model, manifest
 
 
@@ -80,6 +150,7 @@ def teach_copy(folder: Path, steps: int = 3000, batch: int = 32, seed: int = 0) 
 
     from instructmole.kontext import pack, token_ids
 
+    torch.manual_seed(seed)  # the transformer's dropout-free forward draws nothing, but be sure
     transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer")
     vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
     length = AutoTokenizer.from_pretrained(folder / "tokenizer_2").model_max_length
@@ -96,25 +167,27 @@ def teach_copy(folder: Path, steps: int = 3000, batch: int = 32, seed: int = 0) 
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(seed)
     transformer.train()
-    for _ in range(steps):
-        x0 = latents[torch.randint(0, len(latents), (batch,), generator=g)]
-        sigma = torch.rand(batch, generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        x_t = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
-        out = transformer(
-            hidden_states=torch.cat([pack(x_t), pack(x0)], dim=1),
-            encoder_hidden_states=text.expand(batch, -1, -1),
-            pooled_projections=pooled.expand(batch, -1),
-            timestep=sigma,
-            img_ids=positions,
-            txt_ids=torch.zeros(text.shape[1], 3),
-            guidance=torch.ones(batch),
-            return_dict=False,
-        )[0]
-        loss = (out[:, : (h // 2) * (w // 2)] - pack(noise - x0)).pow(2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    with progress(steps, "copy the reference") as bar:
+        for _ in range(steps):
+            x0 = latents[torch.randint(0, len(latents), (batch,), generator=g)]
+            sigma = torch.rand(batch, generator=g)
+            noise = torch.randn(x0.shape, generator=g)
+            x_t = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
+            out = transformer(
+                hidden_states=torch.cat([pack(x_t), pack(x0)], dim=1),
+                encoder_hidden_states=text.expand(batch, -1, -1),
+                pooled_projections=pooled.expand(batch, -1),
+                timestep=sigma,
+                img_ids=positions,
+                txt_ids=torch.zeros(text.shape[1], 3),
+                guidance=torch.ones(batch),
+                return_dict=False,
+            )[0]
+            loss = (out[:, : (h // 2) * (w // 2)] - pack(noise - x0)).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            bar.update(1)
     transformer.eval().save_pretrained(folder / "transformer")
 
 
@@ -142,12 +215,14 @@ def fit_vae(folder: Path, steps: int = 800, batch: int = 32, seed: int = 0) -> N
     optimizer = torch.optim.AdamW(vae.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(seed)
     vae.train()
-    for _ in range(steps):
-        x = images[torch.randint(0, len(images), (batch,), generator=g)]
-        loss = (vae.decode(vae.encode(x).latent_dist.mean).sample - x).abs().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    with progress(steps, "autoencode") as bar:
+        for _ in range(steps):
+            x = images[torch.randint(0, len(images), (batch,), generator=g)]
+            loss = (vae.decode(vae.encode(x).latent_dist.mean).sample - x).abs().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            bar.update(1)
     vae.eval()
     with torch.no_grad():
         z = vae.encode(images).latent_dist.mean
@@ -155,9 +230,79 @@ def fit_vae(folder: Path, steps: int = 800, batch: int = 32, seed: int = 0) -> N
     vae.save_pretrained(folder)
 
 
-def edit_strip(model_dir: Path, adapter_path: Path, manifest: Path, out: Path) -> Path:
-    """Per task, a held-out phrasing on a held-out image (a different one per task): source | wanted |
-    base model | with the adapter."""
+# ---- the edits -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Edit:
+    """One held-out phrasing on one held-out image, edited by the base model and with the adapter.
+
+    Images are ``[3, H, W]`` in [0, 1]. ``routed_as`` holds the task(s) whose modal councils the
+    phrasing's own councils match best (what the router understood); ``base_error`` and
+    ``adapter_error`` are the mean absolute difference from the target, in [0, 1].
+    """
+
+    task: str
+    instruction: str
+    source: torch.Tensor
+    base: torch.Tensor
+    adapter: torch.Tensor
+    target: torch.Tensor
+    routed_as: tuple[str, ...]
+
+    @property
+    def base_error(self) -> float:
+        return float((self.base - self.target).abs().mean())
+
+    @property
+    def adapter_error(self) -> float:
+        return float((self.adapter - self.target).abs().mean())
+
+
+def _edit_rows(manifest: Path) -> list[dict]:
+    """One held-out row per task, chosen by position, never by its result: task number t (in manifest
+    order) shows its t-th held-out image with its t-th held-out phrasing (cyclically), so every task
+    has its own image and the phrasings vary."""
+    by_task: dict[str, list[dict]] = {}
+    for line in manifest.read_text().splitlines():
+        row = json.loads(line)
+        if row["split"] == "holdout":
+            by_task.setdefault(row["task"], []).append(row)
+    picked = []
+    for t, rows in enumerate(by_task.values()):
+        images = list(dict.fromkeys(r["references"][0] for r in rows))
+        phrasings = list(dict.fromkeys(r["instruction"] for r in rows))
+        image, phrasing = images[t % len(images)], phrasings[t % len(phrasings)]
+        match = [r for r in rows if r["references"][0] == image and r["instruction"] == phrasing]
+        picked.append(match[0] if match else rows[0])
+    return picked
+
+
+def _routed_as(council: Any, modal: dict[str, list[list[int]]]) -> tuple[str, ...]:
+    """The tasks whose modal councils match ``council``'s (one instance) best, in name order: one
+    task, or several when their modal councils are the same (the adapter cannot tell them apart)."""
+    from .report import jaccard
+
+    mine = [frozenset(e for e, _ in council.members(0, row)) for row in range(len(council.layers))]
+    scores = {
+        task: sum(jaccard(m, frozenset(s)) for m, s in zip(mine, sets, strict=True)) for task, sets in modal.items()
+    }
+    best = max(scores.values())
+    return tuple(sorted(t for t, score in scores.items() if score >= best - 1e-9))
+
+
+def _routing_note(task: str, routed_as: tuple[str, ...]) -> str:
+    """What the router made of a phrasing, in words."""
+    if routed_as == (task,):
+        return "routed as its task"
+    others = ", ".join(t for t in routed_as if t != task)
+    return f"councils shared with {others}" if task in routed_as else f"routed as {others}"
+
+
+def make_edits(model_dir: Path, adapter_path: Path, manifest: Path, modal: dict[str, list[list[int]]]) -> list[Edit]:
+    """Per task, a held-out phrasing on a held-out image (a different one per task), edited in 28
+    steps by the base model and with the adapter (loaded exactly as the Load InstructMoLE Adapter
+    node loads it)."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
@@ -165,7 +310,6 @@ def edit_strip(model_dir: Path, adapter_path: Path, manifest: Path, out: Path) -
 
     from .buckets import load_image
     from .cache import encode_texts
-    from .evaluate import image_sheet
     from .recipe import LatentNorm
     from .sampling import decode, edit_latents
 
@@ -178,16 +322,9 @@ def edit_strip(model_dir: Path, adapter_path: Path, manifest: Path, out: Path) -
         "clip": CLIPTextModel.from_pretrained(model_dir / "text_encoder").eval(),
         "clip_tokenizer": AutoTokenizer.from_pretrained(model_dir / "tokenizer"),
     }
-    adapter = im.load_adapter(adapter_path)  # exactly what the Load InstructMoLE Adapter node does
-    rows, seen_tasks, seen_images = [], set(), set()
-    for line in manifest.read_text().splitlines():
-        row = json.loads(line)
-        image = row["references"][0]
-        if row["split"] == "holdout" and row["task"] not in seen_tasks and image not in seen_images:
-            seen_tasks.add(row["task"])
-            seen_images.add(image)
-            rows.append(row)
-    features = {}
+    adapter = im.load_adapter(adapter_path)
+    rows = _edit_rows(manifest)
+    features: dict[str, dict[str, torch.Tensor]] = {}
     encode_texts(
         [r["instruction"] for r in rows],
         **encoders,
@@ -195,28 +332,70 @@ def edit_strip(model_dir: Path, adapter_path: Path, manifest: Path, out: Path) -
         batch_size=8,
         write=lambda text, t: features.__setitem__(text, t),
     )
-    strip = []
-    for row in rows:
-        source = load_image(manifest.parent / row["references"][0], (32, 32))
-        wanted = load_image(manifest.parent / row["target"], (32, 32))
-        with torch.no_grad():
-            z = vae.encode(source[None]).latent_dist.mean
-        ref = (z - norm.shift) * norm.scale
-        t5, pooled = features[row["instruction"]]["t5"][None], features[row["instruction"]]["pooled"][None]
-        base = decode(vae, edit_latents(transformer, t5, pooled, [ref], guidance=1.0), norm)[0]
-        with im.attach(transformer, adapter):
-            ours = decode(vae, edit_latents(transformer, t5, pooled, [ref], guidance=1.0), norm)[0]
-        strip.append([(source + 1) / 2, (wanted + 1) / 2, base, ours])
-    sheet = image_sheet(strip)
-    sheet = sheet.resize((sheet.width * 4, sheet.height * 4), resample=0)  # 32 px tiles: enlarge to see
-    path = out / "edits.png"
-    sheet.save(path)
-    (out / "edits.txt").write_text("".join(f"{r['task']}: {r['instruction']!r}\n" for r in rows))
-    return path
+    edits = []
+    with progress(len(rows), "edit") as bar:
+        for row in rows:
+            source = load_image(manifest.parent / row["references"][0], (32, 32))
+            target = load_image(manifest.parent / row["target"], (32, 32))
+            with torch.no_grad():
+                z = vae.encode(source[None]).latent_dist.mean
+            ref = (z - norm.shift) * norm.scale
+            t5, pooled = features[row["instruction"]]["t5"][None], features[row["instruction"]]["pooled"][None]
+            base = decode(vae, edit_latents(transformer, t5, pooled, [ref], guidance=1.0), norm)[0]
+            with im.attach(transformer, adapter):
+                ours = decode(vae, edit_latents(transformer, t5, pooled, [ref], guidance=1.0), norm)[0]
+            routed = _routed_as(adapter.route(t5, pooled), modal)
+            edits.append(Edit(row["task"], row["instruction"], (source + 1) / 2, base, ours, (target + 1) / 2, routed))
+            bar.update(1)
+    return edits
 
 
-def _metrics(run: Path, step: int) -> dict[str, float]:
-    return json.loads((run / "reports" / f"step-{step:07d}.json").read_text())["metrics"]
+EDIT_COLUMNS = ("input", "base model", "with the adapter", "target")
+
+
+def edits_picture(edits: Sequence[Edit], tile: int = 112) -> Any:
+    """A labelled sheet: a row per task (its name, the held-out phrasing, what the router understood,
+    each output's error against the target), columns ``EDIT_COLUMNS``; 32 px images enlarged to ``tile``."""
+    from PIL import Image, ImageDraw
+
+    from instructmole.viz import _font
+
+    background, ink, dim, warn = (24, 24, 28), (235, 235, 235), (165, 165, 170), (240, 150, 90)
+    font, small = _font(16), _font(13)
+    gap, pad, head = 8, 12, 28
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    labels = []
+    for e in edits:
+        routed = _routing_note(e.task, e.routed_as)
+        errors = f"error vs target: base {e.base_error:.2f}, adapter {e.adapter_error:.2f}"
+        labels.append((e.task, f"\u201c{e.instruction}\u201d", routed, errors))
+    widths = [probe.textlength(text, font=font if i == 0 else small) for lab in labels for i, text in enumerate(lab)]
+    left = pad + int(max(widths, default=0)) + 2 * gap
+    width = left + len(EDIT_COLUMNS) * (tile + gap) - gap + pad
+    height = pad + head + len(edits) * (tile + gap) - gap + pad
+    sheet = Image.new("RGB", (width, height), background)
+    draw = ImageDraw.Draw(sheet)
+    for c, name in enumerate(EDIT_COLUMNS):
+        x = left + c * (tile + gap) + (tile - draw.textlength(name, font=font)) / 2
+        draw.text((x, pad), name, fill=ink, font=font)
+    for r, (e, lab) in enumerate(zip(edits, labels, strict=True)):
+        y = pad + head + r * (tile + gap)
+        draw.text((pad, y + 4), lab[0], fill=ink, font=font)
+        for i, text in enumerate(lab[1:]):
+            colour = warn if i == 1 and e.routed_as != (e.task,) else dim
+            draw.text((pad, y + 28 + 18 * i), text, fill=colour, font=small)
+        for c, image in enumerate((e.source, e.base, e.adapter, e.target)):
+            pixels = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+            picture = Image.fromarray(pixels).resize((tile, tile), Image.Resampling.NEAREST)  # see the pixels
+            sheet.paste(picture, (left + c * (tile + gap), y))
+    return sheet
+
+
+# ---- the run -------------------------------------------------------------------------------------
+
+
+def _report(run: Path, step: int) -> dict:
+    return json.loads((run / "reports" / f"step-{step:07d}.json").read_text())
 
 
 def _met(key: str, value: float) -> str:
@@ -228,35 +407,59 @@ def _met(key: str, value: float) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("out/demo"), help="where everything is written")
+    parser.add_argument(
+        "--threads", type=int, default=THREADS, help=f"torch threads (default {THREADS}: the fastest for tiny tensors)"
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides for the training run (key=value)")
     args = parser.parse_args(argv)
-    out: Path = args.out
-    started = time.perf_counter()
-    model, manifest = build(out)
-    run = out / "run"
-    print(f"tiny pipeline {model}\ndata set      {manifest}\ntraining      {run} (python -m training)", flush=True)
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    from .cli import quiet_libraries
+
+    quiet_libraries()  # before diffusers loads: its pipelines' torchvision notices mean nothing here
+    with reproducible(args.threads):
+        return _run(args.out, args.overrides, Clock())
+
+
+def _run(out: Path, overrides: Sequence[str], clock: Clock) -> int:
     from .cli import main as train_cli
 
-    overrides = [f"model.pretrained={model}", f"data.manifest={manifest}", f"train.output_dir={run}", *args.overrides]
-    code = train_cli(["--config", str(CONFIG), *overrides])
+    model, manifest = build(out, clock)
+    run = out / "run"
+    if run.exists():  # the demo's own previous run: replaced, so that the numbers are this run's
+        shutil.rmtree(run)
+    print(f"tiny pipeline {model}\ndata set      {manifest}\ntraining      {run} (python -m training)", flush=True)
+    with clock.stage("training (python -m training)"):
+        code = train_cli(
+            ["--config", str(CONFIG), f"model.pretrained={model}", f"data.manifest={manifest}",
+             f"train.output_dir={run}", *overrides]
+        )  # fmt: skip
     if code:
         return code
     adapter = run / "instructmole.safetensors"
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = lines[-1]["step"]
-    start, end = _metrics(run, 0), _metrics(run, steps)
+    first, last = _report(run, 0), _report(run, steps)
+    start, end = first["metrics"], last["metrics"]
     print(f"\ntraining flow loss (per log line): {lines[0]['flow']:.3f} -> {lines[-1]['flow']:.3f}")
     print("\nheld-out phrasings      at init   trained   target")
     names = {"distinctness": "distinctness", "decode_accuracy": "decode accuracy", "swap_gap": "swap gap",
-             "flow_vs_base": "flow loss vs base", "agreement": "agreement", "balance": "expert balance"}
+             "flow_vs_base": "flow loss vs base", "agreement": "agreement", "balance": "expert balance"}  # fmt: skip
     for key, name in names.items():
         target = f"{TARGETS[key][0]} {TARGETS[key][1]:g}  {_met(key, end[key])}" if key in TARGETS else "(context)"
         print(f"  {name:<20} {start[key]:>8.3f}  {end[key]:>8.3f}   {target}")
-    strip = edit_strip(model, adapter, manifest, out)
+    with clock.stage("edits with held-out phrasings"):
+        edits = make_edits(model, adapter, manifest, last["modal_councils"])
+        picture = out / "edits.png"
+        edits_picture(edits).save(picture)
+    print("\nedits (error against the target, mean |difference| in [0, 1]):")
+    for e in edits:
+        routed = "" if e.routed_as == (e.task,) else f"   {_routing_note(e.task, e.routed_as)}"
+        print(f"  {e.task:<10} {e.instruction!r:<28} base {e.base_error:.3f}  adapter {e.adapter_error:.3f}{routed}")
     print(f"\nadapter       {adapter}")
     print(f"report        {run / 'reports' / f'step-{steps:07d}.png'}")
-    print(f"edits         {strip}  (a row per task: source | wanted | base model | with the adapter)")
-    print(f"demo done in {time.perf_counter() - started:.0f} s")
+    print(f"edits         {picture}  (a row per task: input | base model | with the adapter | target)")
+    print(f"demo done in {clock.elapsed():.0f} s (CPU {time.process_time():.0f} s)")
     return 0
 
 

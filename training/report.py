@@ -5,7 +5,7 @@ and layer, the modal council (the most frequent top-k set); the *held-out* phras
 judged against those modal councils. The functions here are pure: they take index tensors
 ``[b, L, k]`` (the experts chosen for instance ``b`` at instruction-routed layer ``l``, e.g. from
 ``Council.compact()`` or the router's top-k) and one task name per instance; running the model
-is the caller's job. Metrics (see TRAINING.md, "The embedded demo's target"):
+is the caller's job. Metrics (docs/training.md, "What the routing report measures"):
 
 - ``distinctness``: mean over task pairs of 1 − Jaccard of their modal councils, averaged over
   layers (1 = no two tasks share an expert, 0 = every task has the same council).

@@ -15,7 +15,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["PHRASINGS", "TASKS", "all_phrasings", "procedural_image", "write_dataset"]
+__all__ = [
+    "HELD_OUT",
+    "KEY_WORDS",
+    "PHRASINGS",
+    "TASKS",
+    "TEMPLATES",
+    "all_phrasings",
+    "procedural_image",
+    "write_dataset",
+]
 
 
 def _gray(a: np.ndarray) -> np.ndarray:
@@ -36,40 +45,37 @@ TASKS: dict[str, Callable[[np.ndarray], np.ndarray]] = {  # on float RGB in [0, 
     "cool": _shift(-60.0, 60.0),
 }
 
-# Ten phrasings per task; the last HELD_OUT of each are never trained on. Phrasings of one task
-# share its key words in new sentences: the tiny random text encoders know words, not meanings,
-# so shared words stand in for the synonymy a real T5 brings ("darker", "dim", "darken").
+# Per task its key words: a verb, an adjective and a "look" word. The tiny random text encoders know
+# words, not meanings, so a task's phrasings share these words in new sentences in place of the
+# synonymy a real T5 brings ("darker", "dim", "darken").
+KEY_WORDS: dict[str, tuple[str, str, str]] = {
+    "invert": ("invert", "inverted", "negative"),
+    "grayscale": ("grayscale", "gray", "monochrome"),
+    "brighten": ("brighten", "brighter", "lighter"),
+    "darken": ("darken", "darker", "dim"),
+    "warm": ("warm", "warmer", "golden"),
+    "cool": ("cool", "cooler", "blue"),
+}
+# Every task is phrased in the same sentences, so that the filler words ("please", "the image") say
+# nothing about the task and only the key words do. With task-specific fillers the router learned the
+# fillers: held-out phrasings with "please" went to the tasks whose training phrasings had it (e.g.
+# "darker please" to brighten's "a lighter version please"), and those edits went the wrong way.
+# The last HELD_OUT templates are never trained on: new sentences around known key words.
+TEMPLATES = (
+    "make it {adjective}",
+    "{verb} the image",
+    "make the photo {adjective}",
+    "please {verb} it",
+    "give it a {look} look",
+    "a {look} version please",
+    "{adjective} please",
+    "{verb} the picture",
+    "can you make this {adjective}",
+    "a {look} picture",
+)
 PHRASINGS: dict[str, list[str]] = {
-    "invert": [
-        "invert the colors", "make a color negative", "turn it into a negative", "invert every color",
-        "show the inverted picture", "make it a photo negative",
-        "invert the image", "give it a negative look", "negative colors please", "an inverted version",
-    ],
-    "grayscale": [
-        "make it black and white", "convert it to grayscale", "turn it monochrome", "make the photo gray",
-        "a grayscale version please", "render it in black and white",
-        "grayscale the image", "make this monochrome", "black and white please", "turn the picture gray",
-    ],
-    "brighten": [
-        "make it brighter", "brighten the image", "make the picture lighter", "brighten everything up",
-        "a lighter version please", "make the photo brighter",
-        "brighter please", "brighten this", "make the scene lighter", "can you make this brighter",
-    ],
-    "darken": [
-        "make it darker", "darken the image", "dim the picture", "make the photo darker",
-        "please darken it", "a dim version of this",
-        "darker please", "darken everything", "make the scene dim", "can you make this darker",
-    ],
-    "warm": [
-        "make it warmer", "add a warm orange tone", "warm up the image", "make the colors warm",
-        "give it an orange glow", "make the photo warmer",
-        "warmer please", "warm the picture", "an orange warm look", "can you make this warmer",
-    ],
-    "cool": [
-        "make it cooler", "add a cool blue tone", "cool down the image", "make the colors cool",
-        "give it a blue cast", "make the photo cooler",
-        "cooler please", "cool the picture", "a blue cool look", "can you make this cooler",
-    ],
+    task: [t.format(verb=verb, adjective=adjective, look=look) for t in TEMPLATES]
+    for task, (verb, adjective, look) in KEY_WORDS.items()
 }
 HELD_OUT = 4
 

@@ -1,0 +1,117 @@
+"""The embedded demo's own parts: its stage lines, its settings, its build folder and its edits picture.
+
+The whole demo (minutes of CPU) is run by ``bash scripts/demo.sh``; here each part is checked on
+inputs whose answer is known.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from training import demo
+
+
+def _edit(task: str, routed_as: tuple[str, ...], colour: float) -> demo.Edit:
+    source = torch.full((3, 32, 32), 0.5)
+    target = torch.full((3, 32, 32), colour)
+    return demo.Edit(task, f"{task} please", source, source.clone(), target.clone(), target, routed_as)
+
+
+def test_edit_errors_are_against_the_target():
+    e = _edit("darken", ("darken",), 0.2)
+    assert e.base_error == pytest.approx(0.3) and e.adapter_error == 0.0
+
+
+def test_edits_picture_has_a_labelled_row_per_task_and_a_column_per_image():
+    edits = [_edit("darken", ("darken",), 0.2), _edit("brighten", ("darken",), 0.9)]
+    tile = 64
+    picture = demo.edits_picture(edits, tile=tile)
+    assert picture.mode == "RGB"
+    assert picture.height >= len(edits) * tile + 28  # a header line, then the rows
+    assert picture.width >= len(demo.EDIT_COLUMNS) * tile + 100  # the label column before the images
+    pixels = Counter(picture.getdata())
+    grey, dark, bright = (128, 128, 128), (51, 51, 51), (230, 230, 230)
+    assert pixels[grey] >= 2 * 2 * tile * tile  # input and base model in each row
+    assert pixels[dark] >= 2 * tile * tile and pixels[bright] >= 2 * tile * tile  # adapter and target
+    assert pixels[(240, 150, 90)] > 0  # the misrouted phrasing is marked
+
+
+def test_routed_as_is_the_task_whose_modal_councils_match_best():
+    members = {0: [(0, 0.5), (1, 0.4)], 1: [(2, 0.6), (3, 0.3)]}
+    council = SimpleNamespace(layers=("a", "b"), members=lambda b, row: members[row])
+    modal = {"warm": [[0, 1], [0, 1]], "cool": [[0, 1], [2, 3]], "invert": [[2, 3], [2, 3]]}
+    assert demo._routed_as(council, modal) == ("cool",)
+    assert demo._routed_as(council, {"b": [[0, 1], [2, 3]], "a": [[0, 1], [2, 3]]}) == ("a", "b")  # a tie: both
+
+
+def test_routing_note_tells_a_wrong_task_from_shared_councils():
+    assert demo._routing_note("cool", ("cool",)) == "routed as its task"
+    assert demo._routing_note("cool", ("brighten",)) == "routed as brighten"
+    assert demo._routing_note("cool", ("brighten", "cool")) == "councils shared with brighten"
+
+
+def test_edit_rows_give_each_task_its_own_image_and_vary_the_phrasing(tmp_path):
+    rows = [
+        {"instruction": f"{task} {p}", "target": f"{i}-{task}.png", "references": [f"{i}.png"], "task": task,
+         "split": "holdout"}
+        for i in range(3) for task in ("a", "b", "c") for p in ("one", "two")
+    ]  # fmt: skip
+    rows.insert(0, {**rows[0], "split": "train"})
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    picked = demo._edit_rows(manifest)
+    assert [(r["task"], r["references"][0], r["instruction"]) for r in picked] == [
+        ("a", "0.png", "a one"), ("b", "1.png", "b two"), ("c", "2.png", "c one")
+    ]
+
+
+def test_reproducible_sets_threads_and_determinism_and_restores_them():
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    with demo.reproducible(1):
+        assert torch.get_num_threads() == 1 and torch.are_deterministic_algorithms_enabled()
+    assert torch.get_num_threads() == threads
+    assert torch.are_deterministic_algorithms_enabled() == deterministic
+
+
+def test_clock_prints_a_start_and_an_end_line_per_stage(capsys):
+    clock = demo.Clock()
+    with clock.stage("things"):
+        pass
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].endswith("things ...") and "things: done in" in lines[1]
+    assert "CPU" in lines[1]
+
+
+def test_an_interrupted_build_is_started_afresh_not_reused(tmp_path, monkeypatch):
+    """The pipeline folder appears only when whole: a build killed while teaching the transformer
+    leaves no ``tiny-kontext`` to be reused half-taught."""
+    import instructmole.tiny
+
+    calls = []
+
+    def save(folder, **_):
+        folder.mkdir(parents=True)
+        (folder / "model_index.json").write_text(json.dumps({"random": True}))
+        (folder / "vae").mkdir()
+
+    def fail(folder):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(instructmole.tiny, "save_tiny_kontext", save)
+    monkeypatch.setattr(demo, "fit_vae", lambda folder: calls.append("vae"))
+    monkeypatch.setattr(demo, "teach_copy", fail)
+    monkeypatch.setattr("training.synthetic.write_dataset", lambda folder: calls.append("data"))
+    with pytest.raises(KeyboardInterrupt):
+        demo.build(tmp_path, demo.Clock())
+    assert not (tmp_path / "tiny-kontext").exists()
+    monkeypatch.setattr(demo, "teach_copy", lambda folder: calls.append("copy"))
+    model, _ = demo.build(tmp_path, demo.Clock())
+    assert calls == ["vae", "vae", "copy", "data"]
+    assert (model / "model_index.json").is_file() and not (tmp_path / "tiny-kontext.partial").exists()
+    demo.build(tmp_path, demo.Clock())  # complete now: reused, nothing rebuilt
+    assert calls == ["vae", "vae", "copy", "data", "data"]  # (the stub wrote no manifest)
