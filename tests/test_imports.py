@@ -54,23 +54,30 @@ def _imported(node: ast.Import | ast.ImportFrom, importer: str, is_package: bool
     return found
 
 
+def runnable_imports(path: Path) -> list[ast.Import | ast.ImportFrom]:
+    """Every import statement of a file that can run: anywhere but under ``if TYPE_CHECKING:``."""
+    todo: list[ast.stmt] = list(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)).body)
+    found = []
+    while todo:
+        node = todo.pop()
+        if _is_type_checking(node):
+            todo.extend(node.orelse)
+            continue
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            found.append(node)
+        todo.extend(child for child in ast.iter_child_nodes(node) if isinstance(child, ast.stmt))
+    return found
+
+
 def import_graph(package: Path) -> list[Edge]:
     """Every import between the package's modules that can run, with where it is written."""
     files = module_names(package)
     edges: list[Edge] = []
     for name, path in files.items():
-        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-        todo = list(tree.body)
-        while todo:
-            node = todo.pop()
-            if _is_type_checking(node):
-                todo.extend(node.orelse)
-                continue
-            if isinstance(node, ast.Import | ast.ImportFrom):
-                for target in _imported(node, name, path.name == "__init__.py", set(files)):
-                    if target != name:
-                        edges.append((name, target, f"{path.name}:{node.lineno}"))
-            todo.extend(child for child in ast.iter_child_nodes(node) if isinstance(child, ast.stmt))
+        for node in runnable_imports(path):
+            for target in _imported(node, name, path.name == "__init__.py", set(files)):
+                if target != name:
+                    edges.append((name, target, f"{path.name}:{node.lineno}"))
     return edges
 
 
@@ -104,6 +111,21 @@ def _shown(cycle: list[Edge]) -> str:
 def test_no_module_of_instructmole_imports_in_a_cycle() -> None:
     found = cycles(import_graph(PACKAGE))
     assert not found, "import cycles (break them, do not hide them in a function):\n" + "\n".join(map(_shown, found))
+
+
+def test_the_core_imports_no_host() -> None:
+    """The hosts (the ComfyUI nodes, the trainer) import the core, never the other way round, so the
+    core runs, and is tested, without ComfyUI and without the trainer."""
+    hosts = {"nodes", "training", "comfy", "comfy_api", "comfy_extras", "folder_paths"}
+    found = [
+        f"{path.name}:{node.lineno}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for node in runnable_imports(path)
+        if not getattr(node, "level", 0)
+        for name in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""])
+        if name.split(".")[0] in hosts
+    ]
+    assert not found, f"instructmole imports a host at {found}"
 
 
 def test_the_graph_sees_the_imports_the_cycle_check_relies_on() -> None:
