@@ -120,10 +120,15 @@ def load_adapter(
 
 def read_tensors(path: Path, device: torch.device) -> dict[str, Tensor]:
     """Every tensor of the safetensors file ``path``, put on ``device`` by the reader itself (no CPU
-    copy first); a reader's failure becomes the same ``AdapterError`` sentences as ``read_metadata``."""
+    copy first); a reader's failure becomes the same ``AdapterError`` sentences as ``read_metadata``.
+
+    On the CPU the reader hands out views of the file's memory mapping: a file overwritten in place
+    (``cp`` over it while ComfyUI runs) would then change a loaded adapter's weights under it, or
+    crash the process if it shrank. Each tensor gets memory of its own instead."""
+    own = torch.device(device).type == "cpu"
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
-            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+            return {k: f.get_tensor(k).clone() if own else f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     except (MemoryError, torch.OutOfMemoryError):
         raise
     except Exception as err:  # safetensors, the OS, an unknown dtype, a device that is not there

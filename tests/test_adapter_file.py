@@ -219,3 +219,17 @@ def test_saved_files_get_the_ordinary_mode_not_the_temp_files(tmp_path, adapter)
         os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]  # no temp file left behind
+
+
+def test_a_loaded_adapter_keeps_its_weights_when_the_file_is_overwritten_in_place(tmp_path):
+    """``cp new.safetensors adapter.safetensors`` writes into the same file: a loaded adapter must not
+    see the new bytes (it would change, or crash if the file shrank, under a running ComfyUI)."""
+    import shutil
+
+    path = random_adapter(seed=41).save(tmp_path / "a.safetensors")
+    loaded = im.load_adapter(path)
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    shutil.copyfile(random_adapter(seed=42).save(tmp_path / "b.safetensors"), path)  # same inode, new bytes
+    assert im.load_adapter(path).adapter_id != random_adapter(seed=41).adapter_id  # the file did change
+    after = loaded.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
