@@ -237,8 +237,8 @@ def fit_vae(folder: Path, steps: int = 800, batch: int = 32, seed: int = 0) -> N
 class Edit:
     """One held-out phrasing on one held-out image, edited by the base model and with the adapter.
 
-    Images are ``[3, H, W]`` in [0, 1]. ``routed_as`` holds the task(s) whose modal councils the
-    phrasing's own councils match best (what the router understood); ``base_error`` and
+    Images are ``[3, H, W]`` in [0, 1]. ``routed_as`` holds the task(s) whose councils the phrasing's
+    own council is nearest to (what the router understood); ``base_error`` and
     ``adapter_error`` are the mean absolute difference from the target, in [0, 1].
     """
 
@@ -278,17 +278,21 @@ def _edit_rows(manifest: Path) -> list[dict]:
     return picked
 
 
-def _routed_as(council: Any, modal: dict[str, list[list[int]]]) -> tuple[str, ...]:
-    """The tasks whose modal councils match ``council``'s (one instance) best, in name order: one
-    task, or several when their modal councils are the same (the adapter cannot tell them apart)."""
-    from .report import jaccard
+def _routed_as(council: Any, mean_weights: dict[str, list[list[float]]]) -> tuple[str, ...]:
+    """The tasks whose mean council weights (over their training phrasings, from the routing report)
+    are nearest to ``council``'s weights (one instance; L1 over layers and experts), in name order:
+    one task, or several at the same distance.
 
-    mine = [frozenset(e for e, _ in council.members(0, row)) for row in range(len(council.layers))]
-    scores = {
-        task: sum(jaccard(m, frozenset(s)) for m, s in zip(mine, sets, strict=True)) for task, sets in modal.items()
+    Weights, not member sets: the gates grow decisive (one member near 1, the other near 0), and the
+    near-zero member is picked almost at random, so comparing sets named a wrong task for phrasings
+    whose edits visibly went the right way."""
+    mine = council.weights[0].float()
+    distances = {
+        task: float((mine - torch.tensor(weights, dtype=torch.float32)).abs().sum())
+        for task, weights in mean_weights.items()
     }
-    best = max(scores.values())
-    return tuple(sorted(t for t, score in scores.items() if score >= best - 1e-9))
+    best = min(distances.values())
+    return tuple(sorted(t for t, d in distances.items() if d <= best + 1e-6))
 
 
 def _routing_note(task: str, routed_as: tuple[str, ...]) -> str:
@@ -299,7 +303,9 @@ def _routing_note(task: str, routed_as: tuple[str, ...]) -> str:
     return f"councils shared with {others}" if task in routed_as else f"routed as {others}"
 
 
-def make_edits(model_dir: Path, adapter_path: Path, manifest: Path, modal: dict[str, list[list[int]]]) -> list[Edit]:
+def make_edits(
+    model_dir: Path, adapter_path: Path, manifest: Path, mean_weights: dict[str, list[list[float]]]
+) -> list[Edit]:
     """Per task, a held-out phrasing on a held-out image (a different one per task), edited in 28
     steps by the base model and with the adapter (loaded exactly as the Load InstructMoLE Adapter
     node loads it)."""
@@ -344,7 +350,7 @@ def make_edits(model_dir: Path, adapter_path: Path, manifest: Path, modal: dict[
             base = decode(vae, edit_latents(transformer, t5, pooled, [ref], guidance=1.0), norm)[0]
             with im.attach(transformer, adapter):
                 ours = decode(vae, edit_latents(transformer, t5, pooled, [ref], guidance=1.0), norm)[0]
-            routed = _routed_as(adapter.route(t5, pooled), modal)
+            routed = _routed_as(adapter.route(t5, pooled), mean_weights)
             edits.append(Edit(row["task"], row["instruction"], (source + 1) / 2, base, ours, (target + 1) / 2, routed))
             bar.update(1)
     return edits
@@ -449,7 +455,7 @@ def _run(out: Path, overrides: Sequence[str], clock: Clock) -> int:
         target = f"{TARGETS[key][0]} {TARGETS[key][1]:g}  {_met(key, end[key])}" if key in TARGETS else "(context)"
         print(f"  {name:<20} {start[key]:>8.3f}  {end[key]:>8.3f}   {target}")
     with clock.stage("edits with held-out phrasings"):
-        edits = make_edits(model, adapter, manifest, last["modal_councils"])
+        edits = make_edits(model, adapter, manifest, last["mean_weights"])
         picture = out / "edits.png"
         edits_picture(edits).save(picture)
     print("\nedits (error against the target, mean |difference| in [0, 1]):")

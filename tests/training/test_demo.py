@@ -41,12 +41,16 @@ def test_edits_picture_has_a_labelled_row_per_task_and_a_column_per_image():
     assert pixels[(240, 150, 90)] > 0  # the misrouted phrasing is marked
 
 
-def test_routed_as_is_the_task_whose_modal_councils_match_best():
-    members = {0: [(0, 0.5), (1, 0.4)], 1: [(2, 0.6), (3, 0.3)]}
-    council = SimpleNamespace(layers=("a", "b"), members=lambda b, row: members[row])
-    modal = {"warm": [[0, 1], [0, 1]], "cool": [[0, 1], [2, 3]], "invert": [[2, 3], [2, 3]]}
-    assert demo._routed_as(council, modal) == ("cool",)
-    assert demo._routed_as(council, {"b": [[0, 1], [2, 3]], "a": [[0, 1], [2, 3]]}) == ("a", "b")  # a tie: both
+def test_routed_as_is_the_task_whose_council_weights_are_nearest():
+    """Weights decide, not member sets: a near-zero second member does not make a task."""
+    weights = torch.tensor([[[0.95, 0.05, 0.0, 0.0], [0.0, 0.0, 0.9, 0.1]]])  # [1 instance, 2 layers, 4 experts]
+    council = SimpleNamespace(weights=weights)
+    mean = {
+        "warm": [[0.97, 0.0, 0.0, 0.03], [0.0, 0.0, 0.96, 0.0]],  # other second members, same decisive ones
+        "cool": [[0.0, 0.95, 0.05, 0.0], [0.0, 0.0, 0.9, 0.1]],  # same second member in one layer, not decisive
+    }
+    assert demo._routed_as(council, mean) == ("warm",)
+    assert demo._routed_as(council, {"b": mean["warm"], "a": mean["warm"]}) == ("a", "b")  # a tie: both
 
 
 def test_routing_note_tells_a_wrong_task_from_shared_councils():
