@@ -245,7 +245,7 @@ def test_workflow_with_council_runs_and_saves(server: Any) -> None:
     shown = preview["images"][0]
     assert Path(server.base_directory, shown["type"], shown["subfolder"], shown["filename"]).is_file(), shown
     assert any(line.strip() for line in preview["text"]), preview["text"]
-    assert "Traceback" not in log, log[-4000:]
+    assert not crashes(log), log[-4000:]
 
 
 def test_workflow_with_auto_routing_runs(server: Any) -> None:
@@ -254,7 +254,7 @@ def test_workflow_with_auto_routing_runs(server: Any) -> None:
     saved = entry["outputs"]["14"]["images"]
     path = Path(server.base_directory, "output", saved[0]["subfolder"], saved[0]["filename"])
     assert path.is_file(), path
-    assert "Traceback" not in log, log[-4000:]
+    assert not crashes(log), log[-4000:]
 
 
 def test_model_free_loader_gives_the_same_image(server: Any) -> None:
@@ -269,7 +269,7 @@ def test_model_free_loader_gives_the_same_image(server: Any) -> None:
         assert saved["filename"].startswith(prefix), saved
         with Image.open(Path(server.base_directory, "output", saved["subfolder"], saved["filename"])) as image:
             images.append(np.asarray(image.convert("RGB")))  # the PNG bytes differ: they embed the prompt
-        assert "Traceback" not in log, log[-4000:]
+        assert not crashes(log), log[-4000:]
     assert images[0].std() > 0 and np.array_equal(images[0], images[1])
 
 
@@ -301,7 +301,7 @@ def test_bad_rule_text_is_a_validation_error_without_traceback(server: Any) -> N
         assert code == 400 and body.get("node_errors"), errors[:4000]
         assert "6" in body["node_errors"], errors[:4000]
     assert BAD_RULES_MESSAGE in errors, errors[:4000]
-    assert "Traceback" not in server.log()[mark:], server.log()[mark:][-4000:]
+    assert not crashes(server.log()[mark:]), server.log()[mark:][-4000:]
 
 
 def test_bad_rule_text_from_a_link_fails_at_execution_with_the_message(server: Any) -> None:
@@ -332,6 +332,16 @@ def tracebacks(log: str) -> list[str]:
             end = next((j for j in range(i + 1, len(lines)) if not lines[j].startswith(" ")), len(lines) - 1)
             blocks.append("\n".join(lines[i : end + 1]))
     return blocks
+
+
+# ComfyUI v0.3.64's asset database (SQLAlchemy over SQLite) logs this when the garbage collector closes
+# a pooled connection from another thread: its own noise, harmless, and unrelated to any node.
+SQLITE_POOL_NOISE = "sqlite3.ProgrammingError: SQLite objects created in a thread can only be used in that same thread"
+
+
+def crashes(log: str) -> list[str]:
+    """The traceback blocks of a server log that tell of a failure (all but ComfyUI's own pool noise)."""
+    return [t for t in tracebacks(log) if SQLITE_POOL_NOISE not in t]
 
 
 def test_packs_load_cleanly(server: Any) -> None:
