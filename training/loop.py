@@ -8,6 +8,7 @@ share of every global micro-batch, and every random draw is a function of (seed,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -303,6 +304,22 @@ def train(config: TrainConfig, *, resume: str | None = None, overwrite: bool = F
 
     ``overwrite``: a fresh run into a folder that holds an earlier run deletes that run's files first
     (after every check has passed); without it such a folder is refused (``preflight.plan_output``)."""
+    with cudnn_attention_restored():
+        return _train(config, resume=resume, overwrite=overwrite)
+
+
+@contextlib.contextmanager
+def cudnn_attention_restored() -> Iterator[None]:
+    """Training turns cuDNN's SDPA off on CUDA (its backward failed on our H100s); whatever the caller's
+    process had is restored afterwards, so a notebook's later attention is not changed by a run."""
+    enabled = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(enabled)
+
+
+def _train(config: TrainConfig, *, resume: str | None, overwrite: bool) -> RunResult:
     accelerator = _accelerator(config)
     t = config.train
     out = Path(t.output_dir)

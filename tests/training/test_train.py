@@ -272,3 +272,20 @@ def test_a_manifest_without_tasks_or_holdout_rows_still_reports(tiny_kontext, tm
     out = tmp_path / "train_only"
     run(tiny_kontext, out, f"data.manifest={no_holdout}", steps=2, every=2)
     assert "no held-out rows" in json.loads((out / "reports" / "step-0000002.json").read_text())["note"]
+
+
+def test_training_leaves_the_process_cudnn_attention_setting_as_it_found_it():
+    """The trainer switches cuDNN's SDPA off for its own run only (on CUDA); the caller's setting,
+    whatever it was, comes back afterwards, also when the run fails."""
+    import torch
+
+    from training.loop import cudnn_attention_restored
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    for start in (True, False):
+        torch.backends.cuda.enable_cudnn_sdp(start)
+        with pytest.raises(RuntimeError), cudnn_attention_restored():
+            torch.backends.cuda.enable_cudnn_sdp(not start)  # what a CUDA run does inside
+            raise RuntimeError("the run failed")
+        assert torch.backends.cuda.cudnn_sdp_enabled() is start
+    torch.backends.cuda.enable_cudnn_sdp(before)
