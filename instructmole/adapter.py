@@ -43,7 +43,6 @@ from .council import Council
 from .errors import InstructMoLEError
 from .files import atomic_path
 from .model import InstructMoLE, make_router
-from .routing import route_instances
 from .runtime import DeviceCache
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "Adapter", "AdapterError", "LoraPart", "describe"]
@@ -108,9 +107,7 @@ class Adapter:
         (T5 features) and ``pooled [b, router_dim]`` (CLIP pooled) are checked first, so a wrong
         encoder gives one sentence rather than a matmul error."""
         self._check_route_inputs(text, pooled)
-        router, gates = self.cache.router(text.device)
-        signal = router(text.to(torch.float32), pooled.to(text.device, torch.float32))
-        probs, indices, weights = route_instances(signal, gates, self.config.top_k)
+        probs, indices, weights = self.cache.route(text, pooled)
         return Council.from_topk(
             self.config.instruction_layers, probs, indices, weights, adapter_id=self.adapter_id, label=labels
         )

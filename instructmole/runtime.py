@@ -86,6 +86,14 @@ class DeviceCache:
             self._router = {device: (router, gates)}
         return self._router[device]
 
+    @torch.no_grad()
+    def route(self, text: Tensor, pooled: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Inference routing, ``(probs, indices, weights)``: the router maths in fp32 on the cached
+        copy, whatever dtype the adapter stores, so every caller gets the same councils bit for bit."""
+        router, gates = self.router(text.device)
+        signal = router(text.to(torch.float32), pooled.to(text.device, torch.float32))
+        return route_instances(signal, gates, self.model.config.top_k)
+
 
 @dataclass
 class AuxLosses:
@@ -199,10 +207,7 @@ class MoLERuntime:
         """
         cfg = self.config
         if not self.training:
-            with torch.no_grad():
-                router, gates = self.cache.router(text.device)
-                signal = router(text.to(torch.float32), pooled.to(text.device, torch.float32))
-                return route_instances(signal, gates, cfg.top_k)
+            return self.cache.route(text, pooled)
         noise = keep = None
         if seeds is not None and self.model.training:
             noise, keep = self._row_draws(seeds, text.device)
