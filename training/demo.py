@@ -45,9 +45,14 @@ TARGETS = {
 
 # Threads per process. The demo's tensors are tiny (hidden 32, 32x32 images), so an operation is
 # over before a second OpenMP thread has paid for waking up: measured on 2 cores, 40 training steps
-# took 36 s with torch's default (2 threads) and 3 s with one, and the VAE and copy stages were 3x
-# and 6x faster with one thread on a busy machine. One thread is fastest in every stage.
+# took 36 s with torch's default (2 threads) and 3 s with one. One thread is fastest in every stage
+# but the VAE's (below).
 THREADS = 1
+# The VAE stage alone is made of convolutions big enough to share: two threads took it from 78 to
+# 55 ms a step on 2 cores. Fixed, not the machine's count, so that its numbers repeat everywhere.
+VAE_THREADS = 2
+# T5 tokens per instruction: the longest phrasing is six words and an end token.
+TEXT_LENGTH = 16
 
 
 class Clock:
@@ -72,6 +77,20 @@ class Clock:
         print(f"[{self.elapsed():5.0f} s] {name}: done in {wall:.1f} s (CPU {cpu:.1f} s)", flush=True)
 
 
+class Recent:
+    """The mean of the last ``window`` losses: a stage's loss as it ends, not its first noisy steps."""
+
+    def __init__(self, window: int = 100) -> None:
+        self.window, self.values = window, []
+
+    def add(self, value: float) -> None:
+        self.values = [*self.values[-(self.window - 1) :], value]
+
+    @property
+    def value(self) -> float:
+        return sum(self.values) / max(len(self.values), 1)
+
+
 def progress(total: int, desc: str) -> Any:
     """A bar on a terminal; in a log file a line every 10 s, not one per step."""
     from tqdm.auto import tqdm
@@ -80,19 +99,29 @@ def progress(total: int, desc: str) -> Any:
 
 
 @contextlib.contextmanager
-def reproducible(threads: int = THREADS) -> Iterator[None]:
+def threads(count: int) -> Iterator[None]:
+    """``count`` torch threads for the block, the previous count after it."""
+    was = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(was)
+
+
+@contextlib.contextmanager
+def reproducible(count: int = THREADS) -> Iterator[None]:
     """One thread count and deterministic algorithms for the block (the previous settings after it).
 
     With a fixed thread count the reductions add in a fixed order, so the demo's numbers repeat
     bit for bit on one machine; another thread count (or CPU) may move them in the last digits.
     """
-    was_threads, was_deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(threads)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        yield
+        with threads(count):
+            yield
     finally:
-        torch.set_num_threads(was_threads)
         torch.use_deterministic_algorithms(was_deterministic)
 
 
@@ -111,11 +140,14 @@ def build(out: Path, clock: Clock) -> tuple[Path, Path]:
         partial = out / "tiny-kontext.partial"
         shutil.rmtree(partial, ignore_errors=True)
         with clock.stage("tiny pipeline: random transformer, VAE, T5 and CLIP"):
-            save_tiny_kontext(partial, seed=0, text_length=32, corpus=all_phrasings())
-        with clock.stage("VAE: taught to keep colour"):
-            fit_vae(partial / "vae")
+            save_tiny_kontext(partial, seed=0, text_length=TEXT_LENGTH, corpus=all_phrasings())
+            damp_t5_mixing(partial / "text_encoder_2")
+        with clock.stage("VAE: taught to keep colour"), threads(VAE_THREADS):
+            loss = fit_vae(partial / "vae")
+        print(f"        reconstruction error {loss:.3f} (mean |difference| in [-1, 1])", flush=True)
         with clock.stage("transformer: taught to give back its reference"):
-            teach_copy(partial)
+            loss = teach_copy(partial)
+        print(f"        flow loss of the copy {loss:.3f} (0 would be a perfect copy)", flush=True)
         shutil.rmtree(model, ignore_errors=True)
         partial.rename(model)
     else:
@@ -125,6 +157,27 @@ def build(out: Path, clock: Clock) -> tuple[Path, Path]:
         with clock.stage("data set: six tonal edits on procedural images"):
             write_dataset(data)
     return model, manifest
+
+
+def damp_t5_mixing(folder: Path, scale: float = 0.1) -> None:
+    """Give the tiny random T5 what a trained one has and the router relies on: a word keeps its
+    feature in a sentence it has never seen.
+
+    A random T5's blocks write about as much of the other words into a token's feature as the word
+    itself brings: measured on the demo's phrasings, the feature of "brighten" in "brighten the image"
+    and in "brighten the picture" had cosine 0.88 ("cool": 0.73), so a held-out sentence moved the
+    router's signal as far as another key word would, and 7 of 24 held-out phrasings routed as
+    another task. Scaling each block's residual writes (attention output and feed-forward output)
+    by ``scale`` keeps the encoder a real, contextual T5 whose words stay themselves (cosine 0.99):
+    on that build 1 of 24 then routed as another task (the demo prints its own count)."""
+    from transformers import T5EncoderModel
+
+    t5 = T5EncoderModel.from_pretrained(folder)
+    with torch.no_grad():
+        for block in t5.encoder.block:
+            block.layer[0].SelfAttention.o.weight.mul_(scale)
+            block.layer[-1].DenseReluDense.wo.weight.mul_(scale)
+    t5.save_pretrained(folder)
 
 
 def _procedural_latents(vae, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +193,7 @@ def _procedural_latents(vae, count: int, seed: int) -> tuple[torch.Tensor, torch
         return images, vae.encode(images).latent_dist.mean
 
 
-def teach_copy(folder: Path, steps: int = 3000, batch: int = 32, seed: int = 0) -> None:
+def teach_copy(folder: Path, steps: int = 1500, batch: int = 32, seed: int = 0, lr: float = 2e-3) -> float:
     """Teach the tiny random transformer what FLUX.1 Kontext does with an empty instruction: give back
     its reference. A random base never looks at the reference tokens (measured: shuffling them changed
     nothing), and an adapter on top of it learns only task-blind denoising; a real Kontext base reads
@@ -164,8 +217,9 @@ def teach_copy(folder: Path, steps: int = 3000, batch: int = 32, seed: int = 0) 
     latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
     h, w = latents.shape[-2:]
     positions = token_ids((h, w), [(h, w)])
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr, fused=True)
     g = torch.Generator().manual_seed(seed)
+    tracker = Recent()
     transformer.train()
     with progress(steps, "copy the reference") as bar:
         for _ in range(steps):
@@ -187,11 +241,14 @@ def teach_copy(folder: Path, steps: int = 3000, batch: int = 32, seed: int = 0) 
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            tracker.add(loss.item())
             bar.update(1)
+            bar.set_postfix(loss=f"{tracker.value:.4f}", refresh=False)
     transformer.eval().save_pretrained(folder / "transformer")
+    return tracker.value
 
 
-def fit_vae(folder: Path, steps: int = 800, batch: int = 32, seed: int = 0) -> None:
+def fit_vae(folder: Path, steps: int = 800, batch: int = 32, seed: int = 0, lr: float = 3e-3) -> float:
     """Teach the tiny VAE to be an autoencoder of the procedural images (and their tonal edits).
 
     A random encoder ends in a GroupNorm that normalises away an image's overall colour and
@@ -212,8 +269,9 @@ def fit_vae(folder: Path, steps: int = 800, batch: int = 32, seed: int = 0) -> N
         image = procedural_image(rng)
         pictures += [np.asarray(image if t is None else edit(image, t), dtype=np.float32) for t in (None, *TASKS)]
     images = torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2) / 127.5 - 1
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, fused=True)
     g = torch.Generator().manual_seed(seed)
+    tracker = Recent()
     vae.train()
     with progress(steps, "autoencode") as bar:
         for _ in range(steps):
@@ -222,12 +280,15 @@ def fit_vae(folder: Path, steps: int = 800, batch: int = 32, seed: int = 0) -> N
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            tracker.add(loss.item())
             bar.update(1)
+            bar.set_postfix(loss=f"{tracker.value:.4f}", refresh=False)
     vae.eval()
     with torch.no_grad():
         z = vae.encode(images).latent_dist.mean
     vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=1.0 / float(z.std()))
     vae.save_pretrained(folder)
+    return tracker.value
 
 
 # ---- the edits -----------------------------------------------------------------------------------
@@ -259,10 +320,12 @@ class Edit:
         return float((self.adapter - self.target).abs().mean())
 
 
-def _edit_rows(manifest: Path) -> list[dict]:
+def _edit_rows(manifest: Path, phrasing: int = 1) -> list[dict]:
     """One held-out row per task, chosen by position, never by its result: task number t (in manifest
-    order) shows its t-th held-out image with its t-th held-out phrasing (cyclically), so every task
-    has its own image and the phrasings vary."""
+    order) shows its t-th held-out image (cyclically), so every task has its own image, with its
+    ``phrasing``-th held-out phrasing. All tasks' phrasings come from one held-out sentence (by
+    default "{verb} the picture"), so that the rows differ in the key word alone; every held-out
+    phrasing's routing is counted in the terminal's summary."""
     by_task: dict[str, list[dict]] = {}
     for line in manifest.read_text().splitlines():
         row = json.loads(line)
@@ -272,8 +335,8 @@ def _edit_rows(manifest: Path) -> list[dict]:
     for t, rows in enumerate(by_task.values()):
         images = list(dict.fromkeys(r["references"][0] for r in rows))
         phrasings = list(dict.fromkeys(r["instruction"] for r in rows))
-        image, phrasing = images[t % len(images)], phrasings[t % len(phrasings)]
-        match = [r for r in rows if r["references"][0] == image and r["instruction"] == phrasing]
+        image, wording = images[t % len(images)], phrasings[phrasing % len(phrasings)]
+        match = [r for r in rows if r["references"][0] == image and r["instruction"] == wording]
         picked.append(match[0] if match else rows[0])
     return picked
 
@@ -305,10 +368,10 @@ def _routing_note(task: str, routed_as: tuple[str, ...]) -> str:
 
 def make_edits(
     model_dir: Path, adapter_path: Path, manifest: Path, mean_weights: dict[str, list[list[float]]]
-) -> list[Edit]:
+) -> tuple[list[Edit], dict[str, tuple[str, tuple[str, ...]]]]:
     """Per task, a held-out phrasing on a held-out image (a different one per task), edited in 28
     steps by the base model and with the adapter (loaded exactly as the Load InstructMoLE Adapter
-    node loads it)."""
+    node loads it). Also how every held-out phrasing routes: ``{phrasing: (task, routed_as)}``."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
@@ -330,9 +393,14 @@ def make_edits(
     }
     adapter = im.load_adapter(adapter_path)
     rows = _edit_rows(manifest)
+    heldout = {
+        r["instruction"]: r["task"]
+        for r in map(json.loads, manifest.read_text().splitlines())
+        if r["split"] == "holdout"
+    }
     features: dict[str, dict[str, torch.Tensor]] = {}
     encode_texts(
-        [r["instruction"] for r in rows],
+        list(heldout),
         **encoders,
         text_length=adapter.config.text_length,
         batch_size=8,
@@ -353,7 +421,11 @@ def make_edits(
             routed = _routed_as(adapter.route(t5, pooled), mean_weights)
             edits.append(Edit(row["task"], row["instruction"], (source + 1) / 2, base, ours, (target + 1) / 2, routed))
             bar.update(1)
-    return edits
+    routing = {}
+    for text, task in heldout.items():
+        council = adapter.route(features[text]["t5"][None], features[text]["pooled"][None])
+        routing[text] = (task, _routed_as(council, mean_weights))
+    return edits, routing
 
 
 EDIT_COLUMNS = ("input", "base model", "with the adapter", "target")
@@ -455,13 +527,17 @@ def _run(out: Path, overrides: Sequence[str], clock: Clock) -> int:
         target = f"{TARGETS[key][0]} {TARGETS[key][1]:g}  {_met(key, end[key])}" if key in TARGETS else "(context)"
         print(f"  {name:<20} {start[key]:>8.3f}  {end[key]:>8.3f}   {target}")
     with clock.stage("edits with held-out phrasings"):
-        edits = make_edits(model, adapter, manifest, last["mean_weights"])
+        edits, routing = make_edits(model, adapter, manifest, last["mean_weights"])
         picture = out / "edits.png"
         edits_picture(edits).save(picture)
     print("\nedits (error against the target, mean |difference| in [0, 1]):")
     for e in edits:
         routed = "" if e.routed_as == (e.task,) else f"   {_routing_note(e.task, e.routed_as)}"
         print(f"  {e.task:<10} {e.instruction!r:<28} base {e.base_error:.3f}  adapter {e.adapter_error:.3f}{routed}")
+    wrong = {text: routed for text, (task, routed) in routing.items() if routed != (task,)}
+    print(f"\nheld-out phrasings routed as their task: {len(routing) - len(wrong)} of {len(routing)}")
+    for text, routed in wrong.items():
+        print(f"  {routing[text][0]:<10} {text!r:<28} {_routing_note(routing[text][0], routed)}")
     print(f"\nadapter       {adapter}")
     print(f"report        {run / 'reports' / f'step-{steps:07d}.png'}")
     print(f"edits         {picture}  (a row per task: input | base model | with the adapter | target)")

@@ -370,7 +370,10 @@ def _train(config: TrainConfig, *, resume: str | None, overwrite: bool) -> RunRe
     model = TrainingModel(transformer, mole, lora_modules, lora.alpha if lora.alpha is not None else lora.rank)
     model.train()
     groups = model.parameter_groups(t.lr, t.gate_lr, t.weight_decay)
-    optimizer = torch.optim.AdamW(groups, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    # The fused kernel (CPU and CUDA): one call per step instead of a dozen tensor ops per parameter,
+    # measured 6-7 ms of a 30 ms step on the demo's CPU run; the same update, rounded differently.
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+    optimizer = torch.optim.AdamW(groups, betas=tuple(t.betas), weight_decay=t.weight_decay, fused=fused or None)
     scheduler = lr_scheduler(optimizer, t.lr_schedule, t.warmup_steps, t.max_steps)
     if world > 1:  # the frozen base is the same file on every process: never broadcast or reduce it
         frozen = [n for n, p in model.named_parameters() if not p.requires_grad]

@@ -59,7 +59,7 @@ def test_routing_note_tells_a_wrong_task_from_shared_councils():
     assert demo._routing_note("cool", ("brighten", "cool")) == "councils shared with brighten"
 
 
-def test_edit_rows_give_each_task_its_own_image_and_vary_the_phrasing(tmp_path):
+def test_edit_rows_give_each_task_its_own_image_and_one_held_out_sentence(tmp_path):
     rows = [
         {"instruction": f"{task} {p}", "target": f"{i}-{task}.png", "references": [f"{i}.png"], "task": task,
          "split": "holdout"}
@@ -68,10 +68,13 @@ def test_edit_rows_give_each_task_its_own_image_and_vary_the_phrasing(tmp_path):
     rows.insert(0, {**rows[0], "split": "train"})
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    picked = demo._edit_rows(manifest)
+    picked = demo._edit_rows(manifest)  # the second held-out phrasing of every task: one sentence for all
     assert [(r["task"], r["references"][0], r["instruction"]) for r in picked] == [
-        ("a", "0.png", "a one"), ("b", "1.png", "b two"), ("c", "2.png", "c one")
+        ("a", "0.png", "a two"),
+        ("b", "1.png", "b two"),
+        ("c", "2.png", "c two"),
     ]
+    assert [r["instruction"] for r in demo._edit_rows(manifest, phrasing=0)] == ["a one", "b one", "c one"]
 
 
 def test_reproducible_sets_threads_and_determinism_and_restores_them():
@@ -107,15 +110,66 @@ def test_an_interrupted_build_is_started_afresh_not_reused(tmp_path, monkeypatch
         raise KeyboardInterrupt
 
     monkeypatch.setattr(instructmole.tiny, "save_tiny_kontext", save)
-    monkeypatch.setattr(demo, "fit_vae", lambda folder: calls.append("vae"))
+    monkeypatch.setattr(demo, "fit_vae", lambda folder: calls.append("vae") or 0.0)
+    monkeypatch.setattr(demo, "damp_t5_mixing", lambda folder: calls.append("t5"))
     monkeypatch.setattr(demo, "teach_copy", fail)
     monkeypatch.setattr("training.synthetic.write_dataset", lambda folder: calls.append("data"))
     with pytest.raises(KeyboardInterrupt):
         demo.build(tmp_path, demo.Clock())
     assert not (tmp_path / "tiny-kontext").exists()
-    monkeypatch.setattr(demo, "teach_copy", lambda folder: calls.append("copy"))
+    monkeypatch.setattr(demo, "teach_copy", lambda folder: calls.append("copy") or 0.0)
     model, _ = demo.build(tmp_path, demo.Clock())
-    assert calls == ["vae", "vae", "copy", "data"]
+    assert calls == ["t5", "vae", "t5", "vae", "copy", "data"]
     assert (model / "model_index.json").is_file() and not (tmp_path / "tiny-kontext.partial").exists()
     demo.build(tmp_path, demo.Clock())  # complete now: reused, nothing rebuilt
-    assert calls == ["vae", "vae", "copy", "data", "data"]  # (the stub wrote no manifest)
+    assert calls == ["t5", "vae", "t5", "vae", "copy", "data", "data"]  # (the stub wrote no manifest)
+
+
+def test_damped_t5_keeps_a_word_in_a_new_sentence(tmp_path):
+    """After ``damp_t5_mixing`` a key word's feature barely moves when the sentence around it is new,
+    while two key words stay apart: what lets the router route held-out phrasings."""
+    from instructmole.tiny import tiny_text_encoders
+    from training.synthetic import all_phrasings
+
+    text = tiny_text_encoders(text_length=16, seed=0, corpus=all_phrasings())
+    text.t5.save_pretrained(tmp_path / "t5")
+
+    def word_features(model) -> dict[str, torch.Tensor]:
+        out = {}
+        for sentence, word in (("brighten the image", "brighten"), ("brighten the picture", "brighten"),
+                               ("darken the image", "darken")):  # fmt: skip
+            ids = text.t5_tokenizer(sentence, return_tensors="pt").input_ids
+            position = next(i for i, t in enumerate(text.t5_tokenizer.convert_ids_to_tokens(ids[0])) if word in t)
+            with torch.no_grad():
+                out[sentence] = model(ids).last_hidden_state[0, position]
+        return out
+
+    def cosines(model) -> tuple[float, float]:
+        f = word_features(model)
+        cos = torch.nn.functional.cosine_similarity
+        return float(cos(f["brighten the image"], f["brighten the picture"], 0)), float(
+            cos(f["brighten the image"], f["darken the image"], 0)
+        )
+
+    from transformers import T5EncoderModel
+
+    same_before, _other_before = cosines(T5EncoderModel.from_pretrained(tmp_path / "t5").eval())
+    demo.damp_t5_mixing(tmp_path / "t5")
+    same_after, other_after = cosines(T5EncoderModel.from_pretrained(tmp_path / "t5").eval())
+    assert same_before < 0.95 < same_after  # the same word in a new sentence: nearly the same feature
+    assert other_after < 0.5  # another key word is still another feature
+
+
+def test_threads_sets_the_count_for_the_block_only():
+    was = torch.get_num_threads()
+    with demo.threads(2):
+        assert torch.get_num_threads() == 2
+    assert torch.get_num_threads() == was
+
+
+def test_recent_is_the_mean_of_the_last_values():
+    recent = demo.Recent(window=3)
+    assert recent.value == 0.0
+    for v in (10.0, 1.0, 2.0, 3.0):
+        recent.add(v)
+    assert recent.value == pytest.approx(2.0)
