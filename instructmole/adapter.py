@@ -43,7 +43,7 @@ from .council import Council
 from .errors import InstructMoLEError
 from .files import atomic_path
 from .model import InstructMoLE, make_router
-from .runtime import DeviceCache
+from .runtime import DeviceCache, MoLERuntime
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "Adapter", "AdapterError", "LoraPart", "describe"]
 
@@ -101,13 +101,13 @@ class Adapter:
     def route(self, text: Tensor, pooled: Tensor, labels: list[str] | tuple[str, ...] = ()) -> Council:
         """Councils for a batch of instructions, as in training but without noise or dropout.
 
-        The router maths run in fp32 whatever dtype the file stores (the trainer exports bf16), on
-        the very copy and kernels the runtime's auto mode uses (``cache``): a council routed here is
-        bit for bit the one a patched model routes for the same signal. ``text [b, t, text_dim]``
-        (T5 features) and ``pooled [b, router_dim]`` (CLIP pooled) are checked first, so a wrong
-        encoder gives one sentence rather than a matmul error."""
+        The runtime's one routing function (``MoLERuntime.route``) on this adapter's shared
+        ``cache``: a council routed here is bit for bit the one a patched model routes for the same
+        signal. ``text [b, t, text_dim]`` (T5 features) and ``pooled [b, router_dim]`` (CLIP pooled)
+        are checked first, so a wrong encoder gives one sentence rather than a matmul error."""
         self._check_route_inputs(text, pooled)
-        probs, indices, weights = self.cache.route(text, pooled)
+        runtime = MoLERuntime(self.model, adapter_id=self.adapter_id, cache=self.cache)
+        probs, indices, weights = runtime.route(text, pooled)
         return Council.from_topk(
             self.config.instruction_layers, probs, indices, weights, adapter_id=self.adapter_id, label=labels
         )
@@ -236,11 +236,7 @@ class Adapter:
             state[f"experts.{key}.A"] = mole[f"mole.{name}.A"]
             state[f"experts.{key}.B"] = mole[f"mole.{name}.B"]
             state[f"experts.{key}.gate.weight"] = mole[f"mole.{name}.gate"]
-        # The router gets memory of its own: a tensor read from a file may sit at any offset of the
-        # file's mapping, and the kernels (hence the last bits) of a matmul depend on its alignment.
-        # Owned, it computes bit for bit what the runtime's copy of it (DeviceCache) computes, so a
-        # council routed by the Route node equals the one the model routes for the same signal.
-        state.update({f"router.{k[len('router.') :]}": v.clone() for k, v in mole.items() if k.startswith("router.")})
+        state.update({k: v for k, v in mole.items() if k.startswith("router.")})
         try:
             model.load_state_dict(state, assign=True, strict=True)
         except RuntimeError as err:  # every name and shape was checked above: this is a bug, worded

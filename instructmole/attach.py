@@ -26,8 +26,6 @@ from .checks import checked_strength
 from .council import Council
 from .errors import InstructMoLEError
 from .families import DIFFUSERS_INPUTS, check_model_fits
-from .fold import iter_fold
-from .overrides import with_strength
 from .runtime import MoLERuntime, RoutingError
 
 __all__ = ["AttachedAdapter", "attach"]
@@ -111,8 +109,6 @@ class AttachedAdapter:
         self._backup: dict[str, Tensor] = {}
         self._layer_terms: dict[str, list[Callable[[Tensor], Tensor | None]]] = {}
 
-        if mode == "merged" and council is None and cfg.instruction_layers:
-            raise AttachError("merged mode folds one council into the weights: pass council=adapter.route(...)")
         check_model_fits(cfg, transformer, DIFFUSERS_INPUTS, AttachError)
         targets = {
             spec.name: _linear(transformer, spec.name, spec.in_features, spec.out_features) for spec in cfg.layers
@@ -120,27 +116,28 @@ class AttachedAdapter:
         lora = [(part, _linear(transformer, part.module)) for part in adapter.lora_parts()]
         for part, linear in lora:
             _check_lora_shape(part, linear)
-        # Merged mode folds the instruction layers into the weights: only token-routed ones stay dynamic.
-        dynamic = {s.name for s in cfg.layers if mode == "dynamic" or s.routing == "token"}
-        self.runtime = MoLERuntime(
-            adapter.model,
-            council=council,
-            expert_strength=expert_strength,
-            training=training,
-            layers=dynamic,
-            adapter_id=adapter.adapter_id,
-        )
+        try:
+            self.runtime = MoLERuntime(
+                adapter.model,
+                council=council,
+                merged=mode == "merged",
+                expert_strength=expert_strength,
+                training=training,
+                adapter_id=adapter.adapter_id,
+            )
+        except RoutingError as err:
+            raise AttachError(str(err)) from None
         ref = next(iter(targets.values())).weight
         setattr(transformer, MARK, self)
         try:
             if mode == "merged":
-                self._merge(targets, lora, council, expert_strength)
+                self._merge(targets, lora)
             else:
                 for part, linear in lora:
                     self._add_term(part.module, linear, self._lora_term(part, ref.device, ref.dtype))
                 self._hooks.append(transformer.register_forward_pre_hook(self._begin, with_kwargs=True))
                 self._hooks.append(transformer.register_forward_hook(self._end, always_call=True))
-            for name in sorted(dynamic):
+            for name in sorted(self.runtime.layers):  # merged: only the token-routed layers
                 self._add_term(name, targets[name], lambda x, name=name: self.runtime.delta(name, x))
         except BaseException:
             self.detach()
@@ -209,10 +206,8 @@ class AttachedAdapter:
     # ---- merged -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _merge(
-        self, targets: dict[str, nn.Linear], lora: list, council: Council | None, expert_strength: float
-    ) -> None:
-        """Add the folded council and the LoRA part to the weights, one layer at a time.
+    def _merge(self, targets: dict[str, nn.Linear], lora: list) -> None:
+        """Add the runtime's folded council and the LoRA part to the weights, one layer at a time.
 
         Never more than one layer's ΔW exists at once, and the backups go to the CPU: at full size
         all deltas together would take about 10 GB of fp32 on the GPU.
@@ -221,9 +216,8 @@ class AttachedAdapter:
         for part, linear in lora:
             lora_by_module.setdefault(part.module, []).append(part)
             targets.setdefault(part.module, linear)
-        folded = iter_fold(self.adapter.model, with_strength(council, expert_strength)) if council is not None else ()
         done: set[str] = set()
-        for name, delta in folded:
+        for name, delta in self.runtime.folded():
             self._add_to_weight(targets[name], name, delta, lora_by_module.get(name, []))
             done.add(name)
         for name, parts in lora_by_module.items():

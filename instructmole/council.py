@@ -7,7 +7,7 @@ and weight form the compute paths take; zero-weight padding slots cost a little 
 
 Where councils come from, and what is checked there:
 
-* the router (``model.route``, ``attach``, the runtime): always stamped with the routing
+* the router (``MoLERuntime.route`` via ``Adapter.route``, ``attach``, the nodes): always stamped with the routing
   adapter's id. Every operation (row, expand, cat, the overrides) keeps that id, and councils of
   two adapters never mix (``check_compatible``); a council without an id is refused where it is
   applied (``check_adapter``).

@@ -7,15 +7,13 @@ nodes, the trainer) is somebody else's job, so the same weights can serve severa
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .config import MoLEConfig
-from .council import Council
 from .experts import ExpertInit, MoLELayer
-from .routing import PerceiverResampler, route_instances
+from .routing import PerceiverResampler
 
 __all__ = ["InstructMoLE"]
 
@@ -73,23 +71,6 @@ class InstructMoLE(nn.Module):
     def gates(self) -> Tensor:
         """Stacked instruction gates ``[L, n, d]`` in council row order."""
         return torch.stack([self.layer(name).gate.weight for name in self.config.instruction_layers])
-
-    def signal(self, text: Tensor, pooled: Tensor, keep: Tensor | None = None) -> Tensor:
-        """Z_global ``[b, d]`` from T5 features ``[b, t, text_dim]`` and CLIP pooled ``[b, d]``
-        (``keep``: a given router-dropout mask, see ``PerceiverResampler.forward``)."""
-        p = next(self.router.parameters())
-        return self.router(text.to(p.device, p.dtype), pooled.to(p.device, p.dtype), keep)
-
-    def route_signal(self, signal: Tensor, labels: Sequence[str] = ()) -> tuple[Council, Tensor, Tensor]:
-        """Councils from Z_global; also returns ``(probs, indices)`` for the load-balancing loss."""
-        layers = self.config.instruction_layers
-        probs, indices, weights = route_instances(signal, self.gates(), self.config.top_k, self.gate_noise_std)
-        council = Council.from_topk(layers, probs, indices, weights, adapter_id=self.fingerprint(), label=labels)
-        return council, probs, indices
-
-    def route(self, text: Tensor, pooled: Tensor, labels: Sequence[str] = ()) -> Council:
-        """One council per instance, exactly as in training (call ``eval()`` for no noise/dropout)."""
-        return self.route_signal(self.signal(text, pooled), labels)[0]
 
     def fingerprint(self) -> str:
         """A short id of the routing weights: councils remember it to refuse another adapter."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -40,13 +41,16 @@ from .experts import (
     token_delta_with_projections,
     token_route,
 )
+from .fold import iter_fold
 from .losses import balance_statistics, load_balancing_from_statistics, orthogonality_from_gram, projection_gram
 from .model import InstructMoLE
+from .overrides import with_strength
 from .routing import route_instances
 
 __all__ = ["AuxLosses", "DeviceCache", "MoLERuntime", "RoutingError", "StepRouting"]
 
 Reduce = Literal["sum", "mean"]
+Mode = Literal["auto", "fixed", "merged"]
 
 
 class RoutingError(InstructMoLEError):
@@ -86,14 +90,6 @@ class DeviceCache:
             self._router = {device: (router, gates)}
         return self._router[device]
 
-    @torch.no_grad()
-    def route(self, text: Tensor, pooled: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Inference routing, ``(probs, indices, weights)``: the router maths in fp32 on the cached
-        copy, whatever dtype the adapter stores, so every caller gets the same councils bit for bit."""
-        router, gates = self.router(text.device)
-        signal = router(text.to(torch.float32), pooled.to(text.device, torch.float32))
-        return route_instances(signal, gates, self.model.config.top_k)
-
 
 @dataclass
 class AuxLosses:
@@ -126,12 +122,16 @@ class StepRouting:
 
 
 class MoLERuntime:
-    """Routing state and the expert term of one adapter on one host model.
+    """Routing state and the expert term of one adapter on one host model, in one of three modes.
 
-    ``layers``: the canonical names this runtime adds a term to (default: every MoLE layer; a
-    merged host passes only the token-routed ones, whose term cannot be folded). ``council``:
-    route nothing and serve this council to every row (``fixed``). State lives on the instance,
-    never on a module or class, so two runtimes on two models never share it.
+    ``auto`` routes every row of each forward from its own instruction; ``fixed`` (a ``council``)
+    serves that council to every row; ``merged`` (a ``council`` and ``merged=True``) folds the
+    council into the weights once (``folded``, which the host writes where its weights live) and
+    keeps a per-forward term only for token-routed layers, whose term cannot be folded. The expert
+    strength scales the term in every mode (the folded council too). A host only installs what
+    the runtime gives it: ``layers`` (where a per-forward term goes), ``folded()`` (what to add to
+    the weights) and ``begin``/``delta``/``end`` per forward. State lives on the instance, never on
+    a module or class, so two runtimes on two models never share it.
     """
 
     def __init__(
@@ -139,9 +139,9 @@ class MoLERuntime:
         model: InstructMoLE,
         *,
         council: Council | None = None,
+        merged: bool = False,
         expert_strength: float = 1.0,
         training: bool = False,
-        layers: set[str] | None = None,
         adapter_id: str | None = None,
         cache: DeviceCache | None = None,
     ) -> None:
@@ -149,9 +149,18 @@ class MoLERuntime:
         self.expert_strength = expert_strength
         self.training = training
         self.adapter_id = adapter_id if adapter_id is not None else model.fingerprint()
-        self.layers = set(self.config.layer_names) if layers is None else set(layers)
         self.cache = cache or DeviceCache(model)
         self._token_layers = {s.name for s in self.config.layers if s.routing == "token"}
+        if merged and council is None and self.config.instruction_layers:
+            raise RoutingError(
+                "merged mode folds one council into the weights: pass council=adapter.route(...) (or a council "
+                "from the Route node)"
+            )
+        if merged and training:
+            raise RoutingError("a merged council is folded into the weights and cannot train; train in auto mode")
+        self.merged = merged
+        # Where a per-forward term goes: every MoLE layer, or once merged only the token-routed ones.
+        self.layers = set(self._token_layers) if merged else set(self.config.layer_names)
         self._renormalise = self.config.token_weights == "renormalised"
         self._council: Council | None = None
         self._fixed: dict[torch.device, tuple[Tensor, Tensor]] = {}  # compacted fixed council per device
@@ -160,9 +169,13 @@ class MoLERuntime:
         self._records: dict[str, Any] = {}  # training: what the aux losses need, per forward
         self._token_choices: dict[str, Tensor] = {}  # inference: each token's first choice, per token layer
         self._seeds: Tensor | None = None  # training: per-row seeds of the current forward
-        self.council = council
+        self._set_council(council)
 
     # ---- configuration ------------------------------------------------------------------------
+
+    @property
+    def mode(self) -> Mode:
+        return "merged" if self.merged else ("fixed" if self._council is not None else "auto")
 
     @property
     def council(self) -> Council | None:
@@ -170,9 +183,26 @@ class MoLERuntime:
 
     @council.setter
     def council(self, council: Council | None) -> None:
+        """Switch between auto (None) and a fixed council; a merged council is in the weights already."""
+        if self.merged:
+            raise RoutingError("a merged council is folded into the weights: apply the adapter again to change it")
+        self._set_council(council)
+
+    def _set_council(self, council: Council | None) -> None:
         if council is not None:
             council.check_adapter(self.config.instruction_layers, self.config.num_experts, self.adapter_id)
         self._council, self._fixed = council, {}
+
+    def folded(
+        self, *, factors: bool = False, dtype: torch.dtype = torch.float32
+    ) -> Iterator[tuple[str, Tensor | tuple[Tensor, Tensor]]]:
+        """Merged mode: per instruction-routed layer, the council's weight term at this runtime's
+        strength, ``ΔW [out, in]`` or its ``(down, up)`` factors, one layer at a time (``iter_fold``).
+        Nothing in the other modes."""
+        if not self.merged or self._council is None:
+            return iter(())
+        council = with_strength(self._council, self.expert_strength) if self.expert_strength != 1.0 else self._council
+        return iter_fold(self.model, council, factors=factors, dtype=dtype)
 
     @property
     def last_council(self) -> Council | None:
@@ -199,21 +229,26 @@ class MoLERuntime:
     def route(self, text: Tensor, pooled: Tensor, seeds: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """The router's ``(probs, indices, weights)`` for a batch: ``[b, L, n]``, ``[b, L, k]``, ``[b, L, k]``.
 
-        Inference uses the cached fp32 eval copy without gradients; training the live module (its
-        ``train()`` mode decides gate noise and dropout) in fp32 with autocast off, so that a
-        mixed-precision run picks the councils inference will pick. ``seeds`` (one integer per
-        row, training): draw each row's gate noise and dropout mask from its own seed instead of
-        the global generator, so a row routes the same on one process or many, and after a resume.
+        The one routing function: every host, ``Adapter.route`` and the trainer come here, so a
+        council routed anywhere is the council a patched model routes. The router maths always run
+        in fp32 with autocast off, whatever dtype the adapter stores, so that a mixed-precision run
+        picks the councils inference will pick. Inference runs the cached eval copy (``DeviceCache``)
+        without gradients; training runs the live module, whose ``train()`` mode decides gate noise
+        and dropout. ``seeds`` (one integer per row, training): draw each row's gate noise and
+        dropout mask from its own seed instead of the global generator, so a row routes the same on
+        one process or many, and after a resume.
         """
-        cfg = self.config
-        if not self.training:
-            return self.cache.route(text, pooled)
         noise = keep = None
-        if seeds is not None and self.model.training:
-            noise, keep = self._row_draws(seeds, text.device)
-        with torch.autocast(text.device.type, enabled=False):
-            signal = self.model.signal(text.float(), pooled.float(), keep)
-            return route_instances(signal, self.model.gates(), cfg.top_k, self.model.gate_noise_std, noise)
+        if self.training:
+            router, gates, noise_std = self.model.router, self.model.gates(), self.model.gate_noise_std
+            if seeds is not None and self.model.training:
+                noise, keep = self._row_draws(seeds, text.device)
+            device, grad = next(router.parameters()).device, torch.is_grad_enabled()
+        else:
+            (router, gates), noise_std, device, grad = self.cache.router(text.device), 0.0, text.device, False
+        with torch.autocast(device.type, enabled=False), torch.set_grad_enabled(grad):
+            signal = router(text.to(device, torch.float32), pooled.to(device, torch.float32), keep)
+            return route_instances(signal, gates, self.config.top_k, noise_std, noise)
 
     @torch.no_grad()
     def routing_counts(self, text: Tensor, pooled: Tensor, seeds: Tensor | None = None) -> Tensor:

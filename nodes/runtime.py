@@ -41,9 +41,7 @@ from torch import Tensor
 from ..instructmole import Adapter, Council, CouncilMismatchError, InstructMoLEError
 from ..instructmole.checks import checked_strength
 from ..instructmole.families import BFL_INPUTS, check_model_fits
-from ..instructmole.fold import fold_council
 from ..instructmole.layers import to_bfl
-from ..instructmole.overrides import with_strength
 from ..instructmole.runtime import DeviceCache, MoLERuntime, RoutingError
 from .signal import CHECK_KEY, POOLED_KEY, T5_KEY, rows_still_matching, unpack
 
@@ -138,13 +136,12 @@ class ComfyRuntime:
         merged: bool = False,
         cache: DeviceCache | None = None,
     ) -> None:
-        self.adapter, self.placements, self.merged = adapter, placements, merged
-        token = {s.name for s in adapter.config.layers if s.routing == "token"}
+        self.adapter, self.placements = adapter, placements
         self.core = MoLERuntime(
             adapter.model,
             council=council,
+            merged=merged,
             expert_strength=expert_strength,
-            layers=token if merged else None,  # merged: only token-routed layers keep a dynamic term
             adapter_id=adapter.adapter_id,
             cache=cache or adapter.cache,
         )
@@ -174,8 +171,12 @@ class ComfyRuntime:
         return self.core.last_council
 
     @property
+    def merged(self) -> bool:
+        return self.core.merged
+
+    @property
     def mode(self) -> str:
-        return "merged" if self.merged else ("fixed" if self.council is not None else "auto")
+        return self.core.mode
 
     def derive(self, council: Council | None, merged: bool) -> ComfyRuntime:
         """A runtime for a clone with another council/mode, sharing the device caches."""
@@ -292,11 +293,9 @@ class ComfyRuntime:
 
     @property
     def dynamic_placements(self) -> list[Placement]:
-        """The layers that need a term per forward: all of them, or only token-routed ones once merged."""
-        if self.merged and self.council is not None:
-            instruction = set(self.adapter.config.instruction_layers)
-            return [p for p in self.placements if p.name not in instruction]
-        return list(self.placements)
+        """The layers that need a term per forward (the runtime's ``layers``: all, or once merged
+        only the token-routed ones)."""
+        return [p for p in self.placements if p.name in self.core.layers]
 
     def _install_forwards(self, diffusion_model: Any, installed: list[tuple[Any, bool, Any]]) -> None:
         """Give each dynamic layer of ``diffusion_model`` (the module tree this forward really runs)
@@ -392,11 +391,8 @@ def _install(m: Any, runtime: ComfyRuntime) -> None:
             else:
                 m.patches.pop(weight_key, None)
         m.patches_uuid = uuid.uuid4()
-    if runtime.merged and runtime.council is not None:
-        council = runtime.council
-        if runtime.expert_strength != 1.0:
-            council = with_strength(council, runtime.expert_strength)
-        factors = fold_council(runtime.adapter.model, council, factors=True)
+    if runtime.merged:
+        factors = dict(runtime.core.folded(factors=True))
         patches = {}
         for p in runtime.placements:
             if p.name not in factors:

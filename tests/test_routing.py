@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from instructmole import InstructMoLE
+from instructmole import Adapter, InstructMoLE
 from instructmole.routing import PerceiverResampler, route_instances
+from instructmole.runtime import MoLERuntime
 from instructmole.tiny import tiny_mole_config
 
 
@@ -41,25 +42,42 @@ def test_route_instances_top_k_unnormalised():
     assert weights.sum(-1).max() < 1
 
 
+def _route(model: InstructMoLE, text: torch.Tensor, pooled: torch.Tensor, *, training: bool) -> torch.Tensor:
+    """The runtime's routing (the one function every host calls): its probabilities."""
+    return MoLERuntime(model, training=training).route(text, pooled)[0]
+
+
 def test_noise_and_dropout_only_in_training():
     torch.manual_seed(0)
     model = InstructMoLE(tiny_mole_config())
     text, pooled = torch.randn(4, 32, 64), torch.randn(4, 32)
     model.eval()
-    a, b = model.route(text, pooled), model.route(text, pooled)
-    assert torch.equal(a.probs, b.probs)
+    a, b = _route(model, text, pooled, training=True), _route(model, text, pooled, training=True)
+    assert torch.equal(a, b)  # the live module in eval mode: no noise, no dropout
+    torch.testing.assert_close(_route(model, text, pooled, training=False), a, rtol=0, atol=1e-6)  # cached copy
     model.train()
     assert model.gate_noise_std == 1 / model.config.num_experts
-    c = model.route(text, pooled)
-    assert not torch.equal(a.probs, c.probs)
+    c = _route(model, text, pooled, training=True)
+    assert not torch.equal(a, c)
+    assert torch.equal(_route(model, text, pooled, training=False), _route(model, text, pooled, training=False))
+
+
+def test_training_routing_carries_gradients_and_inference_none():
+    model = InstructMoLE(tiny_mole_config()).eval()
+    text, pooled = torch.randn(2, 32, 64), torch.randn(2, 32)
+    weights = MoLERuntime(model, training=True).route(text, pooled)[2]  # the council weights: top-k probabilities
+    weights.sum().backward()
+    gate = next(iter(model.experts.values())).gate.weight
+    assert model.router.proj_in.weight.grad.abs().sum() > 0 and gate.grad.abs().sum() > 0
+    assert not MoLERuntime(model).route(text, pooled)[2].requires_grad
 
 
 def test_council_rows_follow_instructions():
     torch.manual_seed(0)
     model = InstructMoLE(tiny_mole_config()).eval()
     text, pooled = torch.randn(2, 32, 64), torch.randn(2, 32)
-    both = model.route(text, pooled)
+    both = Adapter(model).route(text, pooled)
     for b in range(2):
-        alone = model.route(text[b : b + 1], pooled[b : b + 1])
+        alone = Adapter(model).route(text[b : b + 1], pooled[b : b + 1])
         torch.testing.assert_close(both.probs[b], alone.probs[0])
     assert both.weights.shape == (2, 4, 4) and int((both.weights[0] != 0).sum(-1).max()) == 2

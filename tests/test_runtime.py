@@ -164,3 +164,30 @@ def test_recomputed_blocks_do_not_replace_the_first_pass_records():
         (out.square().mean() + aux.orthogonality + aux.load_balance_token).backward()
         after = {kind: {n: id(v) for n, v in handle.runtime._records[kind].items()} for kind in ("grams", "token")}
     assert first == after and len(first["grams"]) == len(adapter.config.layers) and first["token"]
+
+
+def test_modes_live_in_the_runtime():
+    """The runtime names its mode, says where a per-forward term goes and folds a merged council at its
+    strength; a host only installs what it is given."""
+    from instructmole.fold import fold_council
+    from instructmole.overrides import with_strength
+    from instructmole.runtime import MoLERuntime
+    from instructmole.tiny import tiny_mole_config
+
+    config = tiny_mole_config()
+    model = im.InstructMoLE(config).eval()
+    text, pooled = torch.randn(1, 32, config.text_dim), torch.randn(1, config.router_dim)
+    council = im.Adapter(model).route(text, pooled)
+    auto, fixed = MoLERuntime(model), MoLERuntime(model, council=council)
+    merged = MoLERuntime(model, council=council, merged=True, expert_strength=0.5)
+    assert (auto.mode, fixed.mode, merged.mode) == ("auto", "fixed", "merged")
+    assert auto.layers == fixed.layers == set(config.layer_names)
+    assert merged.layers == {s.name for s in config.layers if s.routing == "token"}
+    assert list(auto.folded()) == list(fixed.folded()) == []
+    want = fold_council(model, with_strength(council, 0.5))
+    got = dict(merged.folded())
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(RoutingError, match="merged mode folds one council"):
+        MoLERuntime(model, merged=True)
+    with pytest.raises(RoutingError, match="folded into the weights"):
+        merged.council = None
