@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,6 +45,17 @@ def test_training_benchmark_tiny(tmp_path):
     assert first["ours"] == pytest.approx(first["plain LoRA"], rel=1e-5)  # B = 0: the base model's loss
     assert first["ours"] == pytest.approx(first["reference way"], rel=1e-5)
     assert {"ours / reference way time", "ours / plain LoRA time"} <= set(size["ratios"])
+
+
+def test_runs_as_a_module_with_its_options():
+    """``python -m benchmarks.training`` (the README's command) reaches the package's command line."""
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "benchmarks.training", "--help"]
+    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.startswith("usage: python -m benchmarks.training")
+    assert "Cost of one InstructMoLE training step" in out
+    for option in ("--device", "--size", "--sides", "--rounds", "--warmup", "--fp8-base", "--system-malloc", "--out"):
+        assert option in out
 
 
 @pytest.fixture(scope="module")

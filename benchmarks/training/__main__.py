@@ -1,0 +1,5 @@
+"""``python -m benchmarks.training``: the command line of ``run.main``."""
+
+from .run import main
+
+main()
