@@ -3,8 +3,9 @@
 Boxes as the ComfyUI frontend (LiteGraph) draws them: a node's title bar sits above its ``pos``
 (``NODE_TITLE`` tall), so a node covers ``[x, y - NODE_TITLE, w, h + NODE_TITLE]``; a group covers
 its ``bounding`` and its title bar is the top ``1.4 x font_size`` of it. Sizes are the ones the
-files declare (scripts/workflows.py writes them); the browser tests check that the frontend never
-needs a node taller or wider than declared, so these boxes are the drawn ones.
+files declare (scripts/workflows.py describes them, scripts/workflow_format.py places them); the
+browser tests check that the frontend never needs a node taller or wider than declared, so these
+boxes are the drawn ones.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def test_every_node_sits_in_one_group_below_its_title(path: Path) -> None:
         if node["type"] == "Note":
             assert not [g["title"] for g in ui["groups"] if overlap(box, group_box(g))], name(node)
             continue
-        assert holders == [definition.nodes[node["id"]].group], name(node)
+        assert holders == [definition.placement()[node["id"]][0]], name(node)
         titles = [g["title"] for g in ui["groups"] if overlap(box, title_box(g))]
         assert titles == [], f"{name(node)} is under the title of {titles}"
 
