@@ -107,7 +107,7 @@ class AttachedAdapter:
         self.seeds: Tensor | None = None  # training: per-row seeds of the next forward's random draws
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._backup: dict[str, Tensor] = {}
-        self._layer_terms: dict[str, list[Callable[[Tensor], Tensor | None]]] = {}
+        self._layer_terms: dict[str, list[Callable[[Tensor, Tensor], Tensor]]] = {}
 
         check_model_fits(cfg, transformer, DIFFUSERS_INPUTS, AttachError)
         targets = {
@@ -138,7 +138,7 @@ class AttachedAdapter:
                 self._hooks.append(transformer.register_forward_pre_hook(self._begin, with_kwargs=True))
                 self._hooks.append(transformer.register_forward_hook(self._end, always_call=True))
             for name in sorted(self.runtime.layers):  # merged: only the token-routed layers
-                self._add_term(name, targets[name], lambda x, name=name: self.runtime.delta(name, x))
+                self._add_term(name, targets[name], lambda x, out, name=name: self.runtime.add_term(name, x, out))
         except BaseException:
             self.detach()
             raise
@@ -161,25 +161,24 @@ class AttachedAdapter:
 
     # ---- dynamic ------------------------------------------------------------------------------
 
-    def _add_term(self, name: str, linear: nn.Linear, term: Callable[[Tensor], Tensor | None]) -> None:
+    def _add_term(self, name: str, linear: nn.Linear, term: Callable[[Tensor, Tensor], Tensor]) -> None:
+        """``term(x, output)`` gives the output with one more term added (the LoRA part, the experts)."""
         if name not in self._layer_terms:
             terms = self._layer_terms[name] = []
 
             def hook(_module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
                 x = inputs[0]
                 for fn in terms:
-                    delta = fn(x)
-                    if delta is not None:
-                        output = output + delta.to(output.dtype)
+                    output = fn(x, output)
                 return output
 
             self._hooks.append(linear.register_forward_hook(hook))
         self._layer_terms[name].append(term)
 
-    def _lora_term(self, part, device, dtype) -> Callable[[Tensor], Tensor]:
+    def _lora_term(self, part, device, dtype) -> Callable[[Tensor, Tensor], Tensor]:
         down, up = part.down.to(device, dtype), part.up.to(device, dtype)
         s = part.scale * self.lora_strength
-        return lambda x: (x @ down.t()) @ up.t() * s
+        return lambda x, out: out + ((x @ down.t()) @ up.t() * s).to(out.dtype)
 
     @torch.no_grad()
     def route(self, text: Tensor, pooled: Tensor) -> Council:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from .council import Council
@@ -165,6 +166,10 @@ class MoLERuntime:
         self._council: Council | None = None
         self._fixed: dict[torch.device, tuple[Tensor, Tensor]] = {}  # compacted fixed council per device
         self._active: dict[str, tuple[Tensor, Tensor]] | None = None
+        # Inference with one council for every row: per layer the council's (down, up) matrices,
+        # gathered once and kept while the council stays the same (every step of one sampling).
+        self._shared: tuple[Tensor, Tensor] | None = None  # the council they were made for
+        self._factors: dict[tuple, tuple[Tensor, Tensor]] = {}
         self._last: tuple[Tensor, Tensor, Tensor] | None = None  # router output, left on the device
         self._records: dict[str, Any] = {}  # training: what the aux losses need, per forward
         self._token_choices: dict[str, Tensor] = {}  # inference: each token's first choice, per token layer
@@ -323,10 +328,27 @@ class MoLERuntime:
             if self.expert_strength != 1.0:
                 weights = weights * self.expert_strength
         shared = indices.shape[0] == 1  # one council for every row: the shared-matrix fast path
+        if shared and not self.training:
+            self._keep_factors(indices, weights)
         self._active = {
             name: (indices[0, row], weights[0, row]) if shared else (indices[:, row], weights[:, row])
             for row, name in enumerate(layers)
         }
+
+    def _keep_factors(self, indices: Tensor, weights: Tensor) -> None:
+        """Keep the gathered council matrices if this forward's shared council is the last one's.
+
+        A fixed council is the very same tensors every forward. An auto council is routed anew
+        each forward, but from the same instruction it is the same council at every sampling step;
+        on the CPU its few numbers are compared (the gathers it saves are megabytes of memory
+        traffic per layer), on an accelerator that comparison would wait on the device every
+        step, and the gathers cost little there, so they are redone."""
+        last = self._shared
+        same = last is not None and last[0] is indices and last[1] is weights
+        if not same and last is not None and indices.device.type == "cpu" and last[0].device == indices.device:
+            same = torch.equal(last[0], indices) and torch.equal(last[1], weights)
+        if not same:
+            self._shared, self._factors = (indices, weights), {}
 
     def _check_signal(self, text: Tensor, pooled: Tensor, rows: int | None) -> None:
         """Shapes only (no device sync): a signal of another width or batch would fail deep in a layer."""
@@ -355,6 +377,41 @@ class MoLERuntime:
             self._active = None
 
     # ---- per layer ----------------------------------------------------------------------------
+
+    def add_term(self, name: str, x: Tensor, out: Tensor) -> Tensor:
+        """``out`` (layer ``name``'s output for input ``x``) plus its expert term.
+
+        Inference with one council for every row adds ``(x · down) · up`` straight into ``out``
+        (one ``addmm_``: no term tensor, no second pass over the output) with the council's
+        matrices gathered once per council (``_keep_factors``); every other case adds ``delta``.
+        In place only where nothing can be hurt: no autograd on ``out`` and an output of the
+        term's own width laid out row by row."""
+        active = None if self._active is None or self.training else self._active.get(name)
+        if (
+            active is None
+            or active[0].ndim != 1
+            or name in self._token_layers
+            or name not in self.layers
+            or (out.requires_grad and torch.is_grad_enabled())
+            or not out.is_contiguous()
+            or out.dtype != x.dtype
+        ):
+            delta = self.delta(name, x)
+            return out if delta is None else out + delta.to(out.dtype)
+        key = (name, x.device, x.dtype)
+        if key not in self._factors:
+            A, B = self.cache.experts(name, x.device, x.dtype)
+            indices, weights = active
+            down = rearrange(A[indices], "k i r -> i (k r)").contiguous()
+            up = rearrange(B[indices] * (weights * self.config.scale).to(B.dtype)[:, None, None], "k r o -> (k r) o")
+            self._factors[key] = (down, up.contiguous())
+        down, up = self._factors[key]
+        if out.shape[-1] != up.shape[-1]:
+            delta = self.delta(name, x)
+            return out if delta is None else out + delta.to(out.dtype)
+        flat = out.view(-1, up.shape[-1])
+        flat.addmm_(x.reshape(-1, x.shape[-1]) @ down, up)
+        return out
 
     def delta(self, name: str, x: Tensor) -> Tensor | None:
         """The expert term of layer ``name`` for its input ``x`` (``None``: nothing to add)."""

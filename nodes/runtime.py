@@ -291,6 +291,9 @@ class ComfyRuntime:
     def delta(self, name: str, x: Tensor) -> Tensor | None:
         return self.core.delta(name, x)
 
+    def add_term(self, name: str, x: Tensor, out: Tensor) -> Tensor:
+        return self.core.add_term(name, x, out)
+
     @property
     def dynamic_placements(self) -> list[Placement]:
         """The layers that need a term per forward (the runtime's ``layers``: all, or once merged
@@ -361,11 +364,11 @@ def _patched_forward(runtime: ComfyRuntime, place_: Placement, module: Any, own:
 
     def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         out = call(x, *args, **kwargs)
+        if rows is None:
+            return runtime.add_term(name, x, out)
         delta = runtime.delta(name, x)
         if delta is None:
             return out
-        if rows is None:
-            return out + delta.to(out.dtype)
         out = out.clone()
         out[..., rows[0] : rows[0] + rows[1]] += delta.to(out.dtype)
         return out

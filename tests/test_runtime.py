@@ -191,3 +191,36 @@ def test_modes_live_in_the_runtime():
         MoLERuntime(model, merged=True)
     with pytest.raises(RoutingError, match="folded into the weights"):
         merged.council = None
+
+
+def test_add_term_adds_in_place_and_reuses_the_council_matrices_while_the_council_stays():
+    from instructmole.runtime import MoLERuntime
+    from instructmole.tiny import tiny_mole_config
+
+    config = tiny_mole_config()
+    model = im.InstructMoLE(config).eval()
+    name = config.instruction_layers[0]
+    spec = next(s for s in config.layers if s.name == name)
+    text, pooled = torch.randn(1, 32, config.text_dim), torch.randn(1, config.router_dim)
+    x = torch.randn(1, 5, spec.in_features)
+    runtime = MoLERuntime(model, expert_strength=0.7)
+
+    def forward(signal: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        runtime.begin(*signal, rows=1)
+        out = torch.randn(1, 5, spec.out_features)
+        want = out + runtime.delta(name, x)
+        with torch.no_grad():
+            got = runtime.add_term(name, x, out)
+        assert got is out  # in place: no term tensor, no second pass
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        runtime.end()
+        return runtime._factors[(name, x.device, x.dtype)]
+
+    first = forward((text, pooled))
+    again = forward((text.clone(), pooled.clone()))  # the same instruction routed anew: the same council
+    assert again[0] is first[0] and again[1] is first[1]
+    other = forward((torch.randn_like(text), torch.randn_like(pooled)))
+    assert other[0] is not first[0]
+    out = torch.randn(1, 5, spec.out_features, requires_grad=True)  # autograd on the output: never in place
+    runtime.begin(text, pooled, rows=1)
+    assert runtime.add_term(name, x, out) is not out
