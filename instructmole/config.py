@@ -8,17 +8,17 @@ inside a forward, or minutes spent building a model nobody could hold in memory.
 
 from __future__ import annotations
 
+import functools
 import json
-import math
-import numbers
 import re
-import reprlib
-from dataclasses import asdict, dataclass, field, fields
+import typing
+from dataclasses import Field, asdict, dataclass, field, fields
 from typing import Any, Literal
 
-from .checks import real_number
-from .errors import InstructMoLEError
+from .errors import ConfigError
 from .layers import block_of
+from .validation import checked, checked_choice, checked_int, field_spec
+from .validation import shown as _show
 
 __all__ = [
     "LIMITS",
@@ -30,12 +30,11 @@ __all__ = [
     "MoLEConfig",
     "Routing",
     "TokenWeights",
+    "settings",
 ]
 
 Routing = Literal["instruction", "token"]
-_ROUTINGS = ("instruction", "token")
 TokenWeights = Literal["probs", "renormalised"]
-_TOKEN_WEIGHTS = ("probs", "renormalised")
 
 # Inclusive (min, max) of every integer field. Generous (the paper's adapter uses a fraction of each)
 # but finite, so that a config can never ask for more than a machine could hold.
@@ -63,22 +62,12 @@ _MAX_EXTRA_DEPTH = 32
 _MAX_EXTRA_BYTES = 2**20
 _NAME = re.compile(r"[A-Za-z0-9_.]+")
 _LAYER_KEYS = ("name", "in_features", "out_features", "routing")
-_INT_FIELDS = (
-    "num_experts",
-    "top_k",
-    "rank",
-    "text_dim",
-    "router_dim",
-    "router_heads",
-    "router_head_dim",
-    "router_depth",
-    "router_ff_mult",
-    "text_length",
-)
 
 
-class ConfigError(InstructMoLEError):
-    """A MoLE configuration (or a file's copy of one) is invalid."""
+def _counted(name: str, help: str) -> dict[str, Any]:
+    """The metadata of integer field ``name``: its help and its ``LIMITS``."""
+    low, high = LIMITS[name]
+    return field_spec(help, min=low, max=high)
 
 
 def _nesting(value: Any) -> int:
@@ -92,44 +81,6 @@ def _nesting(value: Any) -> int:
         depth += 1
         level = [child for c in containers for child in (c.values() if isinstance(c, dict) else c)]
     return depth
-
-
-def _show(value: Any, limit: int = 60) -> str:
-    """``repr`` of a user's value, cut short: a 1 MB string, a 10**5000 or a list nested 10,000 deep
-    must become a few characters of an error message, not a new error."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
-        return f"<an integer of {value.bit_length()} bits>"
-    short = reprlib.Repr()
-    short.maxlevel, short.maxstring, short.maxother = 3, limit, limit
-    short.maxlist = short.maxtuple = short.maxdict = short.maxset = 6
-    try:
-        text = short.repr(value)
-    except Exception:  # a foreign object's own repr failing, or a recursion too deep for it
-        text = f"<{type(value).__name__}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _checked_int(value: Any, what: str, bounds: tuple[int, int]) -> int:
-    """``value`` as an int within ``bounds``; bools, floats and strings are refused, not coerced."""
-    low, high = bounds
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ConfigError(f"{what}={_show(value)} must be an integer from {low} to {high}")
-    value = int(value)
-    if value < low:
-        raise ConfigError(f"{what}={_show(value)} must be a positive integer (from {low} to {high})")
-    if value > high:
-        raise ConfigError(f"{what}={_show(value)} is too large: it must be an integer from {low} to {high}")
-    return value
-
-
-def _checked_real(value: Any, what: str) -> float:
-    """``value`` as a finite float; an int is fine, a bool or a string is not."""
-    number = real_number(value)
-    if number is None:
-        raise ConfigError(f"{what}={_show(value)} must be a number")
-    if not math.isfinite(number):  # NaN, inf, or an int beyond any float (10**400)
-        raise ConfigError(f"{what}={_show(value)} must be a finite number")
-    return number
 
 
 def _checked_layer_name(name: Any) -> str:
@@ -163,10 +114,10 @@ class LayerSpec:
 
     def __post_init__(self) -> None:
         _checked_layer_name(self.name)
-        if not isinstance(self.routing, str) or self.routing not in _ROUTINGS:
-            raise ConfigError(f"layer {self.name!r}: routing={_show(self.routing)} must be one of {_ROUTINGS}")
+        checked_choice(f"layer {self.name!r}: routing", self.routing, typing.get_args(Routing))
         for what in ("in_features", "out_features"):
-            value = _checked_int(getattr(self, what), f"layer {self.name!r}: {what}", LIMITS[what])
+            low, high = LIMITS[what]
+            value = checked_int(f"layer {self.name!r}: {what}", getattr(self, what), {"min": low, "max": high})
             object.__setattr__(self, what, value)
 
     @classmethod
@@ -195,50 +146,57 @@ class MoLEConfig:
     """Experts, routing and router sizes of one InstructMoLE adapter (defaults: the paper's)."""
 
     layers: tuple[LayerSpec, ...]
-    num_experts: int = 8
-    top_k: int = 4
-    rank: int = 32
-    alpha: float = 32.0
+    # The settings: a field with ``field_spec`` metadata is checked by its type and bounds (``settings``),
+    # and the trainer offers every one as a key of its ``adapter`` section, with this help.
+    num_experts: int = field(default=8, metadata=_counted("num_experts", "experts per MoLE layer"))
+    top_k: int = field(default=4, metadata=_counted("top_k", "experts in each council"))
+    rank: int = field(default=32, metadata=_counted("rank", "rank of every expert"))
+    alpha: float = field(
+        default=32.0, metadata=field_spec("expert LoRA alpha (scale = alpha / rank)", gt=0, max=MAX_ALPHA)
+    )
     # Instruction router: T5 token features (text_dim) -> Perceiver (router_dim) + CLIP pooled.
-    text_dim: int = 4096
-    router_dim: int = 768  # also the CLIP-L pooled width it is added to
-    router_heads: int = 12
-    router_head_dim: int = 64
-    router_depth: int = 2
-    router_ff_mult: int = 4
-    router_dropout: float = 0.1  # on the LayerNorm'd signal, training only
-    gate_noise: bool = True  # Gaussian logit noise of std 1/N, training only
-    text_length: int = 512  # T5 padding length the router was trained with (no attention mask)
+    text_dim: int = field(default=4096, metadata=_counted("text_dim", "width of the T5 token features"))
+    router_dim: int = field(
+        default=768, metadata=_counted("router_dim", "router width, also the CLIP-L pooled width it is added to")
+    )
+    router_heads: int = field(default=12, metadata=_counted("router_heads", "Perceiver attention heads"))
+    router_head_dim: int = field(default=64, metadata=_counted("router_head_dim", "Perceiver head width"))
+    router_depth: int = field(default=2, metadata=_counted("router_depth", "Perceiver layers"))
+    router_ff_mult: int = field(
+        default=4, metadata=_counted("router_ff_mult", "Perceiver feed-forward width multiplier")
+    )
+    router_dropout: float = field(
+        default=0.1, metadata=field_spec("dropout on the (LayerNorm'd) router signal, training only", min=0, lt=1)
+    )
+    gate_noise: bool = field(default=True, metadata=field_spec("Gaussian gate-logit noise of std 1/N, training only"))
+    text_length: int = field(
+        default=512,
+        metadata=_counted("text_length", "T5 padding length the router was trained with (no attention mask)"),
+    )
     base_model: str = "flux.1-kontext-dev"
     # Weights of a token-routed layer's top-k experts: "probs", the softmax over all N experts
     # (unnormalised top-k, the reference's); "renormalised", the softmax over the k selected
     # logits only (they sum to 1; ICEdit's MoE-LoRA, where k = 1 gives weight 1).
-    token_weights: TokenWeights = "probs"
+    token_weights: TokenWeights = field(
+        default="probs",
+        metadata=field_spec(
+            "a token-routed layer's expert weights: 'probs' (the reference's) or 'renormalised' (ICEdit's)"
+        ),
+    )
     extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance, kept on round trips
 
     def __post_init__(self) -> None:
-        # Scalars first (cheap, and the messages name one field), then the layers, then the total size.
-        for name in _INT_FIELDS:
-            object.__setattr__(self, name, _checked_int(getattr(self, name), name, LIMITS[name]))
+        # Settings first (cheap, and the messages name one field), then the layers, then the total size.
+        hints = _hints()
+        for f in settings():
+            object.__setattr__(self, f.name, checked(f.name, getattr(self, f.name), hints[f.name], f.metadata))
         if self.top_k > self.num_experts:
             raise ConfigError(f"top_k={self.top_k} cannot exceed num_experts={self.num_experts}")
-        alpha = _checked_real(self.alpha, "alpha")
-        if not 0 < alpha <= MAX_ALPHA:
-            raise ConfigError(f"alpha={alpha!r} must be positive and at most {MAX_ALPHA:g}")
-        object.__setattr__(self, "alpha", alpha)
-        dropout = _checked_real(self.router_dropout, "router_dropout")
-        if not 0 <= dropout < 1:
-            raise ConfigError(f"router_dropout={dropout!r} must be in [0, 1)")
-        object.__setattr__(self, "router_dropout", dropout)
-        if not isinstance(self.gate_noise, bool):
-            raise ConfigError(f"gate_noise={_show(self.gate_noise)} must be true or false")
         if not isinstance(self.base_model, str) or not 0 < len(self.base_model) <= _MAX_NAME:
             raise ConfigError(
                 f"base_model={_show(self.base_model)} must be a non-empty string of at most {_MAX_NAME} characters, "
                 "such as 'flux.1-kontext-dev'"
             )
-        if not isinstance(self.token_weights, str) or self.token_weights not in _TOKEN_WEIGHTS:
-            raise ConfigError(f"token_weights={_show(self.token_weights)} must be one of {_TOKEN_WEIGHTS}")
         self._check_extra()
         self._check_layers()
         total = self.parameter_count()
@@ -374,3 +332,15 @@ class MoLEConfig:
             for s in specs
         ]
         return cls(layers=tuple(specs), **kwargs)
+
+
+@functools.cache
+def settings() -> tuple[Field, ...]:
+    """The fields of ``MoLEConfig`` a user sets (each with help and checks in its metadata), in order."""
+    return tuple(f for f in fields(MoLEConfig) if "help" in f.metadata)
+
+
+@functools.cache
+def _hints() -> dict[str, Any]:
+    """``MoLEConfig``'s field types, resolved once (its annotations are strings)."""
+    return typing.get_type_hints(MoLEConfig)

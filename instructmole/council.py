@@ -23,7 +23,6 @@ negative expert effect is ``expert_strength`` on the loader nodes and ``attach``
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -33,6 +32,7 @@ from torch import Tensor
 
 from .errors import InstructMoLEError
 from .layers import block_of
+from .validation import whole_number
 
 __all__ = ["MAX_EXPERTS", "MAX_INSTANCES", "MAX_LAYERS", "MAX_WEIGHT", "Council", "CouncilMismatchError"]
 
@@ -75,16 +75,6 @@ def describe_value(value: Any, limit: int = 40) -> str:
     if isinstance(value, Tensor):
         return f"a tensor of shape {tuple(value.shape)}"
     return f"a {type(value).__name__}"
-
-
-def whole_number(value: Any) -> int | None:
-    """``value`` as an int if it is a whole number (bools, and bool tensors, are not), else None."""
-    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
 
 
 def _checked_top_k(value: Any, num_experts: int) -> int:

@@ -54,9 +54,10 @@ import torch
 from torch import Tensor
 
 from .checks import real_number
-from .council import MAX_EXPERTS, MAX_WEIGHT, Council, CouncilMismatchError, describe_value, whole_number
+from .council import MAX_EXPERTS, MAX_WEIGHT, Council, CouncilMismatchError, describe_value
 from .errors import InstructMoLEError
 from .layers import block_of
+from .validation import whole_number
 
 __all__ = [
     "MAX_BLOCK",

@@ -81,7 +81,7 @@ def base_config() -> dict:
         ({"router_depth": 20000}, "router_depth=20000 is too large"),
         ({"alpha": float("nan")}, "alpha=nan must be a finite number"),
         ({"alpha": float("inf")}, "alpha=inf must be a finite number"),
-        ({"alpha": 1e308}, "alpha=1e+308 must be positive and at most 1e+06"),
+        ({"alpha": 1e308}, "alpha=1e+308 is too large: it must be a number greater than 0 and at most 1e+06"),
         ({"alpha": "8"}, "alpha='8' must be a number"),
         ({"alpha": True}, "alpha=True must be a number"),
         ({"rank": 4.0}, "rank=4.0 must be an integer from 1 to 4096"),
@@ -102,7 +102,7 @@ def base_config() -> dict:
             {"layers": [{"name": "transformer_blocks.0.x", "in_features": 2**21, "out_features": 4}]},
             "in_features=2097152 is too large",
         ),
-        ({"text_length": 0}, "text_length=0 must be a positive integer"),
+        ({"text_length": 0}, "text_length=0 must be a positive integer (from 1 to 65536)"),
     ],
 )
 def test_config_fields_are_checked_before_use(change, message):
