@@ -21,7 +21,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .errors import ConfigError, TrainingError
+from instructmole.errors import InstructMoLEError
+
+from .errors import ConfigError
 
 __all__ = ["main"]
 
@@ -103,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = train(config, resume=args.resume, overwrite=args.overwrite)
         print(f"adapter: {result.adapter} ({result.steps} steps)")
         return 0
-    except TrainingError as err:
+    except InstructMoLEError as err:  # a TrainingError, a ConfigError, or the core refusing an input
         print(f"error: {_one_line(str(err))}", file=sys.stderr)
         return 2
     except OSError as err:  # the file system refused something mid-run: a full disk, a folder gone read-only

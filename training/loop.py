@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from instructmole import InstructMoLE
+from instructmole import InstructMoLE, InstructMoLEError
 from instructmole.files import atomic_path
 from instructmole.runtime import StepRouting
 
@@ -122,7 +122,7 @@ def _broadcast(accelerator: Any, make: Any) -> Any:
     if accelerator.is_main_process:
         try:
             box[0] = ("ok", make())
-        except TrainingError as err:
+        except InstructMoLEError as err:  # a user's mistake (TrainingError or ConfigError): every process raises it
             box[0] = ("error", err)
     if accelerator.num_processes > 1:
         broadcast_object_list(box)

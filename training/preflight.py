@@ -77,8 +77,8 @@ def _describe(out: Path, found: list[Path]) -> str:
 
 
 def plan_output(config: TrainConfig, resume: str | None, overwrite: bool) -> OutputPlan:
-    """Check the output folder for this run and decide where it starts; raises a ``TrainingError``
-    subclass naming the way out. Writes nothing."""
+    """Check the output folder for this run and decide where it starts; raises a ``ConfigError`` or
+    ``CheckpointError`` naming the way out. Writes nothing."""
     out = Path(config.train.output_dir)
     if resume is not None and overwrite:
         raise ConfigError("--overwrite starts a new run and --resume continues one; pass only one of them")
