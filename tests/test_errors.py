@@ -13,7 +13,7 @@ import pytest
 
 import instructmole
 import training
-from instructmole import InstructMoLEError
+from instructmole import InstructMoLEError, MoLEConfig
 from instructmole.validation import checked_bool, checked_choice, checked_int, checked_real, whole_number
 
 
@@ -57,6 +57,28 @@ def test_the_trainers_errors_are_one_family_with_the_cores():
         assert issubclass(cls, TrainingError) and issubclass(cls, InstructMoLEError)
     with pytest.raises(InstructMoLEError):  # what training/cli.py catches: a config mistake too
         raise ConfigError("x")
+
+
+def test_the_core_and_the_trainer_word_one_mistake_alike(tmp_path):
+    from training.config import load_config
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("")
+    (tmp_path / "model").mkdir()
+    base = [f"data.manifest={manifest}", f"model.pretrained={tmp_path / 'model'}"]
+    for key, text, value, words in (
+        ("rank", "0", 0, "must be a positive integer (from 1 to 4096)"),
+        ("alpha", "2e6", 2e6, "is too large: it must be a number greater than 0 and at most 1e+06"),
+        ("router_dropout", "1", 1, "is too large: it must be a number of at least 0 and less than 1"),
+        ("gate_noise", "'yes'", "yes", "must be true or false"),
+        ("token_weights", "softmax", "softmax", "must be one of: probs, renormalised"),
+    ):
+        with pytest.raises(InstructMoLEError) as core:
+            MoLEConfig.for_flux(1, 1, 64, **{key: value})
+        with pytest.raises(InstructMoLEError) as trainer:
+            load_config(None, [*base, f"adapter.{key}={text}"])
+        assert str(core.value).startswith(f"{key}=") and str(core.value).endswith(words)
+        assert str(trainer.value) == f"adapter.{core.value}"
 
 
 @pytest.mark.parametrize(

@@ -15,20 +15,22 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from instructmole.config import MoLEConfig, settings
 from instructmole.layers import REFERENCE_LORA_TARGETS
+from instructmole.validation import checked_bool, checked_choice, checked_int, checked_real, field_spec, shown
 
 from .errors import ConfigError
 
 __all__ = [
+    "MOLE_SETTINGS",
     "RESUME_MAY_CHANGE",
     "AdapterSection",
     "DataSection",
@@ -45,16 +47,11 @@ __all__ = [
 ]
 
 
-
-def _meta(help: str, **checks: Any) -> dict[str, Any]:
-    return {"help": help, **checks}
-
-
 def _f(default: Any, help: str, **checks: Any) -> Any:
     """A dataclass field with its help text and value checks (read by ``_value``)."""
     if isinstance(default, list | dict):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=_meta(help, **checks))
-    return field(default=default, metadata=_meta(help, **checks))
+        return field(default_factory=lambda d=default: type(d)(d), metadata=field_spec(help, **checks))
+    return field(default=default, metadata=field_spec(help, **checks))
 
 
 @dataclass
@@ -78,28 +75,51 @@ class LoraSection:
     targets: list[str] = _f(list(REFERENCE_LORA_TARGETS), "module-name suffixes that get the plain LoRA")
 
 
+# The adapter's settings are MoLEConfig's own fields (default, help and checks declared there), so a
+# new one is one edit in instructmole/config.py; the trainer sets the two below from the transformer.
+_FROM_TRANSFORMER = ("text_dim", "router_dim")  # its T5 and pooled CLIP widths (``build_mole_config``)
+MOLE_SETTINGS = tuple(f.name for f in settings() if f.name not in _FROM_TRANSFORMER)
+# Where the trainer asks more than an adapter file may hold: one expert is a plain LoRA whose gate
+# has nothing to choose (use adapter.lora for that).
+_TRAINER_CHECKS = {"num_experts": {"min": 2}}
+
+
+def _mole_settings() -> type:
+    """A dataclass of ``MOLE_SETTINGS``: the types, defaults and metadata of ``MoLEConfig``'s fields."""
+    hints = typing.get_type_hints(MoLEConfig)
+    own = {f.name: f for f in settings()}
+
+    def setting(name: str) -> Any:
+        return field(default=own[name].default, metadata={**own[name].metadata, **_TRAINER_CHECKS.get(name, {})})
+
+    return make_dataclass(
+        "_MoLESettings",
+        [(name, hints[name], setting(name)) for name in MOLE_SETTINGS],
+        namespace={"__module__": __name__, "__doc__": "MoLEConfig's settings, as keys of the adapter section."},
+    )
+
+
+_MoLESettings = _mole_settings()
+
+
 @dataclass
-class AdapterSection:
-    num_experts: int = _f(8, "experts per MoLE layer", min=2, max=256)
-    top_k: int = _f(4, "experts in each council", min=1)
-    rank: int = _f(32, "rank of every expert", min=1, max=4096)
-    alpha: float = _f(32.0, "expert LoRA alpha (scale = alpha / rank)", gt=0)
+class AdapterSection(_MoLESettings):
+    """The ``adapter`` section: ``MoLEConfig``'s settings (num_experts, top_k, rank, alpha, the router's
+    sizes, ...: ``MOLE_SETTINGS``, inherited) and how the trainer places and starts the experts."""
+
     targets: list[str] = _f(
         ["reference"],
         "MoLE layers: 'reference' (every double block's ff.net.2 and single block's proj_out) or canonical names",
     )
     token_routed: list[str] = _f([], "layers whose gate routes each token instead of the instruction")
-    router_depth: int = _f(2, "Perceiver layers", min=1, max=64)
-    router_heads: int = _f(12, "Perceiver attention heads", min=1, max=256)
-    router_head_dim: int = _f(64, "Perceiver head width", min=1, max=1024)
-    router_ff_mult: int = _f(4, "Perceiver feed-forward width multiplier", min=1, max=64)
-    router_dropout: float = _f(0.1, "dropout on the router signal, training only", min=0, lt=1)
-    gate_noise: bool = _f(True, "Gaussian gate-logit noise of std 1/N, training only")
     expert_init: Literal["reference", "lora"] = _f(
         "reference", "fresh expert A: 'reference' uniform ±1/√rank (the paper's code) or 'lora' ±1/√in_features"
     )
-    text_length: int = _f(512, "T5 padding length of the routing signal (recorded in the adapter)", min=1)
     lora: LoraSection = field(default_factory=LoraSection)
+
+    def mole_settings(self) -> dict[str, Any]:
+        """The ``MoLEConfig`` keyword arguments this section sets."""
+        return {name: getattr(self, name) for name in MOLE_SETTINGS}
 
 
 @dataclass
@@ -342,7 +362,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'the config'} must be a mapping of keys, got {_show(data)}")
+        raise ConfigError(f"{where or 'the config'} must be a mapping of keys, got {shown(data)}")
     known = {f.name: f for f in fields(cls)}
     for key in data:
         if key not in known:
@@ -385,6 +405,8 @@ _ALIASES = {
 
 
 def _value(tp: Any, value: Any, where: str, meta: dict[str, Any]) -> Any:
+    """``value`` for the key ``where`` of type ``tp``: YAML's readings undone here, the checks shared
+    with the core (``instructmole.validation``)."""
     origin, args = get_origin(tp), get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -396,33 +418,26 @@ def _value(tp: Any, value: Any, where: str, meta: dict[str, Any]) -> Any:
     if origin is Literal:
         if value is False and "no" in args:  # YAML 1.1 reads an unquoted `no` as false
             value = "no"
-        if isinstance(value, bool) or value not in args:
-            raise ConfigError(f"{where} = {_show(value)} is not allowed; choose one of: {', '.join(map(str, args))}")
-        return value
+        return checked_choice(where, value, args)
     if origin is list:
         if isinstance(value, str | int | float | dict):
             value = [value]
         if not isinstance(value, list):
-            raise ConfigError(f"{where} = {_show(value)} must be a list")
+            raise ConfigError(f"{where}={shown(value)} must be a list")
         if "length" in meta and len(value) != meta["length"]:
-            raise ConfigError(f"{where} = {_show(value)} must hold exactly {meta['length']} values")
+            raise ConfigError(f"{where}={shown(value)} must hold exactly {meta['length']} values")
         return [_value(args[0], v, f"{where}[{i}]", meta) for i, v in enumerate(value)]
     if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} = {_show(value)} must be true or false")
-        return value
+        return checked_bool(where, value)
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} = {_show(value)} must be a whole number")
-        return _in_range(value, where, meta)
+        return checked_int(where, value, meta)
     if tp is float:
-        number = _number(value, where)
-        return _in_range(number, where, meta)
+        return checked_real(where, _float_text(value), meta)
     if tp is str:
         if value is None:
             raise ConfigError(f"{where} must not be empty")
         if not isinstance(value, str | int | float) or isinstance(value, bool):
-            raise ConfigError(f"{where} = {_show(value)} must be text")
+            raise ConfigError(f"{where}={shown(value)} must be text")
         text = str(value)
         if meta.get("path") and not Path(text).exists():
             raise ConfigError(f"{where}: '{text}' does not exist (looked at {Path(text).resolve()})")
@@ -434,33 +449,14 @@ def _value(tp: Any, value: Any, where: str, meta: dict[str, Any]) -> Any:
     raise AssertionError(f"unsupported config type {tp!r} at {where}")  # a bug in this file, not user input
 
 
-def _number(value: Any, where: str) -> float:
-    if isinstance(value, bool):
-        raise ConfigError(f"{where} = {_show(value)} must be a number")
-    if isinstance(value, str):  # YAML reads 1e-4 (no dot) as text
-        try:
-            value = float(value)
-        except ValueError:
-            raise ConfigError(f"{where} = {_show(value)} must be a number") from None
-    if not isinstance(value, int | float):
-        raise ConfigError(f"{where} = {_show(value)} must be a number")
-    if not math.isfinite(value):
-        raise ConfigError(f"{where} = {_show(value)} must be a finite number")
-    return float(value)
-
-
-def _in_range(value: float, where: str, meta: dict[str, Any]) -> Any:
-    checks = [("min", lambda v, b: v >= b, "at least"), ("max", lambda v, b: v <= b, "at most")]
-    checks += [("gt", lambda v, b: v > b, "greater than"), ("lt", lambda v, b: v < b, "less than")]
-    for key, ok, words in checks:
-        if key in meta and not ok(value, meta[key]):
-            raise ConfigError(f"{where} = {value!r} is not allowed; it must be {words} {meta[key]}")
-    return value
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+def _float_text(value: Any) -> Any:
+    """YAML 1.1 reads 1e-4 (no dot) as text: such text as its number, any other value as it is."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        return value  # the check names it: not a number
 
 
 def _one_line(err: Exception) -> str:
@@ -490,11 +486,11 @@ def _check_together(config: TrainConfig) -> None:
             )
     a = config.adapter
     if a.top_k > a.num_experts:
-        raise ConfigError(f"adapter.top_k = {a.top_k} cannot exceed adapter.num_experts = {a.num_experts}")
+        raise ConfigError(f"adapter.top_k={a.top_k} cannot exceed adapter.num_experts={a.num_experts}")
     t = config.train
     if t.batch_size % t.gradient_accumulation:
         raise ConfigError(
-            f"train.batch_size = {t.batch_size} must be a multiple of train.gradient_accumulation = "
+            f"train.batch_size={t.batch_size} must be a multiple of train.gradient_accumulation="
             f"{t.gradient_accumulation} (each micro-batch is batch_size / gradient_accumulation samples)"
         )
     for i, item in enumerate(config.sample.items):

@@ -51,19 +51,9 @@ def build_mole_config(config: TrainConfig, transformer: nn.Module) -> MoLEConfig
         raise ConfigError(f"adapter.token_routed: '{unknown[0]}' is not one of adapter.targets")
     return MoLEConfig(
         layers=tuple(specs),
-        num_experts=a.num_experts,
-        top_k=a.top_k,
-        rank=a.rank,
-        alpha=a.alpha,
         text_dim=tc.joint_attention_dim,
         router_dim=tc.pooled_projection_dim,
-        router_heads=a.router_heads,
-        router_head_dim=a.router_head_dim,
-        router_depth=a.router_depth,
-        router_ff_mult=a.router_ff_mult,
-        router_dropout=a.router_dropout,
-        gate_noise=a.gate_noise,
-        text_length=a.text_length,
+        **a.mole_settings(),
     )
 
 

@@ -366,7 +366,7 @@ def test_mixed_precision_no_unquoted(tmp_path):
     assert load_config(config, ["train.mixed_precision=no"]).train.mixed_precision == "no"
     from training.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"train\.mixed_precision = True is not allowed"):
+    with pytest.raises(ConfigError, match=r"train\.mixed_precision=True must be one of: bf16, fp16, no"):
         load_config(config, ["train.mixed_precision=yes"])
 
 
