@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -38,7 +38,10 @@ from .modules import DTYPES, TrainingModel, build_mole_config, setup_transformer
 from .preflight import METRICS_FILE, OutputPlan, check_cache_entries, claim_output, preflight
 from .recipe import LatentNorm, MicroBatch, MicroBatches, aux_weight, lr_scheduler
 
-__all__ = ["RunResult", "train"]
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+__all__ = ["CheckpointRecord", "RunResult", "train"]
 
 
 @dataclass
@@ -405,6 +408,10 @@ def _train(config: TrainConfig, *, resume: str | None, overwrite: bool) -> RunRe
         inner, mb_data, data.train, data.holdout, config.save.report_rows, max(micro_global // world, 1),
         accelerator.device, input_dtype, t.mixed_precision, vae,
     )
+    record = CheckpointRecord(
+        accelerator=accelerator, config=config, state=state, model=inner, evaluator=evaluator, marker=marker,
+        data=data, samples=samples,
+    )
     metrics_path = out / METRICS_FILE
     if accelerator.is_main_process:
         _trim_metrics(metrics_path, state.step)
@@ -444,10 +451,7 @@ def _train(config: TrainConfig, *, resume: str | None, overwrite: bool) -> RunRe
                 + t.orthogonality * outputs["orthogonality"]
             )
             loss = flow + w * aux
-            _check_finite(
-                accelerator, loss, outputs, state.step,
-                lambda: _save(accelerator, config, out, state, inner, evaluator, marker, data, samples),
-            )
+            _check_finite(accelerator, loss, outputs, state.step, lambda: _save(record))
             accelerator.backward(loss)
             if accelerator.sync_gradients and t.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, t.max_grad_norm)
@@ -470,7 +474,7 @@ def _train(config: TrainConfig, *, resume: str | None, overwrite: bool) -> RunRe
             accelerator.log(line, step=state.step)
             sums, count, tick = {}, 0, time.perf_counter()
         if state.step % config.save.every == 0 or state.step == t.max_steps:
-            final_adapter = _save(accelerator, config, out, state, inner, evaluator, marker, data, samples)
+            final_adapter = _save(record)
     bar.close()
     if final_adapter is None:  # resumed at the end: nothing left to train
         final_adapter = _adapter_path(out / "checkpoints" / f"step-{state.step:07d}", config, state.step)
@@ -544,8 +548,30 @@ def _adapter_path(folder: Path, config: TrainConfig, step: int) -> Path:
     return folder / f"{config.save.name}-step{step:07d}.safetensors"
 
 
-def _save(accelerator, config, out, state, inner, evaluator, marker, data, samples) -> Path:
-    step = state.step
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """What every checkpoint of a run is written from, gathered once the run is set up: ``_save`` (at
+    each ``save.every``, at the end, and before a non-finite loss stops the run) takes this one
+    argument. ``state`` is the run's live step counter: a save writes the step it holds then."""
+
+    accelerator: Accelerator
+    config: TrainConfig
+    state: TrainState
+    model: TrainingModel  # unwrapped: its adapter is exported
+    evaluator: Evaluator  # the routing reports, and the samples' VAE and cache
+    marker: dict[str, Any]  # ``_marker``: the run's id, config and data fingerprint, which a resume checks
+    data: Dataset
+    samples: dict[Path, tuple[str, tuple[int, int]]]  # ``_sample_references``: the sample images
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.train.output_dir)
+
+
+def _save(record: CheckpointRecord) -> Path:
+    """A checkpoint of the run now (state, adapter, report, samples); returns its adapter file."""
+    accelerator, config, out, step = record.accelerator, record.config, record.out, record.state.step
+    inner, evaluator, data, samples = record.model, record.evaluator, record.data, record.samples
 
     def extras(folder: Path) -> None:
         meta = {
@@ -567,7 +593,7 @@ def _save(accelerator, config, out, state, inner, evaluator, marker, data, sampl
             (out / "samples").mkdir(exist_ok=True)
             sheet.save(out / "samples" / f"step-{step:07d}.png")
 
-    final = save_checkpoint(accelerator, out, step, config.save.keep, {**marker, "step": step}, extras)
+    final = save_checkpoint(accelerator, out, step, config.save.keep, {**record.marker, "step": step}, extras)
     _say(accelerator, f"checkpoint {final}")
     return _adapter_path(final, config, step)
 
