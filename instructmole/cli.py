@@ -1,4 +1,5 @@
-"""``python -m instructmole``: inspect an adapter file, or convert a reference checkpoint folder.
+"""``python -m instructmole``: inspect an adapter file, convert a reference checkpoint folder, or
+export a council as a plain LoRA file (``export-lora``).
 
 Every user mistake (a bad file, a bad argument, an output that cannot be written) ends the command
 with exit status 2 and one line ``error: ...`` on stderr, never a traceback; Ctrl-C ends it with
@@ -25,6 +26,7 @@ from .icedit import convert_icedit
 from .reference import import_reference, reference_inputs
 
 ADAPTER_SUFFIX = ".safetensors"
+MAX_COUNCIL_BYTES = 16 << 20  # a full-size council JSON is about 20 KB
 
 
 class UsageError(InstructMoLEError):
@@ -154,6 +156,49 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_lora(args: argparse.Namespace) -> int:
+    """``export-lora``: a council (+ the adapter's plain LoRA) as a standard LoRA file (``export.py``)."""
+    from .council import Council
+    from .export import DTYPES, ExportError, export_council_lora
+
+    council_file = Path(args.council)
+    try:
+        if council_file.stat().st_size > MAX_COUNCIL_BYTES:
+            raise ExportError(f"'{council_file}' is over {MAX_COUNCIL_BYTES >> 20} MB; a council file is a few KB")
+        data = json.loads(council_file.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ExportError(f"cannot read the council file '{council_file}': {err.strerror or err}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise ExportError(f"'{council_file}' is not a council JSON file ({_reason(err)})") from None
+    council = Council.from_dict(data)
+    if args.row is not None:
+        council = council.row(args.row)
+    if args.dtype not in DTYPES:
+        raise UsageError(f"--dtype {args.dtype!r} is not possible; choose one of: {', '.join(DTYPES)}")
+    adapter = load_adapter(args.adapter)
+    try:
+        result = export_council_lora(
+            adapter,
+            council,
+            args.out,
+            overwrite=args.overwrite,
+            rank=args.rank,
+            with_lora=args.with_lora,
+            lora_strength=args.strength,
+            expert_strength=args.expert_strength,
+            dtype=args.dtype,
+        )
+    except OSError as err:
+        raise ExportError(f"could not write '{args.out}': {err.strerror or err}; nothing was written") from None
+    print(result.report())
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _reason(err: BaseException) -> str:
+    return getattr(err, "msg", None) or type(err).__name__
+
+
 def _parser() -> _Parser:
     parser = _Parser(prog="python -m instructmole", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -183,6 +228,23 @@ def _parser() -> _Parser:
     p.add_argument("--lora-alpha", type=float, help="plain LoRA alpha (lora_config.lora_alpha)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_convert)
+    p = sub.add_parser(
+        "export-lora",
+        help="write a council (and the adapter's plain LoRA) as a standard LoRA file any loader reads",
+        description="The council's fixed update per layer as a diffusers-named LoRA (ComfyUI's LoraLoader, "
+        "diffusers load_lora_weights); --rank N compresses each layer by SVD and prints its relative error.",
+    )
+    p.add_argument("adapter", help="the InstructMoLE adapter file the council was routed with")
+    p.add_argument("council", help="the council JSON (Council Preview's 'json' output, saved as a file)")
+    p.add_argument("out", help="the LoRA file to write (must end in .safetensors)")
+    p.add_argument("--rank", default="exact", help="'exact' (k·r per layer, no error) or N: SVD to rank N per layer")
+    p.add_argument("--with-lora", action="store_true", help="include the adapter's plain-LoRA part")
+    p.add_argument("--strength", type=float, default=1.0, help="strength of the plain-LoRA part (with --with-lora)")
+    p.add_argument("--expert-strength", type=float, default=1.0, help="multiplies every council weight")
+    p.add_argument("--row", type=int, help="which instance of a council that holds several")
+    p.add_argument("--dtype", default="fp32", help="tensor dtype of the file: fp32 (default), bf16 or fp16")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(run=_export_lora)
     return parser
 
 

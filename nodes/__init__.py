@@ -7,6 +7,7 @@ from comfy_api.latest import ComfyExtension, io
 from .common import register_folder
 from .council_io import LoadCouncil
 from .council_nodes import ApplyCouncil, BlendCouncils, CouncilPreview, OverrideCouncil
+from .export_nodes import SaveCouncilLora
 from .icedit_nodes import ICEditDiptych, ICEditRightHalf
 from .loaders import AdapterFile, ApplyAdapter, LoadAdapter, LoadKontext
 from .routing_nodes import Route, TextEncode
@@ -24,6 +25,7 @@ NODES: list[type[io.ComfyNode]] = [
     ApplyCouncil,
     CouncilPreview,
     LoadCouncil,
+    SaveCouncilLora,
     TokenExpertMap,
     ICEditDiptych,
     ICEditRightHalf,

@@ -25,6 +25,7 @@ TREE = {
         "InstructMoLE_ApplyCouncil",
         "InstructMoLE_CouncilPreview",
         "InstructMoLE_LoadCouncil",
+        "InstructMoLE_SaveCouncilLora",
     },
     "InstructMoLE/ICEdit": {
         "InstructMoLE_ICEditDiptych",
