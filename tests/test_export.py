@@ -87,20 +87,14 @@ def test_svd_error_is_the_measured_error_and_falls_with_rank(lora_adapter):
     assert both.parts == "council+lora" and both.full_rank == 2 * lora_adapter.config.rank + 2
 
 
-def test_diffusers_load_lora_weights_equals_fixed_mode(transformer, lora_adapter, tmp_path):
+def kontext_pipe(transformer):
+    """A FluxKontextPipeline around a copy of ``transformer`` (no text encoders or VAE: only LoRA
+    loading and the transformer are used)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
 
     from instructmole.kontext import FLUX_SCHEDULER
 
-    council = routed(lora_adapter, seed=2)
-    x = flux_inputs(batch=2, seed=3)
-    with torch.no_grad():
-        base = transformer(**x)[0]
-        with im.attach(transformer, lora_adapter, council=council, lora_strength=0.5, expert_strength=1.5):
-            want = transformer(**x)[0]
-    path = tmp_path / "council.safetensors"
-    export_council_lora(lora_adapter, council, path, with_lora=True, lora_strength=0.5, expert_strength=1.5)
-    pipe = FluxKontextPipeline(
+    return FluxKontextPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
         vae=None,
         text_encoder=None,
@@ -109,6 +103,18 @@ def test_diffusers_load_lora_weights_equals_fixed_mode(transformer, lora_adapter
         tokenizer_2=None,
         transformer=copy.deepcopy(transformer),
     )
+
+
+def test_diffusers_load_lora_weights_equals_fixed_mode(transformer, lora_adapter, tmp_path):
+    council = routed(lora_adapter, seed=2)
+    x = flux_inputs(batch=2, seed=3)
+    with torch.no_grad():
+        base = transformer(**x)[0]
+        with im.attach(transformer, lora_adapter, council=council, lora_strength=0.5, expert_strength=1.5):
+            want = transformer(**x)[0]
+    path = tmp_path / "council.safetensors"
+    export_council_lora(lora_adapter, council, path, with_lora=True, lora_strength=0.5, expert_strength=1.5)
+    pipe = kontext_pipe(transformer)
     pipe.load_lora_weights(str(path), adapter_name="council")
     with torch.no_grad():
         got = pipe.transformer(**x)[0]
@@ -131,6 +137,8 @@ def test_file_metadata_and_no_overwrite(adapter, tmp_path):
         export_council_lora(adapter, council, path)
     export_council_lora(adapter, council, path, overwrite=True, rank="exact")
     assert "largest relative error" in out.report()
+    half = council_lora(adapter, council, dtype="bf16")
+    assert {v.dtype for k, v in half.tensors.items() if not k.endswith(".alpha")} == {torch.bfloat16}
 
 
 def test_bad_inputs_are_one_sentence(adapter, transformer, tmp_path):
@@ -183,3 +191,46 @@ def test_reference_shapes_stay_small():
 
 def test_tiny_flux_fixture_is_fp32():
     assert next(tiny_flux(0).parameters()).dtype == torch.float32
+
+
+def fused_row_adapter(transformer) -> im.Adapter:
+    """Experts on Linears ComfyUI fuses (a double block's to_q, a single block's to_k): both loaders
+    know them by their diffusers names, ComfyUI as rows of ``qkv``/``linear1``."""
+    from dataclasses import replace
+
+    from instructmole.config import LayerSpec
+    from instructmole.tiny import tiny_mole_config
+    from tests.helpers import randomize
+
+    cfg = tiny_mole_config(transformer)
+    extra = (
+        LayerSpec("transformer_blocks.0.attn.to_q", 32, 32),
+        LayerSpec("single_transformer_blocks.0.attn.to_k", 32, 32),
+    )
+    torch.manual_seed(4)
+    return randomize(im.Adapter(im.InstructMoLE(replace(cfg, layers=cfg.layers + extra), init="lora")), seed=4)
+
+
+def test_fused_row_targets_export_by_name_and_diffusers_loads_them(transformer, tmp_path):
+    adapter = fused_row_adapter(transformer)
+    council = routed(adapter, seed=6)
+    x = flux_inputs(batch=1, seed=4)
+    with torch.no_grad(), im.attach(transformer, adapter, council=council):
+        want = transformer(**x)[0]
+    path = tmp_path / "fused.safetensors"
+    out = export_council_lora(adapter, council, path)
+    assert {"transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_k"} <= {x.module for x in out.layers}
+    pipe = kontext_pipe(transformer)
+    pipe.load_lora_weights(str(path))
+    with torch.no_grad():
+        got = pipe.transformer(**x)[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_token_routed_layers_are_refused(transformer):
+    from instructmole.tiny import tiny_mole_config
+
+    cfg = tiny_mole_config(transformer, token_routed=("single_transformer_blocks.1.proj_out",))
+    adapter = im.Adapter(im.InstructMoLE(cfg))
+    with pytest.raises(ExportError, match="per token"):
+        council_lora(adapter, routed(adapter))

@@ -95,3 +95,22 @@ def test_the_node_never_overwrites_and_stays_in_loras(setup):
     assert node.validate_inputs(rank=" 16 ") is True
     with pytest.raises(InputError, match="different adapter"):
         save(setup, load(setup, "second.safetensors")[1], council)
+
+
+def test_fused_row_targets_load_as_rows_of_qkv_and_linear1(setup):
+    """Experts on to_q (double) and to_k (single): ComfyUI's LoraLoader maps them onto rows of the
+    fused ``qkv``/``linear1`` weights, as the pack's fixed mode does."""
+    import folder_paths
+
+    from tests.test_export import fused_row_adapter
+
+    folder = folder_paths.get_folder_paths("instructmole")[0]
+    fused_row_adapter(setup["transformer"]).save(os.path.join(folder, "fused.safetensors"))
+    model, adapter = load(setup, "fused.safetensors")
+    council = council_of(adapter, seed=6)
+    fixed = setup["nodes"].council_nodes.ApplyCouncil.execute(model, council, "fixed").result[0]
+    x = inputs(2, seed=11)
+    name, report = save(setup, adapter, council, prefix="fused/council")
+    assert "transformer_blocks.0.attn.to_q" in report and "single_transformer_blocks.0.attn.to_k" in report
+    got = run_comfy(core_lora_loader(setup["base"], name), **x)
+    torch.testing.assert_close(got, run_comfy(fixed, **x), atol=ATOL, rtol=0)
