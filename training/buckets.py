@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 from training.data import IMAGE_ERRORS
 from training.errors import DataError
 
-__all__ = ["KONTEXT_RESOLUTIONS", "BucketBatches", "buckets_for", "load_image", "nearest_bucket"]
+__all__ = ["KONTEXT_RESOLUTIONS", "BucketBatches", "buckets_for", "load_image", "load_mask", "nearest_bucket"]
 
 KONTEXT_RESOLUTIONS: list[tuple[int, int]] = [
     (672, 1568),
@@ -78,22 +78,44 @@ def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) 
 def load_image(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
     """RGB [3, H, W] in [-1, 1] at exactly ``size`` = (w, h): cover the bucket, then crop the centre,
     so no padding enters the latents and the subject (usually central) survives."""
+    im = _cover_crop(_open(path, _to_rgb), size, Image.Resampling.LANCZOS)
+    array = np.asarray(im, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def load_mask(path: str | Path, size: tuple[int, int], patch: int = 16) -> torch.Tensor:
+    """A mask as the target's tokens see it: [(h/patch)·(w/patch)] in [0, 1], the white share of each
+    token's ``patch``×``patch`` pixels (16: the VAE's 8× times ``pack``'s 2×2), in ``pack``'s
+    row-major token order. Cropped exactly as ``load_image`` crops its target; area resampling, so an
+    all-white mask is exactly 1 everywhere."""
     width, height = size
+    if width % patch or height % patch:
+        raise DataError(f"bucket {width}x{height} is not a multiple of {patch} pixels; check data.resolution")
+    im = _cover_crop(_open(path, lambda m: m.convert("L")), size, Image.Resampling.BOX)
+    array = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).double().div_(255.0)
+    grid = array.reshape(height // patch, patch, width // patch, patch).mean(dim=(1, 3))
+    return grid.reshape(-1).float()
+
+
+def _open(path: str | Path, convert: Callable[[Image.Image], Image.Image]) -> Image.Image:
     try:
         with Image.open(path) as opened:
-            im = _to_rgb(ImageOps.exif_transpose(opened))
+            return convert(ImageOps.exif_transpose(opened))
     except FileNotFoundError:
         raise DataError(f"image {path} is missing; fix the path") from None
     except IMAGE_ERRORS as exc:
         raise DataError(f"image {path} is not a readable image ({exc}); replace the file") from None
+
+
+def _cover_crop(im: Image.Image, size: tuple[int, int], resample: Image.Resampling) -> Image.Image:
+    """Scale ``im`` to cover ``size`` = (w, h), then crop the centre."""
+    width, height = size
     scale = max(width / im.width, height / im.height)
     cover = (max(width, math.ceil(im.width * scale - 1e-6)), max(height, math.ceil(im.height * scale - 1e-6)))
     if cover != im.size:
-        im = im.resize(cover, Image.Resampling.LANCZOS, reducing_gap=3.0)
+        im = im.resize(cover, resample, reducing_gap=3.0 if resample == Image.Resampling.LANCZOS else None)
     left, top = (cover[0] - width) // 2, (cover[1] - height) // 2
-    im = im.crop((left, top, left + width, top + height))
-    array = np.asarray(im, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    return im.crop((left, top, left + width, top + height))
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

@@ -13,6 +13,9 @@ Under accelerate every process reads the same cache; the main process decides wh
 missing and every process takes its share of that one list (each entry is encoded exactly once),
 and everybody waits until all are on disk.
 
+A row's mask (``Row.mask``) is kept at its target's token grid (``load_mask``): one value in [0, 1]
+per token, keyed by the mask's content and the bucket size; no encoder is involved.
+
 Latents are kept as the VAE posterior (mean and std), not as one sample: the trainer draws a fresh
 sample per step from the sample's own seed, as the recipe's ``latent_dist.sample()`` does.
 """
@@ -32,10 +35,10 @@ from torch import Tensor
 
 from instructmole.files import atomic_path
 
-from .buckets import load_image
+from .buckets import load_image, load_mask
 from .data import content_hash
 
-__all__ = ["FeatureCache", "ImageJob", "encode_latents", "encode_texts"]
+__all__ = ["FeatureCache", "ImageJob", "encode_latents", "encode_masks", "encode_texts"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,10 @@ class FeatureCache:
     def latent_key(self, digest: str, size: tuple[int, int]) -> str:
         ids = self.identity.get("vae", "")
         return _digest("latent", FORMAT, self.identity.get("dtype", ""), ids, digest, f"{size[0]}x{size[1]}")
+
+    def mask_key(self, digest: str, size: tuple[int, int]) -> str:
+        """No encoder identity or dtype: a mask's token grid depends on its pixels and the bucket only."""
+        return _digest("mask", FORMAT, digest, f"{size[0]}x{size[1]}")
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
@@ -193,3 +200,15 @@ def encode_latents(
             for i, job in enumerate(chunk):
                 write(job, {"mean": dist.mean[i].float(), "std": dist.std[i].float()})
             progress(len(chunk))
+
+
+def encode_masks(
+    jobs: Sequence[ImageJob],
+    *,
+    write: Callable[[ImageJob, dict[str, Tensor]], None],
+    progress: Callable[[int], None] = lambda n: None,
+) -> None:
+    """Every mask at its row's bucket size, as the target's token grid (``load_mask``)."""
+    for job in jobs:
+        write(job, {"mask": load_mask(job.path, job.size)})
+        progress(1)

@@ -9,8 +9,10 @@ Two ways to describe a data set:
 
   ``references`` may be a single string, a list of several (multi-subject rows) or empty/absent
   (text-to-image rows). ``task`` is a free tag for reports; ``split`` is ``train`` (default) or
-  ``holdout`` (kept out of training, used only for the routing report). Relative paths are read
-  against the manifest's folder.
+  ``holdout`` (kept out of training, used only for the routing report). ``mask`` (optional) is a
+  greyscale image of the target's size, white where the edit happens: the flow loss of that row is
+  weighted towards the edited region (``train.mask_outside_weight`` outside it). Relative paths are
+  read against the manifest's folder.
 
 * a folder, the layout other Kontext trainers use::
 
@@ -19,6 +21,7 @@ Two ways to describe a data set:
       dataset/control/0001.png     the first reference (required; same stem, any image extension)
       dataset/control_1/0001.png   a second reference (optional, per row)
       dataset/control_2/0001.png   a third, and so on
+      dataset/mask/0001.png        the edited region of the target (optional, per row; see ``mask``)
 
   Every row is ``split=train`` with no task; use a manifest for holdout rows or task tags.
 
@@ -39,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from training.errors import DataError
 
@@ -56,7 +59,7 @@ __all__ = [
     "read_rows",
 ]
 
-MANIFEST_KEYS = ("instruction", "target", "references", "task", "split")
+MANIFEST_KEYS = ("instruction", "target", "references", "task", "split", "mask")
 SPLITS = ("train", "holdout")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -77,6 +80,7 @@ class Row:
     task: str | None
     split: str
     where: str
+    mask: Path | None = None  # white = the edited region; None: the loss is not weighted
     # The folder relative paths were written against: messages show paths the way the user wrote them.
     root: Path | None = field(default=None, compare=False, repr=False)
 
@@ -145,6 +149,7 @@ def _parse_line(line: str, *, where: str, index: int, root: Path) -> Row:
         task=_task_value(obj.get("task"), where),
         split=_split_value(obj.get("split", "train"), where),
         where=where,
+        mask=None if obj.get("mask") is None else _path_value(obj["mask"], "mask", where, root),
         root=root,
     )
 
@@ -203,6 +208,7 @@ def _read_folder(folder: Path) -> list[Row]:
         )
     controls = _control_dirs(root)
     targets = _images_by_stem(target_dir, root)
+    masks = _images_by_stem(root / "mask", root) if (root / "mask").is_dir() else {}
     rows = []
     for index, (stem, target) in enumerate(sorted(targets.items())):
         rows.append(
@@ -214,6 +220,7 @@ def _read_folder(folder: Path) -> list[Row]:
                 task=None,
                 split="train",
                 where=f"target/{target.name}",
+                mask=masks.get(stem),
                 root=root,
             )
         )
@@ -333,7 +340,35 @@ def _row_problems(row: Row, min_side: int, max_references: int) -> list[tuple[st
     found.extend(_image_problem(row, "target", row.target, min_side))
     for ref in row.references:
         found.extend(_image_problem(row, "reference", ref, min_side))
+    if row.mask is not None and not found:
+        found.extend(_mask_problem(row))
     return found
+
+
+def _mask_problem(row: Row) -> list[tuple[str, str]]:
+    """A mask must open, have its target's size and show some edited (non-black) region."""
+    assert row.mask is not None
+    shown = f"mask '{_shown(row.mask, row.root)}'"
+    way_out = "fix the mask or drop the row's 'mask'"
+    try:
+        size = _cached_size(row.mask)
+        with Image.open(row.mask) as im:
+            brightest = ImageOps.exif_transpose(im).convert("L").getextrema()[1]
+    except FileNotFoundError:
+        return [(f"{row.where}: {shown} is missing (looked at {row.mask.absolute()})", f"{way_out} key")]
+    except IMAGE_ERRORS as exc:
+        return [(f"{row.where}: {shown} is not a readable image ({exc})", f"{way_out} key")]
+    target = _cached_size(row.target)
+    if size != target:
+        return [
+            (
+                f"{row.where}: {shown} is {size[0]}x{size[1]} but its target is {target[0]}x{target[1]}",
+                "save the mask at the target's size or drop the row's 'mask' key",
+            )
+        ]
+    if brightest == 0:
+        return [(f"{row.where}: {shown} is all black, so no region is edited (white = edited)", f"{way_out} key")]
+    return []
 
 
 def _image_problem(row: Row, role: str, path: Path, min_side: int) -> list[tuple[str, str]]:

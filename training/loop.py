@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
 
 from instructmole import InstructMoLE, InstructMoLEError
 from instructmole.files import atomic_path
 from instructmole.runtime import StepRouting
 
 from .buckets import BucketBatches, buckets_for, nearest_bucket
-from .cache import FeatureCache, ImageJob, encode_latents, encode_texts
+from .cache import FeatureCache, ImageJob, encode_latents, encode_masks, encode_texts
 from .checkpoint import TrainState, check_resumable, install_state_hooks, save_checkpoint
 from .config import TrainConfig
 from .data import Row, check_rows, image_size, read_rows
@@ -36,7 +37,7 @@ from .evaluate import Evaluator, model_inputs, render_samples
 from .loading import SHIPPED_CONFIGS, KontextParts, load_comfyui_files, load_diffusers_folder
 from .modules import DTYPES, TrainingModel, build_mole_config, setup_transformer
 from .preflight import METRICS_FILE, OutputPlan, check_cache_entries, claim_output, preflight
-from .recipe import LatentNorm, MicroBatch, MicroBatches, aux_weight, lr_scheduler
+from .recipe import LatentNorm, MicroBatch, MicroBatches, aux_weight, lr_scheduler, weighted_flow
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -76,6 +77,8 @@ class Dataset:
         for r in self.rows:
             h.update(json.dumps([r.instruction, r.split, r.task, self.digests[r.target]]).encode())
             h.update(json.dumps([self.digests[p] for p in r.references]).encode())
+            if r.mask is not None:  # rows without one hash as before: earlier checkpoints still resume
+                h.update(json.dumps(["mask", self.digests[r.mask]]).encode())
         return h.hexdigest()[:16]
 
 
@@ -87,7 +90,7 @@ def _prepare_data(config: TrainConfig, cache: FeatureCache) -> Dataset:
     buckets = buckets_for(d.resolution * d.resolution)
     sizes = [nearest_bucket(*image_size(r.target), buckets) for r in rows]
     images = {p for r in rows for p in (r.target, *r.references)}
-    digests = cache.content_hashes(images)
+    digests = cache.content_hashes(images | {r.mask for r in rows if r.mask is not None})
     train = [i for i, r in enumerate(rows) if r.split == "train"]
     holdout = [i for i, r in enumerate(rows) if r.split == "holdout"]
     if not train:
@@ -180,6 +183,13 @@ def _build_cache(
     }
     images |= {ImageJob(path, digest, size) for path, (digest, size) in samples.items()}
     jobs = sorted(images, key=lambda j: (j.digest, j.size))
+    masks = sorted(
+        {ImageJob(r.mask, data.digests[r.mask], data.sizes[i]) for i, r in enumerate(data.rows) if r.mask is not None},
+        key=lambda j: (j.digest, j.size),
+    )
+    masks = _broadcast(accelerator, lambda: [j for j in masks if not cache.has(cache.mask_key(j.digest, j.size))])
+    my_masks = masks[accelerator.process_index :: accelerator.num_processes]
+    encode_masks(my_masks, write=lambda job, tensors: cache.write(cache.mask_key(job.digest, job.size), tensors))
     texts, jobs = _broadcast(
         accelerator,
         lambda: (
@@ -229,7 +239,7 @@ def _build_cache(
         del parts  # the encoders leave memory before the transformer arrives
         _free(device)
     accelerator.wait_for_everyone()
-    return written
+    return written + len(my_masks)
 
 
 def _sample_references(config: TrainConfig, cache: FeatureCache) -> dict[Path, tuple[str, tuple[int, int]]]:
@@ -436,13 +446,16 @@ def _train(config: TrainConfig, *, resume: str | None, overwrite: bool) -> RunRe
     final_adapter = None
     params = [p for p in model.parameters() if p.requires_grad]
     for mb, routing in _routed_steps(accelerator, inner, loader, t.gradient_accumulation, input_dtype):
-        with accelerator.accumulate(model):
+        with accelerator.accumulate(model), _prediction(inner.transformer, mb.weight is not None) as predicted:
             outputs = model(
                 **model_inputs(mb, accelerator.device, input_dtype, t.guidance),
                 aux_reduction=t.aux_reduction,
                 distributed=world > 1,
                 step_routing=routing,
             )
+            if mb.weight is not None:  # masked rows: the flow loss weighted per target token
+                target, weight = mb.target.to(accelerator.device), mb.weight.to(accelerator.device)
+                outputs = {**outputs, "flow": weighted_flow(predicted[0], target, weight)}
             w = aux_weight(state.step, decay)
             flow = outputs["flow"].mean()
             aux = (
@@ -485,6 +498,21 @@ def _train(config: TrainConfig, *, resume: str | None, overwrite: bool) -> RunRe
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return RunResult(result, state.step, out, inner, written)
+
+
+@contextlib.contextmanager
+def _prediction(transformer: torch.nn.Module, enabled: bool) -> Iterator[list[Tensor]]:
+    """The transformer's output of the forward inside the block (``[0]`` once it ran), for the masked
+    loss: ``TrainingModel`` returns the unweighted per-sample loss only."""
+    box: list[Tensor] = []
+    if not enabled:
+        yield box
+        return
+    handle = transformer.register_forward_hook(lambda _m, _i, out: box.append(out[0]))
+    try:
+        yield box
+    finally:
+        handle.remove()
 
 
 class _TrainView:

@@ -8,7 +8,10 @@ resumed run end with the weights of an uninterrupted one, and two processes with
 
 Flow matching (rectified flow, as FLUX was trained): ``x_t = (1 − σ)·x0 + σ·ε``, the model
 predicts ``ε − x0`` from ``x_t`` with timestep input ``σ``; the loss is the MSE on the target's
-tokens only (reference tokens are context), averaged per sample, then over the batch.
+tokens only (reference tokens are context), averaged per sample, then over the batch. A row with a
+mask (``Row.mask``) weights its tokens: 1 in the edited region, ``train.mask_outside_weight`` outside,
+normalised by the mean weight so that an all-white mask is exactly the unweighted loss
+(``weighted_flow``).
 """
 
 from __future__ import annotations
@@ -28,7 +31,17 @@ from .cache import FeatureCache
 from .config import TrainConfig
 from .data import Row
 
-__all__ = ["LatentNorm", "MicroBatch", "MicroBatches", "aux_weight", "draw_sigma", "lr_scheduler", "sample_seed"]
+__all__ = [
+    "LatentNorm",
+    "MicroBatch",
+    "MicroBatches",
+    "aux_weight",
+    "draw_sigma",
+    "lr_scheduler",
+    "mask_weight",
+    "sample_seed",
+    "weighted_flow",
+]
 
 
 def sample_seed(seed: int, *parts: int | str) -> int:
@@ -63,6 +76,25 @@ def draw_sigma(generator: torch.Generator, mode: str, mean: float = 0.0, std: fl
     return float(torch.sigmoid(torch.randn((), generator=generator) * std + mean))
 
 
+def mask_weight(coverage: Tensor, outside: float) -> Tensor:
+    """Per-token loss weights from a mask's per-token white share: 1 inside, ``outside`` outside, linear
+    between. Written as ``1 − (1 − outside)·(1 − coverage)`` so that a fully white token is exactly 1."""
+    return 1 - (1 - outside) * (1 - coverage)
+
+
+def weighted_flow(pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:
+    """Per-sample flow loss with per-token weights: ``Σ_t w_t·e_t / Σ_t w_t``, ``e_t`` the token's MSE.
+
+    ``pred``: the transformer's output ``[b, tokens, 64]`` (target tokens first); ``target``
+    ``[b, target tokens, 64]``; ``weight`` ``[b, target tokens]``. Computed as
+    ``mean(w·(pred − target)²) / mean(w)``, so all-one weights give bit for bit the unweighted loss
+    of ``TrainingModel`` (the same reduction, times and over exact ones). All-zero weights give 0."""
+    pred = pred[:, : target.shape[1]].float()
+    weight = weight.float()
+    squared = (pred - target.float()).pow(2) * weight[..., None]
+    return squared.mean(dim=(1, 2)) / weight.mean(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+
+
 @dataclass(frozen=True)
 class LatentNorm:
     """The VAE's latent normalisation: ``z ↦ (z − shift) · scale``."""
@@ -86,6 +118,7 @@ class MicroBatch:
     rows: list[int]  # manifest rows
     dropped: Tensor  # [b] bool: trained with the empty instruction
     without_references: bool
+    weight: Tensor | None = None  # [b, target tokens] loss weights; None: no row has a mask
 
     @property
     def target_tokens(self) -> int:
@@ -157,7 +190,7 @@ class MicroBatches(torch.utils.data.Dataset):
         cfg, d = self.config, self.config.data
         width, height = self.sizes[rows[0]]
         lat_hw = (height // 8, width // 8)
-        texts, pooled, x_t, targets, refs, route, dropped, sig = [], [], [], [], [], [], [], []
+        texts, pooled, x_t, targets, refs, route, dropped, sig, masks = [], [], [], [], [], [], [], [], []
         for j, (row_index, seed) in enumerate(zip(rows, seeds, strict=True)):
             row = self.rows[row_index]
             g = torch.Generator().manual_seed(seed)
@@ -178,9 +211,14 @@ class MicroBatches(torch.utils.data.Dataset):
             route.append(int(torch.randint(0, 1 << 62, (), generator=g)))
             dropped.append(drop)
             sig.append(sigma)
+            masks.append(self._mask(row, (width, height)))
         n_refs = 0 if drop_refs else len(refs[0])
         hidden = torch.stack([torch.cat([x, *r[:n_refs]]) for x, r in zip(x_t, refs, strict=True)])
         text_length = texts[0].shape[0]
+        weight = None
+        if any(m is not None for m in masks):
+            ones = torch.ones(targets[0].shape[0])
+            weight = torch.stack([ones if m is None else mask_weight(m, cfg.train.mask_outside_weight) for m in masks])
         return MicroBatch(
             hidden_states=hidden,
             text=torch.stack(texts),
@@ -193,6 +231,7 @@ class MicroBatches(torch.utils.data.Dataset):
             rows=list(rows),
             dropped=torch.tensor(dropped),
             without_references=drop_refs,
+            weight=weight,
         )
 
     def _latent(self, path, size: tuple[int, int], g: torch.Generator) -> Tensor:
@@ -202,6 +241,13 @@ class MicroBatches(torch.utils.data.Dataset):
         if self.config.data.latent_sample:
             z = z + entry["std"] * torch.randn(z.shape, generator=g)
         return (z - self.norm.shift) * self.norm.scale
+
+
+    def _mask(self, row: Row, size: tuple[int, int]) -> Tensor | None:
+        """The row's mask as its target's token grid (white share per token), or None without one."""
+        if row.mask is None:
+            return None
+        return self.cache.read(self.cache.mask_key(self.digests[row.mask], size))["mask"]
 
 
 def _gen(*parts: int | str) -> torch.Generator:
