@@ -19,21 +19,24 @@ writes the new one, and writes in place, so a kill at the wrong moment loses bot
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file
 
 from .config import resume_conflicts
 from .errors import CheckpointError
 
 __all__ = [
+    "EMA",
     "TrainState",
     "check_resumable",
     "checkpoints",
@@ -239,6 +242,43 @@ def _run_of(path: Path) -> str | None:
         return read_marker(path).get("run")
     except CheckpointError:
         return "unreadable"  # never ours: a damaged marker is left for the user to look at
+
+
+class EMA:
+    """An exponential moving average of the trainable weights (``train.ema``), updated after each
+    optimizer step: ``ema ← decay·ema + (1 − decay)·weight``, in fp32. Registered with accelerate's
+    checkpointing, so a resumed run continues the same average."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], decay: float) -> None:
+        self.decay = decay
+        self.shadow = {n: w.detach().float().clone() for n, w in weights.items()}
+
+    @torch.no_grad()
+    def update(self, weights: dict[str, torch.Tensor]) -> None:
+        for name, w in weights.items():
+            self.shadow[name].lerp_(w.detach().float(), 1 - self.decay)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state["shadow"]) != set(self.shadow):
+            raise CheckpointError(
+                "the checkpoint's EMA weights do not match this run's adapter; resume with the config it was made with"
+            )
+        with torch.no_grad():
+            for name, value in state["shadow"].items():
+                self.shadow[name].copy_(value)
+
+    @contextlib.contextmanager
+    def applied(self, model: Any) -> Iterator[None]:
+        """``model`` (a ``TrainingModel``) carries the EMA weights inside the block, its own after it."""
+        own = {n: w.clone() for n, w in model.trainable_state().items()}
+        model.load_trainable_state(self.shadow)
+        try:
+            yield
+        finally:
+            model.load_trainable_state(own)
 
 
 def install_state_hooks(accelerator: Any, unwrap: Callable[[Any], Any]) -> None:

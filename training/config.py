@@ -163,6 +163,9 @@ class TrainSection:
     aux_decay_steps: int | None = _f(
         None, "cosine decay of the aux weights to ~0 over this many steps (default: max_steps)", min=1
     )
+    ema: float = _f(
+        0.0, "decay of an EMA of the trainable weights, exported beside the adapter (0: off; e.g. 0.999)", min=0, lt=1
+    )
     mask_outside_weight: float = _f(
         0.1, "flow-loss weight of tokens outside a row's mask (inside 1; rows without a mask: unweighted)", min=0, max=1
     )

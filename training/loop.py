@@ -29,7 +29,7 @@ from instructmole.runtime import StepRouting
 
 from .buckets import BucketBatches, buckets_for, nearest_bucket
 from .cache import FeatureCache, ImageJob, encode_latents, encode_masks, encode_texts
-from .checkpoint import TrainState, check_resumable, install_state_hooks, save_checkpoint
+from .checkpoint import EMA, TrainState, check_resumable, install_state_hooks, save_checkpoint
 from .config import TrainConfig
 from .data import Row, check_rows, image_size, read_rows
 from .errors import CheckpointError, DataError, TrainingError
@@ -396,6 +396,9 @@ def _train(config: TrainConfig, *, resume: str | None, overwrite: bool) -> RunRe
     accelerator.register_for_checkpointing(state)
     install_state_hooks(accelerator, accelerator.unwrap_model)
     inner: TrainingModel = accelerator.unwrap_model(model)
+    ema = EMA(inner.trainable_state(), t.ema) if t.ema else None
+    if ema is not None:  # after TrainState: earlier checkpoints' custom state keeps its number
+        accelerator.register_for_checkpointing(ema)
     marker = _marker(config, data, plan)
 
     start = plan.start
@@ -420,7 +423,7 @@ def _train(config: TrainConfig, *, resume: str | None, overwrite: bool) -> RunRe
     )
     record = CheckpointRecord(
         accelerator=accelerator, config=config, state=state, model=inner, evaluator=evaluator, marker=marker,
-        data=data, samples=samples,
+        data=data, samples=samples, ema=ema,
     )
     metrics_path = out / METRICS_FILE
     if accelerator.is_main_process:
@@ -477,6 +480,8 @@ def _train(config: TrainConfig, *, resume: str | None, overwrite: bool) -> RunRe
             continue
         scheduler.step()
         state.step += 1
+        if ema is not None:
+            ema.update(inner.trainable_state())
         bar.update(1)
         if state.step % config.log.every == 0 or state.step == t.max_steps:
             line = _log_line(accelerator, sums, count, state.step, w, optimizer, time.perf_counter() - tick)
@@ -495,6 +500,10 @@ def _train(config: TrainConfig, *, resume: str | None, overwrite: bool) -> RunRe
     if accelerator.is_main_process and final_adapter.is_file():
         with atomic_path(result) as tmp:
             shutil.copyfile(final_adapter, tmp)
+        final_ema = final_adapter.with_name(_adapter_path(final_adapter.parent, config, state.step, "-ema").name)
+        if ema is not None and final_ema.is_file():
+            with atomic_path(out / f"{config.save.name}-ema.safetensors") as tmp:
+                shutil.copyfile(final_ema, tmp)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return RunResult(result, state.step, out, inner, written)
@@ -572,8 +581,9 @@ def _load_identity(config: TrainConfig) -> dict[str, str]:
     return {**_load(config, (), DTYPES[config.model.dtype]).identity, "dtype": config.model.dtype}
 
 
-def _adapter_path(folder: Path, config: TrainConfig, step: int) -> Path:
-    return folder / f"{config.save.name}-step{step:07d}.safetensors"
+def _adapter_path(folder: Path, config: TrainConfig, step: int, kind: str = "") -> Path:
+    """``kind``: "" for the adapter, "-ema" for its EMA (``train.ema``)."""
+    return folder / f"{config.save.name}{kind}-step{step:07d}.safetensors"
 
 
 @dataclass(frozen=True)
@@ -590,6 +600,7 @@ class CheckpointRecord:
     marker: dict[str, Any]  # ``_marker``: the run's id, config and data fingerprint, which a resume checks
     data: Dataset
     samples: dict[Path, tuple[str, tuple[int, int]]]  # ``_sample_references``: the sample images
+    ema: EMA | None = None  # ``train.ema``: its weights are exported beside the adapter
 
     @property
     def out(self) -> Path:
@@ -609,6 +620,11 @@ def _save(record: CheckpointRecord) -> Path:
             ),
         }
         inner.export(meta).save(_adapter_path(folder, config, step), dtype=DTYPES[config.save.dtype])
+        if record.ema is not None:
+            with record.ema.applied(inner):
+                ema_meta = {**meta, "ema": str(record.ema.decay)}
+                ema_path = _adapter_path(folder, config, step, "-ema")
+                inner.export(ema_meta).save(ema_path, dtype=DTYPES[config.save.dtype])
         if config.save.report:  # in the checkpoint, and in reports/ (kept when checkpoints are pruned)
             _write_report(evaluator, step, (folder, "report"), (out / "reports", f"step-{step:07d}"))
         if config.sample.items:
