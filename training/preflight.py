@@ -65,7 +65,7 @@ class OutputPlan:
 
 
 def _run_files(out: Path, config: TrainConfig) -> list[Path]:
-    names = (*RUN_FILES, f"{config.save.name}.safetensors")
+    names = (*RUN_FILES, f"{config.save.name}.safetensors", f"{config.save.name}-ema.safetensors")
     return [out / name for name in names if (out / name).exists() or (out / name).is_symlink()]
 
 
@@ -158,7 +158,8 @@ def _unwritable(folder: Path) -> str | None:
 
 def checkpoint_bytes(config: TrainConfig) -> int:
     """Bytes one checkpoint and the final adapter take: the trainable weights in fp32, AdamW's two
-    moments, and the adapter at ``save.dtype`` twice (in the checkpoint and as the run's adapter).
+    moments, and the adapter at ``save.dtype`` twice (in the checkpoint and as the run's adapter);
+    with ``train.ema`` also its fp32 average and its adapter, twice.
 
     The trainable weights are counted on a transformer built on the meta device from the model's
     config (no weights are read); this also checks ``adapter.targets`` against the model."""
@@ -189,7 +190,9 @@ def checkpoint_bytes(config: TrainConfig) -> int:
             linear = transformer.get_submodule(name)
             params += lora.rank * (linear.in_features + linear.out_features)
     export = {"bf16": 2, "fp16": 2, "fp32": 4}[config.save.dtype]
-    return params * (4 + 8 + 2 * export) + _SLACK_BYTES
+    copies = 4 if config.train.ema else 2  # the adapter (and its EMA), in the checkpoint and as the run's
+    ema = 4 if config.train.ema else 0  # the EMA's fp32 average in the checkpoint's state
+    return params * (4 + 8 + ema + copies * export) + _SLACK_BYTES
 
 
 def check_space(folder: Path, need: int, key: str) -> None:

@@ -154,6 +154,26 @@ def test_resume_from_a_checkpoint_into_another_runs_folder_is_refused(tiny_konte
     assert (other / "config.yaml").read_text() == "train: {seed: 1}\n"
 
 
+def test_an_earlier_runs_ema_adapter_alone_marks_the_folder_used(tiny_kontext, tmp_path, capsys):
+    """A folder holding only an earlier run's EMA adapter is a used folder: refused, and --overwrite
+    removes that file rather than leaving it beside the new run's."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "instructmole-ema.safetensors").write_bytes(b"an earlier run's EMA adapter")
+    code, err = cli(tiny_kontext, out, capsys)
+    assert code == 2
+    assert_one_error_line(err, "--overwrite")
+    assert (out / "instructmole-ema.safetensors").read_bytes() == b"an earlier run's EMA adapter"
+    code, _ = cli(tiny_kontext, out, capsys, "--overwrite")
+    assert code == 0 and not (out / "instructmole-ema.safetensors").exists()
+
+
+def test_the_space_check_counts_the_ema(tiny_kontext, tmp_path):
+    plain = load_config(TINY_CONFIG, run_overrides(tiny_kontext, tmp_path / "a", steps=2, every=2))
+    ema = load_config(TINY_CONFIG, run_overrides(tiny_kontext, tmp_path / "a", "train.ema=0.99", steps=2, every=2))
+    assert preflight.checkpoint_bytes(ema) > preflight.checkpoint_bytes(plain)
+
+
 def test_overwrite_and_resume_together_are_refused(tiny_kontext, tmp_path, capsys):
     code, err = cli(tiny_kontext, tmp_path / "x", capsys, "--overwrite", "--resume", "latest")
     assert code == 2
