@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
 
 from instructmole import InstructMoLE, InstructMoLEError
 from instructmole.files import atomic_path
@@ -37,7 +36,7 @@ from .evaluate import Evaluator, model_inputs, render_samples
 from .loading import SHIPPED_CONFIGS, KontextParts, load_comfyui_files, load_diffusers_folder
 from .modules import DTYPES, TrainingModel, build_mole_config, setup_transformer
 from .preflight import METRICS_FILE, OutputPlan, check_cache_entries, claim_output, preflight
-from .recipe import LatentNorm, MicroBatch, MicroBatches, aux_weight, lr_scheduler, weighted_flow
+from .recipe import LatentNorm, MicroBatch, MicroBatches, aux_weight, lr_scheduler
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -449,16 +448,14 @@ def _train(config: TrainConfig, *, resume: str | None, overwrite: bool) -> RunRe
     final_adapter = None
     params = [p for p in model.parameters() if p.requires_grad]
     for mb, routing in _routed_steps(accelerator, inner, loader, t.gradient_accumulation, input_dtype):
-        with accelerator.accumulate(model), _prediction(inner.transformer, mb.weight is not None) as predicted:
+        with accelerator.accumulate(model):
             outputs = model(
                 **model_inputs(mb, accelerator.device, input_dtype, t.guidance),
                 aux_reduction=t.aux_reduction,
                 distributed=world > 1,
                 step_routing=routing,
+                weight=None if mb.weight is None else mb.weight.to(accelerator.device),  # masked rows
             )
-            if mb.weight is not None:  # masked rows: the flow loss weighted per target token
-                target, weight = mb.target.to(accelerator.device), mb.weight.to(accelerator.device)
-                outputs = {**outputs, "flow": weighted_flow(predicted[0], target, weight)}
             w = aux_weight(state.step, decay)
             flow = outputs["flow"].mean()
             aux = (
@@ -507,21 +504,6 @@ def _train(config: TrainConfig, *, resume: str | None, overwrite: bool) -> RunRe
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return RunResult(result, state.step, out, inner, written)
-
-
-@contextlib.contextmanager
-def _prediction(transformer: torch.nn.Module, enabled: bool) -> Iterator[list[Tensor]]:
-    """The transformer's output of the forward inside the block (``[0]`` once it ran), for the masked
-    loss: ``TrainingModel`` returns the unweighted per-sample loss only."""
-    box: list[Tensor] = []
-    if not enabled:
-        yield box
-        return
-    handle = transformer.register_forward_hook(lambda _m, _i, out: box.append(out[0]))
-    try:
-        yield box
-    finally:
-        handle.remove()
 
 
 class _TrainView:

@@ -24,6 +24,7 @@ from instructmole.runtime import StepRouting
 
 from .config import TrainConfig
 from .errors import ConfigError, ModelLoadError
+from .recipe import weighted_flow
 
 __all__ = ["TrainingModel", "build_mole_config", "setup_transformer"]
 
@@ -137,9 +138,11 @@ class TrainingModel(nn.Module):
         aux_reduction: str = "sum",
         distributed: bool = False,
         step_routing: StepRouting | None = None,
+        weight: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """``step_routing``: the optimizer step's instruction routing, for its load balancing
-        (``StepRouting``; None: this forward's own)."""
+        (``StepRouting``; None: this forward's own). ``weight`` ``[b, target tokens]``: the masked
+        loss's per-token weights (``weighted_flow``; all ones give bit for bit the unweighted loss)."""
         self.handle.seeds = seeds
         out = self.transformer(
             hidden_states=hidden_states,
@@ -151,8 +154,10 @@ class TrainingModel(nn.Module):
             guidance=guidance,
             return_dict=False,
         )[0]
-        pred = out[:, : target.shape[1]].float()
-        flow = (pred - target.float()).pow(2).mean(dim=(1, 2))
+        if weight is None:
+            flow = (out[:, : target.shape[1]].float() - target.float()).pow(2).mean(dim=(1, 2))
+        else:
+            flow = weighted_flow(out, target, weight)
         aux = self.handle.runtime.aux_losses(aux_reduction, distributed=distributed, step=step_routing)
         return {"flow": flow, **vars(aux)}
 
