@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from einops import rearrange
 from torch import Tensor
 
 from .council import Council
@@ -42,7 +41,7 @@ from .experts import (
     token_delta_with_projections,
     token_route,
 )
-from .fold import iter_fold
+from .fold import council_factors, iter_fold
 from .losses import balance_statistics, load_balancing_from_statistics, orthogonality_from_gram, projection_gram
 from .model import InstructMoLE
 from .overrides import with_strength
@@ -381,11 +380,21 @@ class MoLERuntime:
     def add_term(self, name: str, x: Tensor, out: Tensor) -> Tensor:
         """``out`` (layer ``name``'s output for input ``x``) plus its expert term.
 
-        Inference with one council for every row adds ``(x · down) · up`` straight into ``out``
+        Inference with one council for every row adds ``(x · downᵀ) · upᵀ`` straight into ``out``
         (one ``addmm_``: no term tensor, no second pass over the output) with the council's
-        matrices gathered once per council (``_keep_factors``); every other case adds ``delta``.
-        In place only where nothing can be hurt: no autograd on ``out`` and an output of the
-        term's own width laid out row by row."""
+        factors gathered once per council (``_keep_factors``); every other case adds ``delta``."""
+        factors = self._shared_factors(name, x, out)
+        if factors is None:
+            delta = self.delta(name, x)
+            return out if delta is None else out + delta.to(out.dtype)
+        down, up = factors
+        out.view(-1, out.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ down.t(), up.t())
+        return out
+
+    def _shared_factors(self, name: str, x: Tensor, out: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Layer ``name``'s ``council_factors`` when its term may go into ``out`` in place: inference,
+        one council for every row, an instruction-routed layer, no autograd on ``out``, and an output
+        of the term's width and dtype laid out row by row. None otherwise."""
         active = None if self._active is None or self.training else self._active.get(name)
         if (
             active is None
@@ -396,22 +405,13 @@ class MoLERuntime:
             or not out.is_contiguous()
             or out.dtype != x.dtype
         ):
-            delta = self.delta(name, x)
-            return out if delta is None else out + delta.to(out.dtype)
+            return None
         key = (name, x.device, x.dtype)
         if key not in self._factors:
             A, B = self.cache.experts(name, x.device, x.dtype)
-            indices, weights = active
-            down = rearrange(A[indices], "k i r -> i (k r)").contiguous()
-            up = rearrange(B[indices] * (weights * self.config.scale).to(B.dtype)[:, None, None], "k r o -> (k r) o")
-            self._factors[key] = (down, up.contiguous())
-        down, up = self._factors[key]
-        if out.shape[-1] != up.shape[-1]:
-            delta = self.delta(name, x)
-            return out if delta is None else out + delta.to(out.dtype)
-        flat = out.view(-1, up.shape[-1])
-        flat.addmm_(x.reshape(-1, x.shape[-1]) @ down, up)
-        return out
+            self._factors[key] = council_factors(A, B, *active, self.config.scale)
+        factors = self._factors[key]
+        return factors if factors[1].shape[0] == out.shape[-1] else None
 
     def delta(self, name: str, x: Tensor) -> Tensor | None:
         """The expert term of layer ``name`` for its input ``x`` (``None``: nothing to add)."""

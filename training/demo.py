@@ -25,7 +25,7 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,35 +217,28 @@ def teach_copy(folder: Path, steps: int = 1500, batch: int = 32, seed: int = 0, 
     latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
     h, w = latents.shape[-2:]
     positions = token_ids((h, w), [(h, w)])
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr, fused=True)
     g = torch.Generator().manual_seed(seed)
-    tracker = Recent()
-    transformer.train()
-    with progress(steps, "copy the reference") as bar:
-        for _ in range(steps):
-            x0 = latents[torch.randint(0, len(latents), (batch,), generator=g)]
-            sigma = torch.rand(batch, generator=g)
-            noise = torch.randn(x0.shape, generator=g)
-            x_t = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
-            out = transformer(
-                hidden_states=torch.cat([pack(x_t), pack(x0)], dim=1),
-                encoder_hidden_states=text.expand(batch, -1, -1),
-                pooled_projections=pooled.expand(batch, -1),
-                timestep=sigma,
-                img_ids=positions,
-                txt_ids=torch.zeros(text.shape[1], 3),
-                guidance=torch.ones(batch),
-                return_dict=False,
-            )[0]
-            loss = (out[:, : (h // 2) * (w // 2)] - pack(noise - x0)).pow(2).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            tracker.add(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{tracker.value:.4f}", refresh=False)
+
+    def loss() -> torch.Tensor:
+        x0 = latents[torch.randint(0, len(latents), (batch,), generator=g)]
+        sigma = torch.rand(batch, generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        x_t = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
+        out = transformer(
+            hidden_states=torch.cat([pack(x_t), pack(x0)], dim=1),
+            encoder_hidden_states=text.expand(batch, -1, -1),
+            pooled_projections=pooled.expand(batch, -1),
+            timestep=sigma,
+            img_ids=positions,
+            txt_ids=torch.zeros(text.shape[1], 3),
+            guidance=torch.ones(batch),
+            return_dict=False,
+        )[0]
+        return (out[:, : (h // 2) * (w // 2)] - pack(noise - x0)).pow(2).mean()
+
+    final = _fit(transformer, loss, steps=steps, lr=lr, desc="copy the reference")
     transformer.eval().save_pretrained(folder / "transformer")
-    return tracker.value
+    return final
 
 
 def fit_vae(folder: Path, steps: int = 800, batch: int = 32, seed: int = 0, lr: float = 3e-3) -> float:
@@ -269,25 +262,36 @@ def fit_vae(folder: Path, steps: int = 800, batch: int = 32, seed: int = 0, lr: 
         image = procedural_image(rng)
         pictures += [np.asarray(image if t is None else edit(image, t), dtype=np.float32) for t in (None, *TASKS)]
     images = torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2) / 127.5 - 1
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, fused=True)
     g = torch.Generator().manual_seed(seed)
-    tracker = Recent()
-    vae.train()
-    with progress(steps, "autoencode") as bar:
-        for _ in range(steps):
-            x = images[torch.randint(0, len(images), (batch,), generator=g)]
-            loss = (vae.decode(vae.encode(x).latent_dist.mean).sample - x).abs().mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            tracker.add(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{tracker.value:.4f}", refresh=False)
+
+    def loss() -> torch.Tensor:
+        x = images[torch.randint(0, len(images), (batch,), generator=g)]
+        return (vae.decode(vae.encode(x).latent_dist.mean).sample - x).abs().mean()
+
+    final = _fit(vae, loss, steps=steps, lr=lr, desc="autoencode")
     vae.eval()
     with torch.no_grad():
         z = vae.encode(images).latent_dist.mean
     vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=1.0 / float(z.std()))
     vae.save_pretrained(folder)
+    return final
+
+
+def _fit(module: torch.nn.Module, loss: Callable[[], torch.Tensor], *, steps: int, lr: float, desc: str) -> float:
+    """``steps`` AdamW steps on ``module``'s parameters, each on a fresh ``loss()``, with a bar showing
+    the recent loss; returns that loss as the stage ends (``Recent``)."""
+    optimizer = torch.optim.AdamW(module.parameters(), lr=lr, fused=True)
+    tracker = Recent()
+    module.train()
+    with progress(steps, desc) as bar:
+        for _ in range(steps):
+            value = loss()
+            optimizer.zero_grad()
+            value.backward()
+            optimizer.step()
+            tracker.add(value.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{tracker.value:.4f}", refresh=False)
     return tracker.value
 
 

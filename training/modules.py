@@ -24,7 +24,7 @@ from instructmole.runtime import StepRouting
 
 from .config import TrainConfig
 from .errors import ConfigError, ModelLoadError
-from .recipe import weighted_flow
+from .recipe import flow_loss
 
 __all__ = ["TrainingModel", "build_mole_config", "setup_transformer"]
 
@@ -142,7 +142,7 @@ class TrainingModel(nn.Module):
     ) -> dict[str, Tensor]:
         """``step_routing``: the optimizer step's instruction routing, for its load balancing
         (``StepRouting``; None: this forward's own). ``weight`` ``[b, target tokens]``: the masked
-        loss's per-token weights (``weighted_flow``; all ones give bit for bit the unweighted loss)."""
+        loss's per-token weights (``flow_loss``; all ones give bit for bit the unweighted loss)."""
         self.handle.seeds = seeds
         out = self.transformer(
             hidden_states=hidden_states,
@@ -154,10 +154,7 @@ class TrainingModel(nn.Module):
             guidance=guidance,
             return_dict=False,
         )[0]
-        if weight is None:
-            flow = (out[:, : target.shape[1]].float() - target.float()).pow(2).mean(dim=(1, 2))
-        else:
-            flow = weighted_flow(out, target, weight)
+        flow = flow_loss(out, target, weight)
         aux = self.handle.runtime.aux_losses(aux_reduction, distributed=distributed, step=step_routing)
         return {"flow": flow, **vars(aux)}
 

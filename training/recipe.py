@@ -82,6 +82,14 @@ def mask_weight(coverage: Tensor, outside: float) -> Tensor:
     return 1 - (1 - outside) * (1 - coverage)
 
 
+def flow_loss(pred: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Per-sample flow loss on the target tokens: their MSE, or with ``weight`` (masked rows)
+    ``weighted_flow``. ``pred``: the transformer's output ``[b, tokens, 64]``, target tokens first."""
+    if weight is not None:
+        return weighted_flow(pred, target, weight)
+    return (pred[:, : target.shape[1]].float() - target.float()).pow(2).mean(dim=(1, 2))
+
+
 def weighted_flow(pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:
     """Per-sample flow loss with per-token weights: ``Σ_t w_t·e_t / Σ_t w_t``, ``e_t`` the token's MSE.
 
@@ -242,7 +250,6 @@ class MicroBatches(torch.utils.data.Dataset):
             z = z + entry["std"] * torch.randn(z.shape, generator=g)
         return (z - self.norm.shift) * self.norm.scale
 
-
     def _mask(self, row: Row, size: tuple[int, int]) -> Tensor | None:
         """The row's mask as its target's token grid (white share per token), or None without one."""
         if row.mask is None:
@@ -252,4 +259,3 @@ class MicroBatches(torch.utils.data.Dataset):
 
 def _gen(*parts: int | str) -> torch.Generator:
     return torch.Generator().manual_seed(sample_seed(*parts))
-

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from instructmole.tiny import TINY_FLUX
 from training.config import TrainConfig, load_config
+from training.recipe import flow_loss as recipe_flow_loss
 
 from ..common import random_flux
 
@@ -195,7 +196,7 @@ def make_inputs(shape: TrainShape, side: int, device: torch.device, dtype: torch
 
 
 def flow_loss(transformer: nn.Module, x: StepInputs) -> Tensor:
-    """Per-sample flow MSE on the target tokens, exactly as ``TrainingModel.forward`` computes it."""
+    """Per-sample flow MSE on the target tokens, by the trainer's own ``flow_loss``."""
     out = transformer(
         hidden_states=x.hidden_states,
         encoder_hidden_states=x.text,
@@ -206,8 +207,7 @@ def flow_loss(transformer: nn.Module, x: StepInputs) -> Tensor:
         guidance=x.guidance,
         return_dict=False,
     )[0]
-    pred = out[:, : x.target.shape[1]].float()
-    return (pred - x.target.float()).pow(2).mean(dim=(1, 2))
+    return recipe_flow_loss(out, x.target)
 
 
 def tensor_bytes(tensors: Iterator[Tensor] | Sequence[Tensor]) -> int:
