@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 from comfy_api.latest import io
 
 from ..instructmole import InstructMoLEError
 from .common import ADAPTER, ADAPTER_FILE, COUNCIL, LOAD_ADAPTER, ROUTING, NodeInputError
-from .signal import attach_signal, carried_signal, encode_for_routing, routing_tokens
+from .signal import TRAINING_TEXT_LENGTH, attach_signal, carried_signal, encode_for_routing, routing_tokens
+
+log = logging.getLogger(__name__)
 
 
 class TextEncode(io.ComfyNode):
@@ -17,9 +21,9 @@ class TextEncode(io.ComfyNode):
             display_name="InstructMoLE Text Encode",
             category=ROUTING,
             description="Encodes the instruction as the adapter was trained on it, for the router and the model "
-            "alike: the text taken literally (no '(word:1.2)' weighting), T5 padded and truncated to 512 tokens "
-            "(CLIP Text Encode pads to 256), plus CLIP pooled. The conditioning carries the exact routing signal, "
-            "so each image is routed exactly as in training.",
+            "alike: the text taken literally (no '(word:1.2)' weighting), T5 padded and truncated to the adapter's "
+            "training length (512 without an adapter connected; CLIP Text Encode pads to 256), plus CLIP pooled. "
+            "The conditioning carries the exact routing signal, so each image is routed exactly as in training.",
             inputs=[
                 io.Clip.Input("clip", tooltip="The FLUX text encoders (T5-XXL + CLIP-L)."),
                 io.String.Input(
@@ -29,25 +33,34 @@ class TextEncode(io.ComfyNode):
                     tooltip="The edit instruction, e.g. 'make the sky a stormy purple'. Taken literally: "
                     "brackets stay text, as in training.",
                 ),
+                ADAPTER.Input(
+                    "adapter",
+                    optional=True,
+                    tooltip="The adapter this instruction is for: T5 is padded to the length it was trained with. "
+                    f"Without it, {TRAINING_TEXT_LENGTH} tokens (the reference adapter's); an adapter trained with "
+                    "another length then routes close to, not exactly as, in training (the console says so).",
+                ),
             ],
             outputs=[
                 io.Conditioning.Output(
-                    tooltip="The instruction's conditioning, 512 T5 tokens as in training, carrying the exact "
-                    "routing signal."
+                    tooltip="The instruction's conditioning, T5 padded to the adapter's training length, carrying "
+                    "the exact routing signal."
                 )
             ],
         )
 
     @classmethod
-    def execute(cls, clip, text: str) -> io.NodeOutput:
+    def execute(cls, clip, text: str, adapter=None) -> io.NodeOutput:
+        node = "InstructMoLE Text Encode"
         if clip is None:
-            raise NodeInputError("InstructMoLE Text Encode", "clip", "no text encoder is connected")
+            raise NodeInputError(node, "clip", "no text encoder is connected")
+        length = TRAINING_TEXT_LENGTH if adapter is None else adapter.config.text_length
         try:
-            signal = encode_for_routing(clip, text)
+            signal = encode_for_routing(clip, text, length)
         except InstructMoLEError as err:
-            raise NodeInputError("InstructMoLE Text Encode", "clip", str(err)) from None
+            raise NodeInputError(node, "clip", str(err)) from None
         # The model gets the tokens the router gets: the ones the adapter was trained with.
-        conditioning = clip.encode_from_tokens_scheduled(routing_tokens(clip, text))
+        conditioning = clip.encode_from_tokens_scheduled(routing_tokens(clip, text, length))
         return io.NodeOutput(attach_signal(conditioning, *signal))
 
 
@@ -101,6 +114,24 @@ class Route(io.ComfyNode):
             else:
                 raise NodeInputError(node, "conditioning", "it has no CLIP pooled output; use FLUX text encoders")
             label = "conditioning"
+            length = adapter.config.text_length
+            if carried is None:
+                label = "conditioning (approximate)"
+                log.warning(
+                    "InstructMoLE Route: the conditioning carries no routing signal, so it is routed from ComfyUI's "
+                    "own T5 features (%d tokens): the council is close to, not exactly, the one of training. Encode "
+                    "with 'InstructMoLE Text Encode' for the exact council.",
+                    t5.shape[1],
+                )
+            elif t5.shape[1] != length:
+                label = "conditioning (approximate)"
+                log.warning(
+                    "InstructMoLE Route: the conditioning's routing signal has %d T5 tokens but the adapter was "
+                    "trained with %d: the council is close to, not exactly, the one of training. Connect this "
+                    "adapter to 'InstructMoLE Text Encode' for the exact council.",
+                    t5.shape[1],
+                    length,
+                )
         else:
             raise NodeInputError(node, "text", "connect a CLIP and type the instruction, or connect a CONDITIONING")
         if t5.shape[-1] != adapter.config.text_dim or pooled.shape[-1] != adapter.config.router_dim:

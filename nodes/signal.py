@@ -1,10 +1,11 @@
 """The exact routing signal of an instruction, and how it rides along a CONDITIONING.
 
-The adapter's router was trained on T5 features of the instruction padded to 512 tokens (no
-attention mask) plus the CLIP-L pooled vector. ComfyUI pads T5 to 256 only, and without a mask
-the padding changes every token's features, so the exact signal needs a second encode with the
-training length. It travels in the conditioning's ``model_conds`` so that sampling hands it, row by
-row, to the model wrapper. The fp32 tensors travel bit-cast to int32: ComfyUI casts floating
+The adapter's router was trained on T5 features of the instruction padded to its ``text_length``
+(512 in the reference recipe, the default here; no attention mask) plus the CLIP-L pooled vector.
+ComfyUI pads T5 to 256 only, and without a mask the padding changes every token's features, so the
+exact signal needs a second encode with the training length: Text Encode takes it from the
+connected adapter. It travels in the conditioning's ``model_conds`` so that sampling hands it, row
+by row, to the model wrapper. The fp32 tensors travel bit-cast to int32: ComfyUI casts floating
 conds to the model dtype (bf16) on the way, but leaves integer tensors alone.
 
 Core conditioning nodes copy ``model_conds`` unchanged while they edit the conditioning itself

@@ -202,13 +202,15 @@ def model_and_adapter_file() -> dict[int, Node]:
 MODEL_AND_ADAPTER_FILE = Group("Model", ((1, 2), (3,)))
 
 
-def text_and_image(instruction: str = INSTRUCTION, image: str = "example.png") -> dict[int, Node]:
-    """CLIP (10), the instruction (11), its empty negative (20); the VAE (12), the image to edit (13),
-    scaled (14) and encoded (15); the image appended to the instruction as a reference latent (16)
-    and the guidance (17). Positive: [17, 0]; negative: [20, 0]; latent: [15, 0]; VAE: [12, 0]."""
+def text_and_image(adapter: list, instruction: str = INSTRUCTION, image: str = "example.png") -> dict[int, Node]:
+    """CLIP (10), the instruction (11) encoded for ``adapter`` (its training text length), its empty
+    negative (20); the VAE (12), the image to edit (13), scaled (14) and encoded (15); the image
+    appended to the instruction as a reference latent (16) and the guidance (17). Positive: [17, 0];
+    negative: [20, 0]; latent: [15, 0]; VAE: [12, 0]."""
+    text = {"clip": [10, 0], "text": instruction, "adapter": adapter}
     return {
         10: dual_clip(),
-        11: node("InstructMoLE_TextEncode", {"clip": [10, 0], "text": instruction}, tall=TEXT_TALL),
+        11: node("InstructMoLE_TextEncode", text, tall=TEXT_TALL),
         12: vae_loader(),
         13: load_image(image),
         14: node("FluxKontextImageScale", {"image": [13, 0]}),
@@ -271,7 +273,7 @@ def auto_edit() -> Workflow:
     }
     nodes = {
         1: node("InstructMoLE_LoadKontext", load),
-        **text_and_image(),
+        **text_and_image([1, 1]),
         **kontext_sample(30, [1, 0], prefix="instructmole_auto"),
     }
     note = (
@@ -289,7 +291,7 @@ def auto_edit() -> Workflow:
 def creative_control() -> Workflow:
     nodes = {
         **model_and_adapter_file(),
-        **text_and_image(),
+        **text_and_image([2, 0]),
         40: route([2, 0], "Route (the instruction of Text Encode)", conditioning=[11, 0]),
         41: override_council([40, 0], "double:0-9 force 1\nsingle ban 2", OVERRIDE_GRID_OPEN),
         **apply_and_preview(42, [3, 0], [41, 0], "Council map"),
@@ -313,7 +315,7 @@ def route_and_blend() -> Workflow:
     blend = {"council_a": [40, 0], "council_b": [41, 0], "factor": 0.5, "layers": "all"}
     nodes = {
         **model_and_adapter_file(),
-        **text_and_image(),
+        **text_and_image([2, 0]),
         40: route([2, 0], "Route: the edit", conditioning=[11, 0]),
         41: route([2, 0], "Route: another instruction", clip=[10, 0], text=other),
         42: node("InstructMoLE_BlendCouncils", blend),
@@ -335,7 +337,7 @@ def route_and_blend() -> Workflow:
 def comparison() -> Workflow:
     nodes = {
         **model_and_adapter(),
-        **text_and_image(),
+        **text_and_image([2, 1]),
         40: route([2, 1], conditioning=[11, 0]),
         41: override_council([40, 0], "all top 1", OVERRIDE_GRID_FOLDED, "Council A: one expert per layer"),
         45: override_council([40, 0], "all scale 2", OVERRIDE_GRID_FOLDED, "Council B: experts at double weight"),
@@ -368,7 +370,7 @@ def comparison() -> Workflow:
 def two_references() -> Workflow:
     nodes = {
         **model_and_adapter(),
-        **text_and_image("Put the cat from the second image on the sofa in the first image"),
+        **text_and_image([2, 1], "Put the cat from the second image on the sofa in the first image"),
         60: load_image("example_2.png", "Load Image (second reference)"),
         61: node("FluxKontextImageScale", {"image": [60, 0]}),
         62: node("VAEEncode", {"pixels": [61, 0], "vae": [12, 0]}),

@@ -51,7 +51,7 @@ NODES: dict[str, tuple[list[str], list[str], list[str]]] = {
         [],
         ["MODEL", "INSTRUCTMOLE_ADAPTER"],
     ),
-    "InstructMoLE_TextEncode": (["clip", "text"], [], ["CONDITIONING"]),
+    "InstructMoLE_TextEncode": (["clip", "text"], ["adapter"], ["CONDITIONING"]),
     "InstructMoLE_Route": (["adapter"], ["clip", "text", "conditioning"], ["INSTRUCTMOLE_COUNCIL"]),
     "InstructMoLE_OverrideCouncil": (["council", "rules"], [], ["INSTRUCTMOLE_COUNCIL"]),
     "InstructMoLE_BlendCouncils": (["council_a", "council_b", "factor", "layers"], [], ["INSTRUCTMOLE_COUNCIL"]),

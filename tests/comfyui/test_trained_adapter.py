@@ -70,7 +70,7 @@ def test_councils_in_comfyui_equal_the_trainers(setup, tmp_path):
     from ..training.conftest import TINY_CONFIG, run_overrides
     from .tiny_clip import TinyCLIP
 
-    length = 512  # Text Encode gives the official adapters' length; this adapter is trained with it too
+    length = 32  # not Text Encode's default (512): the adapter connected to Text Encode sets the length
     tiny = {
         "model": save_tiny_kontext(tmp_path / "model", text_length=length, corpus=all_phrasings()),
         "manifest": write_dataset(tmp_path / "data", images=8, holdout_images=1),
@@ -120,7 +120,8 @@ def test_councils_in_comfyui_equal_the_trainers(setup, tmp_path):
         )
         want = trainer.route(features["t5"][None], features["pooled"][None])[0]  # probs [1, L, n]
 
-        conditioning = nodes.routing_nodes.TextEncode.execute(clip, text).result[0]
+        conditioning = nodes.routing_nodes.TextEncode.execute(clip, text, adapter).result[0]
+        assert conditioning[0][0].shape[1] == length  # the model sees the tokens of training, too
         from_cond = nodes.routing_nodes.Route.execute(adapter, conditioning=conditioning).result[0]
         from_text = nodes.routing_nodes.Route.execute(adapter, clip=clip, text=text).result[0]
         cond, extras = conditioning[0]
@@ -137,3 +138,12 @@ def test_councils_in_comfyui_equal_the_trainers(setup, tmp_path):
         assert runtime.last_exact is True
         for council in (from_cond, from_text, runtime.last_council):
             assert torch.equal(council.probs, want), text
+
+        # Without the adapter, Text Encode pads to 512: routed from that signal, never called exact.
+        default = nodes.routing_nodes.TextEncode.execute(clip, text).result[0]
+        assert default[0][0].shape[1] == 512
+        approximate = nodes.routing_nodes.Route.execute(adapter, conditioning=default).result[0]
+        assert approximate.label == ("conditioning (approximate)",) and from_cond.label == ("conditioning",)
+        cond, extras = default[0]
+        run_comfy(model, **{**x, "t5": cond}, extra={k: v.cond for k, v in extras["model_conds"].items()})
+        assert runtime.last_exact is False
