@@ -28,6 +28,7 @@ from instructmole.layers import REFERENCE_LORA_TARGETS
 from instructmole.validation import checked_bool, checked_choice, checked_int, checked_real, field_spec, shown
 
 from .errors import ConfigError
+from .optim import missing as missing_package
 
 __all__ = [
     "MOLE_SETTINGS",
@@ -63,7 +64,11 @@ class ModelSection:
     clip: str | None = _f(None, "ComfyUI split files: CLIP-L (models/text_encoders)", path="file")
     vae: str | None = _f(None, "ComfyUI split files: the FLUX VAE (models/vae)", path="file")
     dtype: Literal["bf16", "fp16", "fp32"] = _f("bf16", "storage and compute dtype of the frozen base")
-    fp8_base: bool = _f(False, "store frozen base Linears in fp8, upcast per layer (never adapter-carrying ones)")
+    quantize_base: Literal["none", "fp8", "int8", "nf4"] = _f(
+        "none",
+        "store every frozen base Linear's weight quantized, also under experts and LoRA, dequantised per layer: "
+        "fp8 (e4m3) or int8, per-row scales (half of bf16), nf4 (bitsandbytes, about a quarter)",
+    )
     gradient_checkpointing: bool = _f(True, "recompute each block in backward: less memory, ~30% more time")
 
 
@@ -146,8 +151,13 @@ class TrainSection:
     gradient_accumulation: int = _f(1, "micro-batches per optimizer step", min=1)
     lr: float = _f(1e-4, "learning rate of router, experts and plain LoRA", gt=0, max=1)
     gate_lr: float = _f(5e-5, "learning rate of the gates", gt=0, max=1)
-    betas: list[float] = _f([0.9, 0.999], "AdamW betas", length=2, min=0, lt=1)
-    weight_decay: float = _f(1e-4, "AdamW weight decay", min=0)
+    optimizer: Literal["adamw", "adamw8bit", "adafactor", "prodigy"] = _f(
+        "adamw",
+        "adamw (torch), adamw8bit (bitsandbytes: 8-bit moments), adafactor (transformers: factored, no momentum), "
+        "prodigy (prodigyopt: finds one step size; train.lr is its multiplier, use 1; gate_lr unused)",
+    )
+    betas: list[float] = _f([0.9, 0.999], "Adam betas (adamw, adamw8bit, prodigy)", length=2, min=0, lt=1)
+    weight_decay: float = _f(1e-4, "decoupled weight decay", min=0)
     max_grad_norm: float = _f(1.0, "gradient-norm clip (0: none)", min=0)
     lr_schedule: Literal["constant", "cosine", "linear"] = _f("constant", "learning-rate schedule after warm-up")
     warmup_steps: int = _f(0, "linear warm-up steps", min=0)
@@ -265,7 +275,7 @@ def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[tup
     Both arguments are ``TrainConfig.to_dict()`` outputs (the saved one from a checkpoint); a key one
     side lacks (a config from an older trainer) counts as unchanged only if the other side has the default.
     """
-    flat_saved, flat_now = _flatten(saved), _flatten(current)
+    flat_saved, flat_now = _flat_current(saved), _flat_current(current)
     defaults = _flatten(_default_dict())
     conflicts = []
     for key in sorted(set(flat_saved) | set(flat_now)):
@@ -275,6 +285,14 @@ def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[tup
         if old != new:
             conflicts.append((key, old, new))
     return conflicts
+
+
+def _flat_current(config: dict[str, Any]) -> dict[str, Any]:
+    """``_flatten`` with an earlier trainer's keys in today's names (``model.fp8_base``: ``_fold_fp8_base``)."""
+    flat = _flatten(config)
+    if flat.pop("model.fp8_base", False) and flat.get("model.quantize_base", "none") == "none":
+        flat["model.quantize_base"] = "fp8"
+    return flat
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -341,9 +359,28 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
             raise ConfigError(f"config file '{path}' must hold a mapping of sections, not a {type(data).__name__}")
     for item in overrides:
         _apply_override(data, item)
+    _fold_fp8_base(data)
     config = _build(TrainConfig, data, "")
     _check_together(config)
     return config
+
+
+def _fold_fp8_base(data: dict[str, Any]) -> None:
+    """``model.fp8_base`` (a bool of earlier trainers) is the old name of ``model.quantize_base=fp8``: true
+    becomes that, false nothing. It used to skip every Linear that carries experts or LoRA (most of the
+    base under the reference recipe); fp8 now covers them too, with per-row scales."""
+    model = data.get("model")
+    if not isinstance(model, dict) or "fp8_base" not in model:
+        return
+    if not checked_bool("model.fp8_base", model.pop("fp8_base")):
+        return
+    given = model.get("quantize_base", "fp8")
+    if given != "fp8":
+        raise ConfigError(
+            f"model.fp8_base=true (the old name of model.quantize_base=fp8) and model.quantize_base={shown(given)} "
+            "disagree; keep only model.quantize_base"
+        )
+    model["quantize_base"] = "fp8"
 
 
 def _apply_override(data: dict[str, Any], item: str) -> None:
@@ -494,6 +531,15 @@ def _check_together(config: TrainConfig) -> None:
     if a.top_k > a.num_experts:
         raise ConfigError(f"adapter.top_k={a.top_k} cannot exceed adapter.num_experts={a.num_experts}")
     t = config.train
+    for key, value in (("model.quantize_base", m.quantize_base), ("train.optimizer", t.optimizer)):
+        problem = missing_package(key, value)
+        if problem:
+            raise ConfigError(problem)
+    if t.optimizer == "prodigy" and t.lr < 0.1:
+        raise ConfigError(
+            f"train.optimizer=prodigy finds the step size itself and train.lr={t.lr:g} scales it down to almost "
+            "nothing; set train.lr=1 (its authors' value)"
+        )
     if t.batch_size % t.gradient_accumulation:
         raise ConfigError(
             f"train.batch_size={t.batch_size} must be a multiple of train.gradient_accumulation="

@@ -35,7 +35,9 @@ from .errors import CheckpointError, DataError, TrainingError
 from .evaluate import Evaluator, model_inputs, render_samples
 from .loading import SHIPPED_CONFIGS, KontextParts, load_comfyui_files, load_diffusers_folder
 from .modules import DTYPES, TrainingModel, build_mole_config, setup_transformer
+from .optim import build_optimizer
 from .preflight import METRICS_FILE, OutputPlan, check_cache_entries, claim_output, preflight
+from .quantize import quantized_buffer_names
 from .recipe import LatentNorm, MicroBatch, MicroBatches, aux_weight, lr_scheduler
 
 if TYPE_CHECKING:
@@ -376,19 +378,16 @@ def _train(config: TrainConfig, *, resume: str | None, overwrite: bool) -> RunRe
     mole_config = build_mole_config(config, transformer)
     with torch.random.fork_rng(devices=[]):  # the initial adapter: the same in every run and process
         torch.manual_seed(t.seed)
-        lora_modules = setup_transformer(transformer, config, mole_config)
+        lora_modules = setup_transformer(transformer, config, mole_config, accelerator.device)
         mole = InstructMoLE(mole_config, init=config.adapter.expert_init)  # fp32
     lora = config.adapter.lora
     model = TrainingModel(transformer, mole, lora_modules, lora.alpha if lora.alpha is not None else lora.rank)
     model.train()
     groups = model.parameter_groups(t.lr, t.gate_lr, t.weight_decay)
-    # The fused kernel (CPU and CUDA): one call per step instead of a dozen tensor ops per parameter,
-    # measured 6-7 ms of a 30 ms step on the demo's CPU run; the same update, rounded differently.
-    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
-    optimizer = torch.optim.AdamW(groups, betas=tuple(t.betas), weight_decay=t.weight_decay, fused=fused or None)
+    optimizer = build_optimizer(t.optimizer, groups, tuple(t.betas), t.weight_decay)
     scheduler = lr_scheduler(optimizer, t.lr_schedule, t.warmup_steps, t.max_steps)
     if world > 1:  # the frozen base is the same file on every process: never broadcast or reduce it
-        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + quantized_buffer_names(model)
         torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = TrainState()
@@ -656,6 +655,8 @@ def _log_line(accelerator, sums, count, step, w, optimizer, seconds) -> dict[str
     line.update(step=step, aux_weight=w, seconds=round(seconds, 3))
     for group in optimizer.param_groups:
         line[f"lr_{group.get('name', 'group')}"] = group["lr"]
+        if "d" in group:  # train.optimizer=prodigy: its estimated step size (the lr is a multiplier of it)
+            line[f"d_{group.get('name', 'group')}"] = float(group["d"])
     return line
 
 

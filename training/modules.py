@@ -6,12 +6,15 @@ when the base runs in bf16 under autocast: the reference trains them in pure bf1
 update smaller than 2⁻⁸ of a weight is rounded away, and at lr 1e-4 with Adam most updates of
 a well-trained expert are that small. fp32 masters cost 4 bytes per adapter parameter (about
 1 GB for the reference adapter with its r=256 LoRA) and keep every step's update.
+
+The frozen base, on the other hand, may be stored smaller (``model.quantize_base``): every frozen
+Linear, also those carrying experts or the LoRA, keeps its weight as fp8, int8 or NF4 and dequantises
+it per layer (``training/quantize.py``); the trainable terms are added to that layer's output as before.
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +27,7 @@ from instructmole.runtime import StepRouting
 
 from .config import TrainConfig
 from .errors import ConfigError, ModelLoadError
+from .quantize import quantize_base
 from .recipe import flow_loss
 
 __all__ = ["TrainingModel", "build_mole_config", "setup_transformer"]
@@ -67,8 +71,14 @@ def _lora_modules(transformer: nn.Module, suffixes: list[str]) -> list[str]:
     ]
 
 
-def setup_transformer(transformer: nn.Module, config: TrainConfig, mole: MoLEConfig) -> list[str]:
-    """Freeze the base, add the plain LoRA (peft), the memory savers; returns the LoRA's module names."""
+def setup_transformer(
+    transformer: nn.Module, config: TrainConfig, mole: MoLEConfig, device: torch.device | None = None
+) -> list[str]:
+    """Freeze the base, add the plain LoRA (peft), the memory savers; returns the LoRA's module names.
+
+    ``device``: where ``model.quantize_base`` quantizes (one layer at a time) and leaves the quantized
+    weights; default where they are. The trainer passes its accelerator's: quantizing a 12 B base on the
+    GPU takes seconds, and the base never has to fit the GPU unquantized."""
     transformer.requires_grad_(False)
     lora = config.adapter.lora
     lora_modules: list[str] = []
@@ -98,13 +108,8 @@ def setup_transformer(transformer: nn.Module, config: TrainConfig, mole: MoLECon
             if "lora_" in name:
                 p.data = p.data.float()
                 p.requires_grad_(True)
-    if config.model.fp8_base:
-        keep = [*mole.layer_names, *lora_modules]
-        patterns = ("pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$")
-        patterns += tuple(rf"^{re.escape(name)}(\.|$)" for name in keep)
-        transformer.enable_layerwise_casting(
-            storage_dtype=torch.float8_e4m3fn, compute_dtype=DTYPES[config.model.dtype], skip_modules_pattern=patterns
-        )
+    # After peft: its base_layers are quantized like every other frozen Linear, its lora_A/B (trainable) not.
+    quantize_base(transformer, config.model.quantize_base, device)
     if config.model.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     return lora_modules

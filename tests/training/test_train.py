@@ -164,7 +164,8 @@ def test_resume_refuses_a_checkpoint_of_another_run(tiny_kontext, tmp_path, unin
 
 
 def test_memory_savers_and_plain_lora(tiny_kontext, tmp_path):
-    """fp8 storage of the frozen base (never of MoLE or LoRA layers), checkpointing, a peft LoRA."""
+    """fp8 storage of the frozen base (``model.fp8_base``, the old name of ``model.quantize_base=fp8``: every
+    frozen Linear, also those under MoLE or LoRA), checkpointing, a peft LoRA."""
     out = tmp_path / "savers"
     result = run(
         tiny_kontext,
@@ -177,11 +178,14 @@ def test_memory_savers_and_plain_lora(tiny_kontext, tmp_path):
         steps=3,
         every=3,
     )
+    from training.quantize import QuantizedLinear
+
     transformer = result.model.transformer
-    assert transformer.transformer_blocks[0].attn.add_q_proj.weight.dtype == torch.float8_e4m3fn  # a frozen Linear
-    assert transformer.transformer_blocks[0].ff.net[2].weight.dtype == torch.float32  # carries experts
+    add_q = transformer.transformer_blocks[0].attn.add_q_proj  # a frozen Linear
+    assert isinstance(add_q, QuantizedLinear) and add_q.weight_data.dtype == torch.float8_e4m3fn
+    assert isinstance(transformer.transformer_blocks[0].ff.net[2], QuantizedLinear)  # carries experts
     to_q = transformer.transformer_blocks[0].attn.to_q
-    assert to_q.base_layer.weight.dtype == torch.float32 and to_q.lora_A["default"].weight.dtype == torch.float32
+    assert isinstance(to_q.base_layer, QuantizedLinear) and to_q.lora_A["default"].weight.dtype == torch.float32
     assert to_q.lora_B["default"].weight.abs().sum() > 0  # the LoRA trained
     adapter = im.load_adapter(result.adapter)
     parts = {p.module: p for p in adapter.lora_parts()}
