@@ -38,10 +38,23 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
+from instructmole.errors import InstructMoLEError
+
 from .config import TrainConfig
 from .errors import ConfigError
 
-__all__ = ["CONTEXT", "SLACK", "Estimate", "LiveBytes", "Options", "Planner", "transformer_config"]
+__all__ = [
+    "CONTEXT",
+    "SLACK",
+    "Estimate",
+    "LiveBytes",
+    "Options",
+    "Planner",
+    "load_for_plan",
+    "plan_for_device",
+    "references_of",
+    "transformer_config",
+]
 
 GIB = 2**30
 CONTEXT = int(0.6 * GIB)  # the CUDA context and kernels: outside what PyTorch allocates
@@ -410,3 +423,45 @@ class Planner:
             lines.append(f"  {better.options.describe()}")
             lines += better.lines()
         return "\n".join(lines)
+
+
+def plan_for_device(config: TrainConfig, device: torch.device, *, references: int = 1, processes: int = 1) -> str:
+    """The plan a run prints at its start on a GPU: the estimate for this card's memory."""
+    total = torch.cuda.get_device_properties(device).total_memory / GIB
+    return Planner(config, references=references, processes=processes).report(total)
+
+
+def load_for_plan(path: str | None, overrides: list[str]) -> TrainConfig:
+    """The config to plan, which may name no model and no data yet (``training/configs/kontext.yaml`` as
+    shipped): the transformer's shapes then come from the shipped FLUX.1 Kontext [dev] config, and no
+    data is read. Everything else is validated as for a run."""
+    import yaml
+
+    from .config import load_config
+    from .loading import SHIPPED_CONFIGS
+
+    written: dict[str, Any] = {}
+    if path is not None and Path(path).is_file():
+        with contextlib.suppress(OSError, ValueError, yaml.YAMLError):  # load_config words these errors
+            written = yaml.safe_load(Path(path).read_text(encoding="utf-8-sig")) or {}
+    given = {item.split("=", 1)[0].strip() for item in overrides if "=" in item}
+    model = written.get("model") if isinstance(written.get("model"), dict) else {}
+    data = written.get("data") if isinstance(written.get("data"), dict) else {}
+    fill = []
+    sources = ("pretrained", "diffusion_model")
+    if not any(model.get(k) for k in sources) and not any(f"model.{k}" in given for k in sources):
+        fill.append(f"model.pretrained={SHIPPED_CONFIGS}")
+    if not data.get("manifest") and "data.manifest" not in given:
+        fill.append(f"data.manifest={SHIPPED_CONFIGS}")  # any existing path: the plan reads no data
+    return load_config(path, [*fill, *overrides])
+
+
+def references_of(config: TrainConfig) -> int:
+    """The most reference images a row of the config's data has (1 when there is no data to read)."""
+    from .data import read_rows
+
+    try:
+        rows = read_rows(config.data.manifest)
+    except InstructMoLEError:
+        return 1
+    return max((len(row.references) for row in rows), default=1) or 1
