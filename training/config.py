@@ -70,6 +70,12 @@ class ModelSection:
         "fp8 (e4m3) or int8, per-row scales (half of bf16), nf4 (bitsandbytes, about a quarter)",
     )
     gradient_checkpointing: bool = _f(True, "recompute each block in backward: less memory, ~30% more time")
+    block_swap: int = _f(
+        0,
+        "keep the frozen weights of the transformer's last N blocks in CPU memory, each copied to the GPU just "
+        "before its forward and backward (0: off; FLUX has 57 blocks, ~0.4 GB each in bf16)",
+        min=0,
+    )
 
 
 @dataclass
@@ -176,6 +182,11 @@ class TrainSection:
     ema: float = _f(
         0.0, "decay of an EMA of the trainable weights, exported beside the adapter (0: off; e.g. 0.999)", min=0, lt=1
     )
+    fsdp: bool = _f(
+        False,
+        "shard every transformer block (frozen base too) over the processes with accelerate's FSDP2 plugin instead "
+        "of DDP; needs 2+ CUDA processes (training/fsdp.py)",
+    )
     mask_outside_weight: float = _f(
         0.1, "flow-loss weight of tokens outside a row's mask (inside 1; rows without a mask: unweighted)", min=0, max=1
     )
@@ -246,6 +257,7 @@ class TrainConfig:
 # changed seed, batch or recipe would make the resumed run a different run. The data itself may not
 # change either, which the checkpoint's data fingerprint checks (so data.manifest may move).
 RESUME_MAY_CHANGE = (
+    "model.block_swap",  # where the frozen weights wait between uses: the same arithmetic (tested bit for bit)
     "train.output_dir",
     "train.max_steps",
     "train.lr_schedule",
@@ -545,6 +557,17 @@ def _check_together(config: TrainConfig) -> None:
             f"train.batch_size={t.batch_size} must be a multiple of train.gradient_accumulation="
             f"{t.gradient_accumulation} (each micro-batch is batch_size / gradient_accumulation samples)"
         )
+    if t.fsdp:  # each needs whole weights on one process, or moves weights FSDP owns
+        alone = "runs the model on process 0 alone, which a sharded model cannot"
+        clashes = {
+            "model.block_swap": (m.block_swap, "FSDP already shards the frozen blocks; block swap would move shards"),
+            "train.ema": (t.ema, "the EMA would average this process's shards only"),
+            "save.report": (config.save.report, f"the report {alone}"),
+            "sample.items": (config.sample.items, f"sampling {alone}"),
+        }
+        for key, (value, why) in clashes.items():
+            if value:
+                raise ConfigError(f"train.fsdp=true cannot be combined with {key}: {why}; turn one of them off")
     for i, item in enumerate(config.sample.items):
         if not item.references:
             raise ConfigError(f"sample.items[{i}] has no references; a Kontext edit sample needs at least one image")
