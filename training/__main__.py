@@ -1,7 +1,9 @@
-"""``python -m training`` (and ``accelerate launch -m training``, ``torchrun -m training``)."""
+"""``python -m training`` (and ``accelerate launch -m training``, ``torchrun -m training``), and its
+subcommand ``python -m training ablate`` (``training/ablate.py``); ``training/cli.py`` reads the arguments."""
 
 import sys
 
 from .cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not when a spawned worker process imports the main module again
+    sys.exit(main())

@@ -6,6 +6,7 @@
     python -m training --config my.yaml --resume latest       # continue where a run stopped
     python -m training --config my.yaml --check               # every check that needs no GPU, then stop
     python -m training --config my.yaml --overwrite           # delete the folder's earlier run, start again
+    python -m training ablate                                 # the ablation at the demo's scale (training/ablate.py)
 
 Several processes on CPUs only: ``accelerate launch --multi_gpu --num_processes 2 -m training ...``
 (without ``--multi_gpu``, and with ``--cpu``, accelerate starts one process; that is refused here).
@@ -32,7 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python -m training",
         description="Train an InstructMoLE adapter for FLUX.1 Kontext [dev].",
-        epilog="Overrides are section.key=value pairs, e.g. train.lr=5e-5 data.resolution=1024.",
+        epilog=(
+            "Overrides are section.key=value pairs, e.g. train.lr=5e-5 data.resolution=1024. "
+            "python -m training ablate --help: the ablation (routing vs per-token, a plain LoRA, no orthogonality)."
+        ),
     )
     parser.add_argument("--config", help="the YAML config (see training/configs/)")
     parser.add_argument("--resume", metavar="latest|PATH", help="resume from the newest checkpoint or a step-N folder")
@@ -50,7 +54,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one ``error:`` line and exit code 2, like every other mistake."""
 
     def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"error: {message}; see python -m training --help\n")
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
 
 def one_process_of_several() -> str | None:
@@ -84,6 +88,11 @@ def quiet_libraries() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["ablate"]:  # a subcommand; an override always holds '=', so it is never one
+        from .ablate import main as ablate
+
+        return ablate(argv[1:])
     # Intermixed: overrides may stand on both sides of a flag (--config X a=1 --check b=2).
     args = _parser().parse_intermixed_args(argv)
     try:
