@@ -1,5 +1,5 @@
-"""``python -m instructmole``: inspect an adapter file, convert a reference checkpoint folder, or
-export a council as a plain LoRA file (``export-lora``).
+"""``python -m instructmole``: inspect an adapter file, print its card (``info``), convert a reference
+checkpoint folder, or export a council as a plain LoRA file (``export-lora``).
 
 Every user mistake (a bad file, a bad argument, an output that cannot be written) ends the command
 with exit status 2 and one line ``error: ...`` on stderr, never a traceback; Ctrl-C ends it with
@@ -19,10 +19,21 @@ from typing import NoReturn
 import torch
 from tqdm import tqdm
 
-from .adapter import AdapterError, describe
+from .adapter import FORMAT, AdapterError, describe
+from .card import (
+    hash_path,
+    is_adapter_metadata,
+    preview_path,
+    read_card,
+    read_card_metadata,
+    recorded_sha256,
+    render_card,
+    verify,
+)
+from .config import ConfigError, MoLEConfig
 from .errors import InstructMoLEError
 from .formats import load_adapter, read_metadata, read_tensors
-from .icedit import convert_icedit
+from .icedit import convert_icedit, is_icedit
 from .reference import import_reference, reference_inputs
 
 ADAPTER_SUFFIX = ".safetensors"
@@ -57,7 +68,73 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"  {layer['name']:<45} {layer['in']:>6} -> {layer['out']:<6} {layer['routing']}")
     print(f"plain LoRA   {len(info['lora_modules'])} modules")
     print(f"parameters   experts {p['experts']:,}  gates {p['gates']:,}  router {p['router']:,}  lora {p['lora']:,}")
+    card = read_card(args.file)
+    print(f"card         {f'{card.title}; see info' if card else 'none'}")
     return 0
+
+
+def _adapter_kind(path: Path, meta: dict[str, str]) -> str:
+    """What ``info`` says the file is: one line from the header (our config) or the key names
+    (ICEdit), without reading a tensor; anything else is the loader's own one-sentence refusal."""
+    if is_adapter_metadata(meta):
+        try:
+            cfg = MoLEConfig.from_json(meta.get("config", ""))
+        except (ConfigError, TypeError, ValueError):
+            return "InstructMoLE adapter (its config does not parse: 'inspect' says why)"
+        routing: dict[str, int] = {}
+        for spec in cfg.layers:
+            routing[spec.routing] = routing.get(spec.routing, 0) + 1
+        layers = ", ".join(f"{n} {kind}-routed" for kind, n in routing.items())
+        return (
+            f"InstructMoLE adapter: N={cfg.num_experts} k={cfg.top_k} rank={cfg.rank} alpha={cfg.alpha:g}, "
+            f"{len(cfg.layers)} layers ({layers})"
+        )
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+    if is_icedit(keys):
+        return "ICEdit MoE-LoRA (read by InstructMoLE, converted on load)"
+    raise AdapterError(
+        f"'{path.name}' is a safetensors file but not an InstructMoLE adapter (its metadata has no format "
+        f"'{FORMAT}' and no ICEdit MoE-LoRA keys); 'info' prints the card of an adapter file"
+    )
+
+
+def _info(args: argparse.Namespace) -> int:
+    """``info``: the adapter's card, what lies beside it (preview, .sha256) and, with ``--verify``,
+    whether the recorded hashes still match. Reads only the header unless asked to verify."""
+    path = Path(args.file)
+    meta, card = read_card_metadata(path)
+    kind = _adapter_kind(path, meta)
+    preview = preview_path(path)
+    recorded = recorded_sha256(path)
+    checks = verify(path, card) if args.verify else []
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "file": str(path),
+                    "kind": kind,
+                    "card": card.to_dict() if card else None,
+                    "preview": str(preview) if preview.is_file() else None,
+                    "sha256": recorded,
+                    "verify": [{"what": w, "matches": ok, "actual": detail} for w, ok, detail in checks],
+                },
+                indent=2,
+                ensure_ascii=False,
+            )
+        )
+    else:
+        print(f"adapter      {path}")
+        print(f"kind         {kind}")
+        print(render_card(card))
+        print(f"preview      {preview.name if preview.is_file() else 'none'}")
+        print(f"sha256       {recorded or f'none ({hash_path(path).name} is missing or names another file)'}")
+        for what, ok, detail in checks:
+            state = "not recorded" if ok is None else "matches" if ok else f"DOES NOT MATCH (the file gives {detail})"
+            print(f"verify       {what}: {state}")
+    return 1 if any(ok is False for _, ok, _ in checks) else 0
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -206,6 +283,17 @@ def _parser() -> _Parser:
     p.add_argument("file")
     p.add_argument("--json", action="store_true", help="print the full description as JSON")
     p.set_defaults(run=_inspect)
+    p = sub.add_parser(
+        "info",
+        help="print an adapter's card: base model, tasks and example instructions, training settings, step, hashes",
+        description="Reads the card the trainer writes into the file's metadata (modelspec.* and instructmole.* "
+        "keys) and names the preview and .sha256 files beside it. Files made before cards print 'card none'. "
+        "Exit status 1 when --verify finds a hash that does not match.",
+    )
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true", help="print the card as JSON")
+    p.add_argument("--verify", action="store_true", help="recompute the tensor hash and the file's sha256")
+    p.set_defaults(run=_info)
     p = sub.add_parser(
         "convert",
         help="convert a reference checkpoint folder (or an ICEdit MoE-LoRA file) into one adapter file",

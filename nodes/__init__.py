@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .card_routes import register_routes
 from .common import register_folder
 from .council_io import LoadCouncil
 from .council_nodes import ApplyCouncil, BlendCouncils, CouncilPreview, OverrideCouncil
@@ -39,4 +40,5 @@ class InstructMoLEExtension(ComfyExtension):
 
 async def comfy_entrypoint() -> InstructMoLEExtension:
     register_folder()
+    register_routes()  # the adapter card and preview the loader nodes show (web/adapter_card.js)
     return InstructMoLEExtension()

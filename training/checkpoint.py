@@ -15,6 +15,11 @@ that differs in a key a resumed run may not change (``training.config.RESUME_MAY
 
 Why not accelerate's automatic checkpoint naming: it deletes the oldest checkpoint *before* it
 writes the new one, and writes in place, so a kill at the wrong moment loses both.
+
+Every exported adapter carries a card (``instructmole/card.py``): ``adapter_card`` gathers what the
+run knows (base model, the manifest's tasks with example instructions, the settings, the step) into
+its metadata, and ``instructmole.card.seal`` then stamps the tensor hash and writes the preview and
+the ``.sha256`` file beside it, inside the same hidden folder, so they are published with it.
 """
 
 from __future__ import annotations
@@ -32,12 +37,16 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from .config import resume_conflicts
+from instructmole.card import build_card, summarize_tasks
+
+from .config import TrainConfig, resume_conflicts
 from .errors import CheckpointError
 
 __all__ = [
     "EMA",
     "TrainState",
+    "adapter_card",
+    "card_settings",
     "check_resumable",
     "checkpoints",
     "install_state_hooks",
@@ -279,6 +288,58 @@ class EMA:
             yield
         finally:
             model.load_trainable_state(own)
+
+
+# The data settings a card shows: how the rows were trained, not where they lie.
+_CARD_DATA_KEYS = ("resolution", "max_references", "instruction_dropout", "reference_dropout", "latent_sample")
+
+
+def card_settings(config: TrainConfig) -> dict[str, Any]:
+    """The training settings a card records: the adapter, the optimisation and loss weights, what
+    shapes the data, the dtypes. Left out: every local path (output folder, model files, manifest,
+    cache), which would tell strangers about the maker's disk and nothing about the weights."""
+    full = config.to_dict()
+    return {
+        "adapter": full["adapter"],
+        "train": {k: v for k, v in full["train"].items() if k != "output_dir"},
+        "data": {k: full["data"][k] for k in _CARD_DATA_KEYS if k in full["data"]},
+        "model": {"dtype": full["model"]["dtype"]},
+        "save": {"dtype": full["save"]["dtype"]},
+    }
+
+
+def adapter_card(
+    config: TrainConfig,
+    data: Any,
+    step: int,
+    family: str,
+    base: dict[str, str] | None = None,
+    ema: float | None = None,
+) -> dict[str, str]:
+    """The card metadata of the adapter a run exports at ``step`` (``instructmole/card.py``).
+
+    ``data``: the run's data set (``loop.Dataset``: ``rows``, the ``train`` and ``holdout`` row
+    numbers, ``fingerprint()``); the tasks and example instructions come from its training rows,
+    the ones the weights saw. ``family``: the adapter's ``MoLEConfig.base_model``. ``base``: the
+    base model's part fingerprints (``KontextParts.identity``); the transformer's is the card's base
+    fingerprint. ``ema``: the decay, for the EMA's own card."""
+    m = config.model
+    source = m.pretrained or m.diffusion_model
+    title = f"{config.save.name} step {step}" + (f" (EMA {ema:g})" if ema is not None else "")
+    card = build_card(
+        title=title,
+        family=family,
+        step=step,
+        tasks=summarize_tasks((data.rows[i].task, data.rows[i].instruction) for i in data.train),
+        source=Path(source).name if source else None,
+        fingerprint=(base or {}).get("transformer"),
+        settings=card_settings(config),
+        rows=len(data.train),
+        holdout=len(data.holdout),
+        data_fingerprint=data.fingerprint(),
+        resolution=config.data.resolution,
+    )
+    return card.to_metadata()
 
 
 def install_state_hooks(accelerator: Any, unwrap: Callable[[Any], Any]) -> None:

@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -23,12 +22,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from instructmole import InstructMoLE, InstructMoLEError
+from instructmole.card import copy_sealed, seal
 from instructmole.files import atomic_path
 from instructmole.runtime import StepRouting
 
 from .buckets import BucketBatches, buckets_for, nearest_bucket
 from .cache import FeatureCache, ImageJob, encode_latents, encode_masks, encode_texts
-from .checkpoint import EMA, TrainState, check_resumable, install_state_hooks, save_checkpoint
+from .checkpoint import EMA, TrainState, adapter_card, check_resumable, install_state_hooks, save_checkpoint
 from .config import TrainConfig
 from .data import Row, check_rows, image_size, read_rows
 from .errors import CheckpointError, DataError, TrainingError
@@ -494,12 +494,10 @@ def _train(config: TrainConfig, *, resume: str | None, overwrite: bool) -> RunRe
         final_adapter = _adapter_path(out / "checkpoints" / f"step-{state.step:07d}", config, state.step)
     result = out / f"{config.save.name}.safetensors"
     if accelerator.is_main_process and final_adapter.is_file():
-        with atomic_path(result) as tmp:
-            shutil.copyfile(final_adapter, tmp)
+        copy_sealed(final_adapter, result)  # with its preview and its own .sha256
         final_ema = final_adapter.with_name(_adapter_path(final_adapter.parent, config, state.step, "-ema").name)
         if ema is not None and final_ema.is_file():
-            with atomic_path(out / f"{config.save.name}-ema.safetensors") as tmp:
-                shutil.copyfile(final_ema, tmp)
+            copy_sealed(final_ema, out / f"{config.save.name}-ema.safetensors")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return RunResult(result, state.step, out, inner, written)
@@ -600,12 +598,17 @@ def _save(record: CheckpointRecord) -> Path:
                 {"steps": step, "data": data.fingerprint(), "rows": len(data.train), "config": config.to_dict()}
             ),
         }
-        inner.export(meta).save(_adapter_path(folder, config, step), dtype=DTYPES[config.save.dtype])
+        family, base = inner.mole.config.base_model, _load_identity(config)
+        card = adapter_card(config, data, step, family, base)
+        adapter_file = _adapter_path(folder, config, step)
+        inner.export({**meta, **card}).save(adapter_file, dtype=DTYPES[config.save.dtype])
         if record.ema is not None:
             with record.ema.applied(inner):
-                ema_meta = {**meta, "ema": str(record.ema.decay)}
+                ema_meta = {**meta, **adapter_card(config, data, step, family, base, record.ema.decay)}
+                ema_meta["ema"] = str(record.ema.decay)
                 ema_path = _adapter_path(folder, config, step, "-ema")
                 inner.export(ema_meta).save(ema_path, dtype=DTYPES[config.save.dtype])
+            seal(ema_path)  # no preview: the samples show the live weights, not their average
         if config.save.report:  # in the checkpoint, and in reports/ (kept when checkpoints are pruned)
             _write_report(evaluator, step, (folder, "report"), (out / "reports", f"step-{step:07d}"))
         if config.sample.items:
@@ -617,6 +620,7 @@ def _save(record: CheckpointRecord) -> Path:
             sheet.save(folder / "samples.png")
             (out / "samples").mkdir(exist_ok=True)
             sheet.save(out / "samples" / f"step-{step:07d}.png")
+        seal(adapter_file, preview=folder / "samples.png")  # tensor hash in the card, .sha256, preview
 
     final = save_checkpoint(accelerator, out, step, config.save.keep, {**record.marker, "step": step}, extras)
     _say(accelerator, f"checkpoint {final}")

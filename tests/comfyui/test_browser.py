@@ -212,10 +212,14 @@ def test_workflow_nodes_are_drawn_at_the_size_the_file_declares(browser: dict[st
 
 def test_only_the_entry_scripts_load_as_extensions(comfy_server: Any) -> None:
     """ComfyUI loads every *.js under WEB_DIRECTORY (subfolders too) as an extension: the pack has
-    two, and its modules (web/lib/*.mjs) are served for them to import, as JavaScript."""
+    three, and its modules (web/lib/*.mjs) are served for them to import, as JavaScript."""
     listed = [e for e in comfy_server.request("/extensions") if "/instructmole/" in e]
-    assert sorted(listed) == ["/extensions/instructmole/expert_grid.js", "/extensions/instructmole/instructmole.js"]
-    for module in ("lib/grid_rules.mjs", "lib/council_map.mjs"):
+    assert sorted(listed) == [
+        "/extensions/instructmole/adapter_card.js",
+        "/extensions/instructmole/expert_grid.js",
+        "/extensions/instructmole/instructmole.js",
+    ]
+    for module in ("lib/grid_rules.mjs", "lib/council_map.mjs", "lib/adapter_card.mjs"):
         with urllib.request.urlopen(f"{comfy_server.url}/extensions/instructmole/{module}", timeout=30) as r:
             assert r.status == 200 and "javascript" in r.headers["Content-Type"], module
             assert b"export " in r.read()
