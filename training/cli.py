@@ -7,6 +7,7 @@
     python -m training --config my.yaml --check               # every check that needs no GPU, then stop
     python -m training --config my.yaml --overwrite           # delete the folder's earlier run, start again
     python -m training ablate                                 # the ablation at the demo's scale (training/ablate.py)
+    python -m training --plan my.yaml --gpu-memory 24         # peak GPU memory, and options that fit a 24 GiB card
 
 Several processes on CPUs only: ``accelerate launch --multi_gpu --num_processes 2 -m training ...``
 (without ``--multi_gpu``, and with ``--cpu``, accelerate starts one process; that is refused here).
@@ -46,6 +47,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--overwrite", action="store_true", help="delete an earlier run's files in train.output_dir, then start afresh"
     )
+    parser.add_argument(
+        "--plan",
+        nargs="?",
+        const="",
+        metavar="CONFIG",
+        help="estimate the peak GPU memory of a config (this one, or --config's) without loading a model; stop",
+    )
+    parser.add_argument(
+        "--gpu-memory", type=float, metavar="GiB", help="with --plan: the card's memory, to suggest options that fit it"
+    )
+    parser.add_argument("--processes", type=int, default=1, metavar="N", help="with --plan: processes sharing a batch")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return parser
 
@@ -100,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if alone:
             raise ConfigError(alone)
         quiet_libraries()
+        if args.plan is not None or args.gpu_memory is not None:
+            return _plan(args)
         from .config import load_config
 
         config = load_config(args.config, args.overrides)
@@ -128,6 +142,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """``--plan``: the memory estimate and, with ``--gpu-memory``, the cheapest options that fit."""
+    from .plan import Planner, load_for_plan, references_of
+
+    path = args.plan or args.config
+    if not path:
+        raise ConfigError("--plan needs a config: python -m training --plan my.yaml --gpu-memory 24")
+    if args.gpu_memory is not None and args.gpu_memory <= 0:
+        raise ConfigError(f"--gpu-memory {args.gpu_memory:g} must be a card's memory in GiB, e.g. --gpu-memory 24")
+    if args.processes < 1:
+        raise ConfigError(f"--processes {args.processes} must be 1 or more")
+    config = load_for_plan(path, args.overrides)
+    print(Planner(config, references=references_of(config), processes=args.processes).report(args.gpu_memory))
+    return 0
 
 
 def _one_line(text: str) -> str:

@@ -33,9 +33,13 @@ from .config import TrainConfig
 from .data import Row, check_rows, image_size, read_rows
 from .errors import CheckpointError, DataError, TrainingError
 from .evaluate import Evaluator, model_inputs, render_samples
+from .fsdp import autocast_forward, check_launch, install_state, is_sharded, root_unsharded, snapshot
+from .fsdp import plugin as fsdp_plugin
 from .loading import SHIPPED_CONFIGS, KontextParts, load_comfyui_files, load_diffusers_folder
 from .modules import DTYPES, TrainingModel, build_mole_config, setup_transformer
+from .offload import BlockSwap
 from .optim import build_optimizer
+from .plan import plan_for_device
 from .preflight import METRICS_FILE, OutputPlan, check_cache_entries, claim_output, preflight
 from .quantize import quantized_buffer_names
 from .recipe import LatentNorm, MicroBatch, MicroBatches, aux_weight, lr_scheduler
@@ -304,6 +308,7 @@ def _accelerator(config: TrainConfig) -> Any:
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         step_scheduler_with_optimizer=False,  # one scheduler step per optimizer step, whatever the process count
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        fsdp_plugin=fsdp_plugin() if t.fsdp else None,  # training/fsdp.py; replaces a config file's fsdp_config
     )
 
 
@@ -340,6 +345,7 @@ def _train(config: TrainConfig, *, resume: str | None, overwrite: bool) -> RunRe
     if accelerator.device.type == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)  # its SDPA backward failed on our H100s
     world = accelerator.num_processes
+    check_launch(accelerator, t.fsdp)  # the launcher's sharding and train.fsdp agree
     if int(os.environ.get("WORLD_SIZE", "1")) != world:
         raise TrainingError(
             f"{os.environ['WORLD_SIZE']} processes were launched but accelerate formed a group of {world}; "
@@ -373,6 +379,9 @@ def _train(config: TrainConfig, *, resume: str | None, overwrite: bool) -> RunRe
     norm = _latent_norm(config)
 
     # 2. model
+    if accelerator.device.type == "cuda" and accelerator.is_main_process:  # what the planner expects of this card
+        references = max((len(data.rows[i].references) for i in data.train), default=1)
+        _say(accelerator, plan_for_device(config, accelerator.device, references=references, processes=world))
     dtype = DTYPES[config.model.dtype]
     transformer = _load(config, ("transformer",), dtype).transformer
     mole_config = build_mole_config(config, transformer)
@@ -382,6 +391,10 @@ def _train(config: TrainConfig, *, resume: str | None, overwrite: bool) -> RunRe
         mole = InstructMoLE(mole_config, init=config.adapter.expert_init)  # fp32
     lora = config.adapter.lora
     model = TrainingModel(transformer, mole, lora_modules, lora.alpha if lora.alpha is not None else lora.rank)
+    if config.model.block_swap:  # after the base is frozen, quantized and has its LoRA; prepare moves the rest
+        swap = BlockSwap(transformer, config.model.block_swap, accelerator.device)
+        away = f"{len(swap.blocks)} blocks ({swap.swapped_bytes / 2**30:.2f} GiB)"
+        _say(accelerator, f"block swap: the frozen weights of {away} wait in CPU memory")
     model.train()
     groups = model.parameter_groups(t.lr, t.gate_lr, t.weight_decay)
     optimizer = build_optimizer(t.optimizer, groups, tuple(t.betas), t.weight_decay)
@@ -393,6 +406,9 @@ def _train(config: TrainConfig, *, resume: str | None, overwrite: bool) -> RunRe
     state = TrainState()
     accelerator.register_for_checkpointing(state)
     install_state_hooks(accelerator, accelerator.unwrap_model)
+    if is_sharded(model):  # FSDP: checkpoints of the trainable weights only, the forward under autocast
+        install_state(accelerator, model, optimizer)
+        autocast_forward(accelerator, model)
     inner: TrainingModel = accelerator.unwrap_model(model)
     ema = EMA(inner.trainable_state(), t.ema) if t.ema else None
     if ema is not None:  # after TrainState: earlier checkpoints' custom state keeps its number
@@ -446,6 +462,7 @@ def _train(config: TrainConfig, *, resume: str | None, overwrite: bool) -> RunRe
     count, tick = 0, time.perf_counter()
     final_adapter = None
     params = [p for p in model.parameters() if p.requires_grad]
+    first_step = state.step
     for mb, routing in _routed_steps(accelerator, inner, loader, t.gradient_accumulation, input_dtype):
         with accelerator.accumulate(model):
             outputs = model(
@@ -476,6 +493,9 @@ def _train(config: TrainConfig, *, resume: str | None, overwrite: bool) -> RunRe
             continue
         scheduler.step()
         state.step += 1
+        if accelerator.device.type == "cuda" and state.step == first_step + 1:  # to compare with the plan
+            peak = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+            _say(accelerator, f"GPU memory: {peak:.2f} GiB allocated at the peak of the first step (process 0)")
         if ema is not None:
             ema.update(inner.trainable_state())
         bar.update(1)
@@ -547,7 +567,8 @@ def _step_routing(
         return None
     device = accelerator.device
     route = inner.handle.runtime.routing_counts  # the text as the forward gets it (``model_inputs``)
-    counts = sum(route(mb.text.to(device, dtype), mb.pooled.to(device, dtype), mb.seeds) for mb in step)
+    with root_unsharded(inner):  # FSDP: the router's weights gathered (every process routes its rows)
+        counts = sum(route(mb.text.to(device, dtype), mb.pooled.to(device, dtype), mb.seeds) for mb in step)
     rows = counts.new_tensor([float(sum(len(mb.rows) for mb in step))])
     total = torch.cat([counts.flatten(), rows])
     if accelerator.num_processes > 1:
@@ -590,6 +611,8 @@ def _save(record: CheckpointRecord) -> Path:
     """A checkpoint of the run now (state, adapter, report, samples); returns its adapter file."""
     accelerator, config, out, step = record.accelerator, record.config, record.out, record.state.step
     inner, evaluator, data, samples = record.model, record.evaluator, record.data, record.samples
+    if is_sharded(inner):  # FSDP: the trainable weights gathered whole (every process), exported by process 0
+        inner = snapshot(inner)
 
     def extras(folder: Path) -> None:
         meta = {

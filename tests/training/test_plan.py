@@ -103,3 +103,31 @@ def test_advice_fits_the_card_or_says_nothing_does(tiny_kontext, tmp_path):
     assert "does not fit" in report and better.options.describe() in report
     assert "fits a 1024 GiB card as it is" in planner.report(1024)
     assert "with any memory option" in planner.report(1 / 1024)
+
+
+def test_plan_on_the_command_line(tiny_kontext, tmp_path, capsys):
+    """``python -m training --plan CONFIG --gpu-memory GiB``: the estimate and the advice, no model loaded;
+    mistakes are one line and exit code 2."""
+    from training.cli import main
+
+    overrides = run_overrides(tiny_kontext, tmp_path / "run", "data.resolution=128", "train.batch_size=2", steps=2)
+    assert main(["--plan", str(TINY_CONFIG), "--gpu-memory", "1024", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Memory plan: 128² target + 1 reference(s), micro-batch 2 per process, fp32 base")
+    assert "peak allocated" in out and "fits a 1024 GiB card as it is." in out
+    assert not (tmp_path / "run").exists()  # a plan writes nothing
+    for argv, said in (
+        (["--plan", "--gpu-memory", "24"], "--plan needs a config"),
+        (["--plan", str(TINY_CONFIG), "--gpu-memory", "0", *overrides], "--gpu-memory 0 must be"),
+        (["--plan", str(tmp_path / "missing.yaml")], "does not exist"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1, err
+
+
+def test_a_config_without_model_or_data_plans_on_the_shipped_kontext_shapes(tmp_path):
+    written = tmp_path / "bare.yaml"
+    written.write_text("adapter:\n  rank: 16\n")
+    config = plan.load_for_plan(str(written), ["data.resolution=256"])
+    assert plan.transformer_config(config)["num_single_layers"] == 38 and plan.references_of(config) == 1
