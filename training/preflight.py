@@ -65,7 +65,8 @@ class OutputPlan:
 
 
 def _run_files(out: Path, config: TrainConfig) -> list[Path]:
-    names = (*RUN_FILES, f"{config.save.name}.safetensors", f"{config.save.name}-ema.safetensors")
+    adapters = (config.save.name, f"{config.save.name}-ema")  # each with its card's hash and preview beside it
+    names = (*RUN_FILES, *(f"{a}{ext}" for a in adapters for ext in (".safetensors", ".sha256", ".preview.png")))
     return [out / name for name in names if (out / name).exists() or (out / name).is_symlink()]
 
 

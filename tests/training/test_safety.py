@@ -82,8 +82,12 @@ def test_a_fresh_run_into_a_used_folder_is_refused_and_loses_nothing(tiny_kontex
 def test_overwrite_replaces_only_the_earlier_runs_files(tiny_kontext, first_run, tmp_path, capsys):
     out = copy_run(first_run, tmp_path)
     (out / "notes.txt").write_text("mine")  # not a run file: never touched
+    for stale in ("instructmole-ema.sha256", "instructmole-ema.preview.png"):  # an earlier EMA run's card files
+        (out / stale).write_text("old")
     code, err = cli(tiny_kontext, out, capsys, "train.seed=9", "--overwrite", steps=2, every=1)
     assert code == 0, err
+    assert not (out / "instructmole-ema.sha256").exists() and not (out / "instructmole-ema.preview.png").exists()
+    assert (out / "instructmole.sha256").read_text().split()[1] == "instructmole.safetensors"  # this run's card
     assert [p.name for _, p in checkpoints(out)] == ["step-0000001", "step-0000002"]
     assert (out / "notes.txt").read_text() == "mine"
     assert "seed: 9" in (out / "config.yaml").read_text()
