@@ -26,8 +26,9 @@ interleaved round by round:
                       trainable weights in the base dtype (bf16 on CUDA), as the reference trains.
 
 With ``--fp8-base`` a fourth measurement follows on a fresh transformer: ``ours`` with
-``model.fp8_base`` (diffusers layerwise casting: frozen base Linears stored in float8, upcast per
-layer). It needs its own transformer, so it runs after the others (not interleaved with them).
+``model.fp8_base``, now ``model.quantize_base=fp8`` (every frozen Linear stored in float8 with
+per-row scales, dequantised per layer). It needs its own transformer, so it runs after the others
+(not interleaved with them).
 
 Memory. CUDA: ``torch.cuda.max_memory_allocated`` over each step (a variant's first, which creates
 its AdamW state, excepted), with every other variant's trainable weights and optimizer state parked
