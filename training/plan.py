@@ -426,9 +426,14 @@ class Planner:
 
 
 def plan_for_device(config: TrainConfig, device: torch.device, *, references: int = 1, processes: int = 1) -> str:
-    """The plan a run prints at its start on a GPU: the estimate for this card's memory."""
+    """The plan a run prints at its start on a GPU: the estimate for this card's memory. Advice only: a
+    plan that cannot be made (an operation without a fake-tensor kernel, say) is one line, never the
+    run's end."""
     total = torch.cuda.get_device_properties(device).total_memory / GIB
-    return Planner(config, references=references, processes=processes).report(total)
+    try:
+        return Planner(config, references=references, processes=processes).report(total)
+    except Exception as err:  # the plan is advice; the run goes on without it
+        return f"memory plan unavailable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
 
 
 def load_for_plan(path: str | None, overrides: list[str]) -> TrainConfig:

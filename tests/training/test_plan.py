@@ -131,3 +131,16 @@ def test_a_config_without_model_or_data_plans_on_the_shipped_kontext_shapes(tmp_
     written.write_text("adapter:\n  rank: 16\n")
     config = plan.load_for_plan(str(written), ["data.resolution=256"])
     assert plan.transformer_config(config)["num_single_layers"] == 38 and plan.references_of(config) == 1
+
+
+def test_a_plan_that_cannot_be_made_never_stops_the_run(tiny_kontext, tmp_path, monkeypatch):
+    """At a run's start the plan is advice: a failure in it is one line, and the run goes on."""
+    config = tiny_config(tiny_kontext, tmp_path)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no fake kernel for aten.some_op\nsecond line")
+
+    monkeypatch.setattr(plan, "_trace", broken)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"total_memory": 24 << 30}))
+    said = plan.plan_for_device(config, torch.device("cpu"))
+    assert said == "memory plan unavailable (RuntimeError: no fake kernel for aten.some_op)"
