@@ -26,7 +26,6 @@ import contextlib
 import copy
 import json
 import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -188,16 +187,6 @@ def transformer_config(config: TrainConfig) -> dict[str, Any]:
         raise ConfigError(f"model.pretrained: cannot read {path} ({err}); give a diffusers FLUX folder") from None
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
 def _fake_weights(module: nn.Module) -> None:
     """Give every parameter and buffer of ``module`` (on the meta device) a fake CPU tensor of its shape,
     dtype and ``requires_grad``: made under the fake mode, so they count like weights loaded to the GPU."""
@@ -243,9 +232,9 @@ def _trace(config: TrainConfig, tc: dict[str, Any], references: int, batch: int,
     planned = type("PlannedMoLE", (_Planned, InstructMoLE), {})
     # Built on the meta device, then given fake CPU tensors: module.to() (peft moves its layers) cannot
     # swap fake parameters in place, and meta tensors alone would dodge autocast.
-    with torch.device("meta") if fake else contextlib.nullcontext(), _default_dtype(DTYPES[config.model.dtype]):
-        transformer = FluxTransformer2DModel(**{k: v for k, v in tc.items() if not k.startswith("_")})
     with torch.device("meta") if fake else contextlib.nullcontext():
+        transformer = FluxTransformer2DModel(**{k: v for k, v in tc.items() if not k.startswith("_")})
+        transformer = transformer.to(DTYPES[config.model.dtype])
         mole_config = build_mole_config(plain, transformer)
         lora_modules = setup_transformer(transformer, plain, mole_config)
     live = LiveBytes()

@@ -85,6 +85,26 @@ def _missing_tool() -> str | None:
     return None
 
 
+def run_driver(driver: Path, job: dict[str, Any], work: Path, comfy_server: Any, timeout: float) -> dict[str, Any]:
+    """Run a Node driver script on ``job`` (written to ``work``) and return its result; fail with its
+    output, and the server's log, when it wrote none or reported an error."""
+    (work / "job.json").write_text(json.dumps(job))
+    env = {**os.environ, "NODE_PATH": _playwright_modules() or ""}
+    done = subprocess.run(
+        ["node", str(driver), str(work / "job.json"), str(work / "result.json")],
+        cwd=str(REPO_ROOT),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if not (work / "result.json").is_file():
+        pytest.fail(f"the browser driver wrote no result ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    result = json.loads((work / "result.json").read_text())
+    assert result["error"] is None, f"{result['error']}\n{done.stderr[-4000:]}\n{comfy_server.log()[-3000:]}"
+    return result
+
+
 def ours(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The console errors/warnings that come from this pack: logged by or mentioning it, or thrown
     from its scripts. Other frontend noise (e.g. a missing placeholder image's 404) is not ours."""
@@ -128,20 +148,7 @@ def browser(comfy_server: Any, tmp_path_factory: pytest.TempPathFactory) -> dict
         "workflows": [{"stem": p.stem, "path": str(p)} for p in SHIPPED],
         "run": {"prompt": RUN_PROMPT, "previewId": PREVIEW_ID, "overrideId": OVERRIDE_ID, "timeoutMs": 180_000},
     }
-    (work / "job.json").write_text(json.dumps(job))
-    env = {**os.environ, "NODE_PATH": _playwright_modules() or ""}
-    done = subprocess.run(
-        ["node", str(DRIVER), str(work / "job.json"), str(work / "result.json")],
-        cwd=str(REPO_ROOT),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    if not (work / "result.json").is_file():
-        pytest.fail(f"the browser driver wrote no result ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-    result = json.loads((work / "result.json").read_text())
-    assert result["error"] is None, f"{result['error']}\n{done.stderr[-4000:]}\n{comfy_server.log()[-3000:]}"
+    result = run_driver(DRIVER, job, work, comfy_server, timeout=900)
     if os.environ.get("INSTRUCTMOLE_UPDATE_SCREENSHOTS") == "1":
         DOCS.mkdir(parents=True, exist_ok=True)
         for path in SHIPPED:

@@ -9,16 +9,14 @@ Chromium, playwright-core; skipped with the reason otherwise).
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .conftest import REPO_ROOT, SERVER_ADAPTER
-from .test_browser import _chromium, _missing_tool, _playwright_modules, ours
+from .conftest import SERVER_ADAPTER
+from .test_browser import _chromium, _missing_tool, ours, run_driver
 from .test_card_route import carded  # noqa: F401  (the fixture: a sealed adapter with card and preview)
 
 DRIVER = Path(__file__).resolve().parent / "card_browser.mjs"
@@ -38,20 +36,7 @@ def shown(comfy_server: Any, carded: dict[str, Any], tmp_path_factory: pytest.Te
         "missing": "not_on_this_server.safetensors",
         "shot": str(Path(shots) / "adapter_card.png") if shots else str(work / "adapter_card.png"),
     }
-    (work / "job.json").write_text(json.dumps(job))
-    env = {**os.environ, "NODE_PATH": _playwright_modules() or ""}
-    done = subprocess.run(
-        ["node", str(DRIVER), str(work / "job.json"), str(work / "result.json")],
-        cwd=str(REPO_ROOT),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if not (work / "result.json").is_file():
-        pytest.fail(f"the browser driver wrote no result ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-    result = json.loads((work / "result.json").read_text())
-    assert result["error"] is None, f"{result['error']}\n{done.stderr[-3000:]}\n{comfy_server.log()[-3000:]}"
+    result = run_driver(DRIVER, job, work, comfy_server, timeout=600)
     return result
 
 
