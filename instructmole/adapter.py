@@ -98,31 +98,45 @@ class Adapter:
         return cache
 
     @torch.no_grad()
-    def route(self, text: Tensor, pooled: Tensor, labels: list[str] | tuple[str, ...] = ()) -> Council:
+    def route(
+        self,
+        text: Tensor,
+        pooled: Tensor | None,
+        labels: list[str] | tuple[str, ...] = (),
+        *,
+        mask: Tensor | None = None,
+    ) -> Council:
         """Councils for a batch of instructions, as in training but without noise or dropout.
 
         The runtime's one routing function (``MoLERuntime.route``) on this adapter's shared
         ``cache``: a council routed here is bit for bit the one a patched model routes for the same
-        signal. ``text [b, t, text_dim]`` (T5 features) and ``pooled [b, router_dim]`` (CLIP pooled)
-        are checked first, so a wrong encoder gives one sentence rather than a matmul error."""
-        self._check_route_inputs(text, pooled)
+        signal. ``text [b, t, text_dim]`` (the text features) and ``pooled [b, router_dim]`` (CLIP
+        pooled; None for a model without one, ``config.router_pool == "text"``, which reads the
+        instruction's tokens ``mask [b, t]`` instead) are checked first, so a wrong encoder gives one
+        sentence rather than a matmul error."""
+        self._check_route_inputs(text, pooled, mask)
         runtime = MoLERuntime(self.model, adapter_id=self.adapter_id, cache=self.cache)
-        probs, indices, weights = runtime.route(text, pooled)
+        probs, indices, weights = runtime.route(text, pooled, mask=mask)
         return Council.from_topk(
             self.config.instruction_layers, probs, indices, weights, adapter_id=self.adapter_id, label=labels
         )
 
-    def _check_route_inputs(self, text: Any, pooled: Any) -> None:
+    def _check_route_inputs(self, text: Any, pooled: Any, mask: Any) -> None:
         cfg = self.config
         if not cfg.instruction_layers:
             raise AdapterError(
                 "this adapter routes every layer per token, so there is no instruction council to compute; "
                 "apply it to a model (attach or the Load node) and it routes inside the forward"
             )
-        for name, value, ndim, width, axes in (
-            ("text", text, 3, cfg.text_dim, "[instances, tokens, text_dim]"),
-            ("pooled", pooled, 2, cfg.router_dim, "[instances, router_dim]"),
-        ):
+        checks = [("text", text, 3, cfg.text_dim, "[instances, tokens, text_dim]")]
+        if cfg.router_pool == "clip":
+            checks.append(("pooled", pooled, 2, cfg.router_dim, "[instances, router_dim]"))
+        elif pooled is not None:
+            raise AdapterError(
+                f"route: this adapter (for {cfg.base_model}) routes from the text alone; pass pooled=None and the "
+                "instruction's token mask"
+            )
+        for name, value, ndim, width, axes in checks:
             if not isinstance(value, Tensor) or not value.is_floating_point():
                 raise AdapterError(f"route: {name} must be a float tensor {axes}, got {_show(value)}")
             if value.ndim != ndim or value.shape[-1] != width or 0 in value.shape:
@@ -130,10 +144,14 @@ class Adapter:
                     f"route: {name} has shape {tuple(value.shape)}, but this adapter reads {axes} with "
                     f"{'text_dim' if name == 'text' else 'router_dim'}={width}; encode with the model it was made for"
                 )
-        if text.shape[0] != pooled.shape[0]:
+        if pooled is not None and text.shape[0] != pooled.shape[0]:
             raise AdapterError(
                 f"route: text has {text.shape[0]} instances but pooled has {pooled.shape[0]}; pass one of each per "
                 "instruction"
+            )
+        if mask is not None and (not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(text.shape[:2])):
+            raise AdapterError(
+                f"route: mask must be a tensor [instances, tokens] = {tuple(text.shape[:2])}, got {_show(mask)}"
             )
 
     # ---- plain LoRA part ----------------------------------------------------------------------

@@ -28,6 +28,7 @@ __all__ = [
     "ConfigError",
     "LayerSpec",
     "MoLEConfig",
+    "RouterPool",
     "Routing",
     "TokenWeights",
     "settings",
@@ -35,6 +36,9 @@ __all__ = [
 
 Routing = Literal["instruction", "token"]
 TokenWeights = Literal["probs", "renormalised"]
+# What the router adds to the Perceiver's signal: the CLIP-L pooled vector (FLUX.1), or a masked mean
+# of the instruction's own text features, projected (models without a pooled vector: FLUX.2, Qwen).
+RouterPool = Literal["clip", "text"]
 
 # Inclusive (min, max) of every integer field. Generous (the paper's adapter uses a fraction of each)
 # but finite, so that a config can never ask for more than a machine could hold.
@@ -174,6 +178,8 @@ class MoLEConfig:
         metadata=_counted("text_length", "T5 padding length the router was trained with (no attention mask)"),
     )
     base_model: str = "flux.1-kontext-dev"
+    # Set by the base model's family (``families.py``), never by hand: so not one of the settings.
+    router_pool: RouterPool = "clip"
     # Weights of a token-routed layer's top-k experts: "probs", the softmax over all N experts
     # (unnormalised top-k, the reference's); "renormalised", the softmax over the k selected
     # logits only (they sum to 1; ICEdit's MoE-LoRA, where k = 1 gives weight 1).
@@ -192,6 +198,7 @@ class MoLEConfig:
             object.__setattr__(self, f.name, checked(f.name, getattr(self, f.name), hints[f.name], f.metadata))
         if self.top_k > self.num_experts:
             raise ConfigError(f"top_k={self.top_k} cannot exceed num_experts={self.num_experts}")
+        checked_choice("router_pool", self.router_pool, typing.get_args(RouterPool))
         if not isinstance(self.base_model, str) or not 0 < len(self.base_model) <= _MAX_NAME:
             raise ConfigError(
                 f"base_model={_show(self.base_model)} must be a non-empty string of at most {_MAX_NAME} characters, "
@@ -246,6 +253,8 @@ class MoLEConfig:
         inner = self.router_heads * self.router_head_dim
         per_depth = 4 * d + 4 * d * inner + 2 * d + 2 * d * d * self.router_ff_mult  # 2 norms, q/kv/out, FF
         total += d + self.text_dim * d + d + self.router_depth * per_depth + d * d + d + 2 * d
+        if self.router_pool == "text":  # LayerNorm over the text width, then its projection
+            total += 2 * self.text_dim + self.text_dim * d + d
         return total
 
     @property

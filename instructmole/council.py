@@ -412,7 +412,7 @@ def _layer_names(value: Any) -> tuple[str, ...]:
             block_of(name)
         except ValueError:
             raise CouncilMismatchError(
-                f"council layers[{i}] is {describe_value(name)}, not a layer inside a Flux block; expected "
+                f"council layers[{i}] is {describe_value(name)}, not a layer inside a transformer block; expected "
                 "'transformer_blocks.N.…' or 'single_transformer_blocks.N.…'"
             ) from None
         if name in seen:

@@ -21,6 +21,7 @@ __all__ = [
     "rule_names",
     "single_proj_out",
     "to_bfl",
+    "to_comfy_flux2",
 ]
 
 _DOUBLE = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
@@ -87,7 +88,7 @@ def block_of(name: str) -> tuple[str, int]:
     if m := _SINGLE.match(name):
         return "single", int(m.group(1))
     raise ValueError(
-        f"layer {name!r} is not inside a Flux block; expected 'transformer_blocks.N.…' or "
+        f"layer {name!r} is not inside a transformer block; expected 'transformer_blocks.N.…' or "
         "'single_transformer_blocks.N.…'"
     )
 
@@ -131,3 +132,32 @@ def to_bfl(name: str, hidden_size: int, mlp_ratio: float = 4.0) -> BflTarget:
         if rest == "proj_mlp":
             return BflTarget(f"single_blocks.{n}.linear1", (3 * hidden_size, mlp))
     raise ValueError(f"layer {name!r} has no ComfyUI Flux counterpart that InstructMoLE knows of")
+
+
+# FLUX.2 (diffusers ``Flux2Transformer2DModel``) -> ComfyUI's Flux with global modulation. No
+# per-block modulation Linears; the single block's fused input and output keep one name each.
+_FLUX2_DOUBLE_PLAIN = {
+    "ff.linear_in": "img_mlp.0",
+    "ff.linear_out": "img_mlp.2",
+    "ff_context.linear_in": "txt_mlp.0",
+    "ff_context.linear_out": "txt_mlp.2",
+    "attn.to_out.0": "img_attn.proj",
+    "attn.to_add_out": "txt_attn.proj",
+}
+_FLUX2_SINGLE_PLAIN = {"attn.to_out": "linear2", "attn.to_qkv_mlp_proj": "linear1"}
+
+
+def to_comfy_flux2(name: str, hidden_size: int, _mlp_hidden: int = 0) -> BflTarget:
+    """Map a canonical FLUX.2 diffusers layer name onto ComfyUI's module (and slice, when fused)."""
+    if m := _DOUBLE.match(name):
+        n, rest = m.groups()
+        if rest in _FLUX2_DOUBLE_PLAIN:
+            return BflTarget(f"double_blocks.{n}.{_FLUX2_DOUBLE_PLAIN[rest]}")
+        if rest in _DOUBLE_FUSED:
+            module, slot = _DOUBLE_FUSED[rest]
+            return BflTarget(f"double_blocks.{n}.{module}", (slot * hidden_size, hidden_size))
+    elif m := _SINGLE.match(name):
+        n, rest = m.groups()
+        if rest in _FLUX2_SINGLE_PLAIN:
+            return BflTarget(f"single_blocks.{n}.{_FLUX2_SINGLE_PLAIN[rest]}")
+    raise ValueError(f"layer {name!r} has no ComfyUI FLUX.2 counterpart that InstructMoLE knows of")

@@ -33,6 +33,7 @@ def make_router(config: MoLEConfig) -> PerceiverResampler:
         head_dim=config.router_head_dim,
         ff_mult=config.router_ff_mult,
         dropout=config.router_dropout,
+        pool=config.router_pool,
     )
 
 

@@ -5,7 +5,7 @@ runtime (object-patched Linear forwards and a model wrapper) and the trainer (``
 ``training=True``). Each host does only the plumbing of its framework; all of them install one
 ``MoLERuntime`` and call, per transformer forward::
 
-    runtime.begin(text, pooled, rows=...)   # route every row once (or take a fixed council)
+    runtime.begin(text, pooled, rows=..., mask=...)   # route every row once (or take a fixed council)
     runtime.delta(layer_name, x)            # per target Linear: the expert term to add (or None)
     runtime.end()                           # forget the routing (inference only, see below)
 
@@ -230,7 +230,9 @@ class MoLERuntime:
 
     # ---- per forward --------------------------------------------------------------------------
 
-    def route(self, text: Tensor, pooled: Tensor, seeds: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def route(
+        self, text: Tensor, pooled: Tensor | None, seeds: Tensor | None = None, mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """The router's ``(probs, indices, weights)`` for a batch: ``[b, L, n]``, ``[b, L, k]``, ``[b, L, k]``.
 
         The one routing function: every host, ``Adapter.route`` and the trainer come here, so a
@@ -240,7 +242,9 @@ class MoLERuntime:
         without gradients; training runs the live module, whose ``train()`` mode decides gate noise
         and dropout. ``seeds`` (one integer per row, training): draw each row's gate noise and
         dropout mask from its own seed instead of the global generator, so a row routes the same on
-        one process or many, and after a resume.
+        one process or many, and after a resume. ``pooled``: the CLIP pooled vector (None for a text
+        router, ``config.router_pool == "text"``); ``mask [b, t]``: the instruction's tokens (text
+        routers; None: every token).
         """
         noise = keep = None
         if self.training:
@@ -251,16 +255,20 @@ class MoLERuntime:
         else:
             (router, gates), noise_std, device, grad = self.cache.router(text.device), 0.0, text.device, False
         with torch.autocast(device.type, enabled=False), torch.set_grad_enabled(grad):
-            signal = router(text.to(device, torch.float32), pooled.to(device, torch.float32), keep)
+            pooled = None if pooled is None else pooled.to(device, torch.float32)
+            mask = None if mask is None else mask.to(device, torch.bool)
+            signal = router(text.to(device, torch.float32), pooled, keep, mask)
             return route_instances(signal, gates, self.config.top_k, noise_std, noise)
 
     @torch.no_grad()
-    def routing_counts(self, text: Tensor, pooled: Tensor, seeds: Tensor | None = None) -> Tensor:
+    def routing_counts(
+        self, text: Tensor, pooled: Tensor | None, seeds: Tensor | None = None, mask: Tensor | None = None
+    ) -> Tensor:
         """Routing slots per instruction layer and expert (``[L, n]``) that a training forward of this
         batch would give (the same code and draws as ``route``), without gradients: a trainer adds
         them over an optimizer step for ``StepRouting``. Needs the row ``seeds`` when the module is
         in training mode, so that the gate noise and dropout equal the forward's."""
-        probs, indices, _ = self.route(text, pooled, seeds)
+        probs, indices, _ = self.route(text, pooled, seeds, mask)
         return balance_statistics(probs, indices)[1]
 
     def _row_draws(self, seeds: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -293,12 +301,14 @@ class MoLERuntime:
         device: torch.device | None = None,
         seeds: Tensor | None = None,
         routed: tuple[Tensor, Tensor, Tensor] | None = None,
+        mask: Tensor | None = None,
     ) -> None:
         """Route the batch of one transformer forward of ``rows`` rows on ``device`` (default: the
         text's). ``text``/``pooled`` may be None when nothing is routed (fixed council, merged).
         ``seeds``: per-row seeds for training's random draws (see ``route``). ``routed``: the
         ``route`` output of every row, already computed (rows whose signals differ in length are
-        routed apart and joined; the router is row-independent, so that is the same council)."""
+        routed apart and joined; the router is row-independent, so that is the same council).
+        ``mask``: a text router's instruction tokens (see ``route``)."""
         layers = self.config.instruction_layers
         self._records = {"grams": {}, "token": {}}
         self._token_choices = {}
@@ -317,10 +327,8 @@ class MoLERuntime:
             if routed is not None:
                 probs, indices, weights = routed
             else:
-                if text is None or pooled is None:
-                    raise RoutingError("auto routing needs the instruction's T5 features and CLIP pooled vector")
-                self._check_signal(text, pooled, rows)
-                probs, indices, weights = self.route(text, pooled, self._seeds)
+                self._check_signal(text, pooled, mask, rows)
+                probs, indices, weights = self.route(text, pooled, self._seeds, mask)
             self._last = (probs, indices, weights)
             if self.training:
                 self._records["instruction"] = (probs, indices)
@@ -349,17 +357,32 @@ class MoLERuntime:
         if not same:
             self._shared, self._factors = (indices, weights), {}
 
-    def _check_signal(self, text: Tensor, pooled: Tensor, rows: int | None) -> None:
+    def _check_signal(self, text: Tensor | None, pooled: Tensor | None, mask: Tensor | None, rows: int | None) -> None:
         """Shapes only (no device sync): a signal of another width or batch would fail deep in a layer."""
         cfg = self.config
-        if text.ndim != 3 or text.shape[-1] != cfg.text_dim or pooled.ndim != 2 or pooled.shape[-1] != cfg.router_dim:
+        clip = cfg.router_pool == "clip"
+        if text is None or (clip and pooled is None):
+            what = "T5 features and CLIP pooled vector" if clip else "text features"
+            raise RoutingError(f"auto routing needs the instruction's {what}")
+        if text.ndim != 3 or text.shape[-1] != cfg.text_dim:
             raise RoutingError(
-                f"the instruction signal is T5 {tuple(text.shape)} + pooled {tuple(pooled.shape)}, but the router "
-                f"reads [rows, tokens, {cfg.text_dim}] + [rows, {cfg.router_dim}]; encode with the FLUX text encoders"
+                f"the instruction's text features are {tuple(text.shape)}, but the router reads "
+                f"[rows, tokens, {cfg.text_dim}]; encode with the text encoder of {cfg.base_model}"
             )
-        if text.shape[0] != pooled.shape[0] or (rows is not None and text.shape[0] != rows):
+        if clip and (pooled.ndim != 2 or pooled.shape[-1] != cfg.router_dim):
             raise RoutingError(
-                f"the instruction signal has {text.shape[0]} T5 rows and {pooled.shape[0]} pooled rows for a batch "
+                f"the instruction's pooled vector is {tuple(pooled.shape)}, but the router reads "
+                f"[rows, {cfg.router_dim}]; encode with the FLUX text encoders"
+            )
+        if mask is not None and tuple(mask.shape) != tuple(text.shape[:2]):
+            raise RoutingError(
+                f"the instruction's token mask is {tuple(mask.shape)} for text features {tuple(text.shape)}; "
+                "give one mask entry per token"
+            )
+        if (clip and text.shape[0] != pooled.shape[0]) or (rows is not None and text.shape[0] != rows):
+            pooled_rows = f" and {pooled.shape[0]} pooled rows" if clip else ""
+            raise RoutingError(
+                f"the instruction signal has {text.shape[0]} text rows{pooled_rows} for a batch "
                 f"of {rows} images; give one instruction per image"
             )
 

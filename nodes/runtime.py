@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ..instructmole import Adapter, Council, CouncilMismatchError, InstructMoLEError
 from ..instructmole.checks import checked_strength
-from ..instructmole.families import BFL_INPUTS, check_model_fits
+from ..instructmole.families import check_model_fits
 from ..instructmole.layers import to_bfl
 from ..instructmole.runtime import DeviceCache, MoLERuntime, RoutingError
 from .signal import CHECK_KEY, POOLED_KEY, T5_KEY, rows_still_matching, unpack
@@ -71,7 +71,7 @@ def place(adapter: Adapter, patcher: Any) -> list[Placement]:
             f"this MODEL is not a FLUX model, and the adapter was made for {adapter.config.base_model}; "
             "load FLUX.1 Kontext [dev]"
         )
-    check_model_fits(adapter.config, flux, BFL_INPUTS, ModelMismatchError)
+    check_model_fits(adapter.config, flux, ModelMismatchError)
     hidden = flux.hidden_size
     mlp_ratio = flux.double_blocks[0].img_mlp[0].out_features / hidden
     placements = []

@@ -200,7 +200,7 @@ def test_config_validation_quotes_bad_values():
         im.MoLEConfig.for_flux(1, 1, 64, rank=0)
     with pytest.raises(im.ConfigError, match="unknown key 'num_expert'"):
         im.MoLEConfig.from_dict({"layers": [], "num_expert": 8})
-    with pytest.raises(ValueError, match="not inside a Flux block"):
+    with pytest.raises(ValueError, match="not inside a transformer block"):
         im.LayerSpec("x_embedder", 4, 4)
     cfg = im.MoLEConfig.for_flux(2, 3, 64, token_routed=("single_transformer_blocks.2.proj_out",))
     assert im.MoLEConfig.from_json(cfg.to_json()) == cfg

@@ -126,7 +126,7 @@ def test_signal_of_another_width_or_batch_fails_before_any_layer(transformer, ad
     with im.attach(transformer, adapter) as handle:
         with pytest.raises(RoutingError, match="router reads \\[rows, tokens, 64\\]"):
             handle.runtime.begin(torch.randn(2, 8, 48), torch.randn(2, 32), rows=2)
-        with pytest.raises(RoutingError, match="2 T5 rows and 1 pooled rows"):
+        with pytest.raises(RoutingError, match="2 text rows and 1 pooled rows"):
             handle.runtime.begin(torch.randn(2, 8, 64), torch.randn(1, 32), rows=2)
         with pytest.raises(im.AttachError, match="for a batch of 2 images"):
             transformer(

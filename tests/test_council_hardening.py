@@ -128,7 +128,7 @@ _MANY_LAYERS = [f"single_transformer_blocks.{i}.proj_out" for i in range(MAX_LAY
         (("weights",), "0.5", "weights must be a list of 2 instances, got '0.5'"),
         (("banned", 0, 0, 0), 1, "banned[0][0][0] is 1; banned holds true or false"),
         (("banned",), [[[False] * 6] * 4], "banned must be a list of 2 instances"),
-        (("layers", 2), "foo.bar", "layers[2] is 'foo.bar', not a layer inside a Flux block"),
+        (("layers", 2), "foo.bar", "layers[2] is 'foo.bar', not a layer inside a transformer block"),
         (("layers", 2), LAYERS[0], "lists 'transformer_blocks.0.ff.net.2' twice"),
         (("layers", 2), 7, "layers[2] is 7; a layer name is text"),
         (("layers", 2), "transformer_blocks." + "9" * 5000 + ".x", "a layer name is text of 1 to 256"),

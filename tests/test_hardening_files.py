@@ -97,7 +97,7 @@ def base_config() -> dict:
             {"layers": [{"name": "transformer_blocks.0.x", "in_features": 4, "out_features": 4, "bias": 1}]},
             "entry 0 has unknown key 'bias'",
         ),
-        ({"layers": [{"name": "x_embedder", "in_features": 4, "out_features": 4}]}, "is not inside a Flux block"),
+        ({"layers": [{"name": "x_embedder", "in_features": 4, "out_features": 4}]}, "is not inside a transformer block"),
         (
             {"layers": [{"name": "transformer_blocks.0.x", "in_features": 2**21, "out_features": 4}]},
             "in_features=2097152 is too large",
@@ -523,7 +523,7 @@ def test_wrong_shapes_and_corrupt_files(reference, capsys, tmp_path):
         ({"transformer_blocks.0.ff.net.2.gate.weight": torch.zeros(3, 32)}, "it needs one row per expert (4 rows)"),
         ({"transformer_blocks.0.ff.net.2.gate.weight": torch.zeros(4, 7)}, "reads width 7, neither the router's 32"),
         ({"single_transformer_blocks.0.proj_out.experts.0.left": torch.zeros(160, 8)}, "has left (160, 8)"),
-        ({"x_embedder.experts.0.left": torch.zeros(4, 4)}, "'x_embedder' is not inside a Flux block"),
+        ({"x_embedder.experts.0.left": torch.zeros(4, 4)}, "'x_embedder' is not inside a transformer block"),
         ({"transformer_blocks.0.ff.net.2.experts.0.left": "not a tensor"}, "is not a named tensor"),
     ]
     for change, message in cases:
