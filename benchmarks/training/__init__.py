@@ -25,10 +25,20 @@ interleaved round by round:
                       ``orthogonality_loss_reference``, on the same stack); plus its own peft LoRA;
                       trainable weights in the base dtype (bf16 on CUDA), as the reference trains.
 
-With ``--fp8-base`` a fourth measurement follows on a fresh transformer: ``ours`` with
-``model.fp8_base``, now ``model.quantize_base=fp8`` (every frozen Linear stored in float8 with
-per-row scales, dequantised per layer). It needs its own transformer, so it runs after the others
-(not interleaved with them).
+With ``--quantize-base {fp8,int8,nf4}`` (``--fp8-base`` is its earlier name for fp8), ``--block-swap
+N|all`` and ``--optimizer {adamw,adamw8bit,adafactor,prodigy}`` a fourth measurement follows on a fresh
+transformer: ``ours`` with that ``model.quantize_base`` (every frozen Linear stored quantized,
+dequantised per layer), ``model.block_swap`` (the last N blocks' frozen weights wait in CPU memory) and
+``train.optimizer``, applied by the trainer's own code. It needs its own transformer, so it runs after
+the others (not interleaved with them).
+
+``--memory-options [LIST]`` measures ``ours`` alone, once per memory option (default: the base, fp8,
+int8, nf4, nf4 + 8-bit AdamW, every block swapped, nf4 with every block swapped; ``options.py`` reads
+the list), each on its own transformer in turn, with the trainer's own optimizer
+(``training.optim.build_optimizer``: fused AdamW). An option whose library is missing here
+(bitsandbytes for nf4 and 8-bit AdamW, prodigyopt) is a row "skipped: <the trainer's sentence>", one
+that fails a row "failed: <its error>"; the run goes on. Block swap's CPU-resident weights are a column
+of their own, outside the peak, as a GPU would hold them.
 
 Memory. CUDA: ``torch.cuda.max_memory_allocated`` over each step (a variant's first, which creates
 its AdamW state, excepted), with every other variant's trainable weights and optimizer state parked
@@ -52,15 +62,18 @@ tokens, plain-LoRA rank scaled with the hidden size) at 256 + 256 and 576 + 576 
 
     PYTHONPATH=. .venv/bin/python -m benchmarks.training --device cpu --fp8-base
     PYTHONPATH=. python -m benchmarks.training --device cuda --fp8-base
+    PYTHONPATH=. .venv/bin/python -m benchmarks.training --device cpu --memory-options   # -> training-cpu-memory.json
 
 Modules, by concern:
 
 * ``setting``        what every variant shares: sizes, the trainer's config, the random transformer,
                      one micro-batch, the flow loss;
+* ``options``        the memory options (``MemoryOption``): specs, names, the trainer's config keys;
 * ``variants``       ``ours`` and ``plain LoRA``; ``reference_way`` the paper's way, the baseline;
 * ``bench``          the transformer with its variants installed one at a time, and one training step;
 * ``memory``         glibc's allocator mode and the peak RSS of a step (CPU);
-* ``measure``        warm-up, interleaved timed rounds and the memory samples;
+* ``measure``        warm-up, interleaved timed rounds and the memory samples; one memory option's rows
+                     (``measure_option``, also the GPU check's training stage);
 * ``report``         targets, anchors, the JSON summary and the markdown report;
 * ``run``            the command line (``main``).
 """
@@ -68,7 +81,8 @@ Modules, by concern:
 from __future__ import annotations
 
 from .bench import TrainingBench
+from .options import MemoryOption
 from .run import main
 from .setting import SIZES, VARIANTS, TrainShape
 
-__all__ = ["SIZES", "VARIANTS", "TrainShape", "TrainingBench", "main"]
+__all__ = ["SIZES", "VARIANTS", "MemoryOption", "TrainShape", "TrainingBench", "main"]

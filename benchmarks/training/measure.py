@@ -8,14 +8,19 @@ freed memory, before the timed ones switch it to keeping it (``main`` orders the
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from training.errors import ConfigError
 
 from ..common import log, sync, timed
 from .bench import TrainingBench
 from .memory import RssPeak
-from .setting import StepInputs
+from .options import MemoryOption
+from .setting import StepInputs, TrainShape, dtype_name, size_label
 from .variants import TrainVariant
 
 
@@ -28,12 +33,17 @@ class Record:
     first: dict[str, float] | None = None  # losses of the first (warm-up) step
     peak: int | None = None  # CUDA: max_memory_allocated (alone); CPU: frozen + state + step peak RSS
     step_peak: int | None = None  # what a step adds on top of the weights and optimizer state (max)
-    state: int = 0  # the variant's trainable weights + AdamW state
-    frozen: int = 0
+    state: int = 0  # the variant's trainable weights + optimizer state
+    frozen: int = 0  # the frozen base on the compute device
+    host: int = 0  # frozen weights block swap keeps in CPU memory between uses
+    option: dict[str, Any] | None = None  # a memory-options row: MemoryOption.describe
+    status: str = "ok"  # "ok", "skipped" (a library is missing) or "failed" (the error is the reason)
+    reason: str | None = None
+    build_s: float | None = None  # building its transformer, adapter and memory option (memory-options rows)
 
 
 def new_records(bench: TrainingBench) -> dict[str, Record]:
-    return {v.name: Record(v.name, [], frozen=bench.frozen_bytes()) for v in bench.variants}
+    return {v.name: Record(v.name, [], frozen=bench.frozen_bytes(), host=bench.host_bytes()) for v in bench.variants}
 
 
 def _step(bench: TrainingBench, v: TrainVariant, x: StepInputs, rec: Record) -> tuple[float, dict[str, float]]:
@@ -97,6 +107,95 @@ def measure_cpu_memory(bench: TrainingBench, side: int, records: dict[str, Recor
         if rec.step_peak is not None:
             rec.peak = rec.frozen + rec.state + rec.step_peak
         log(f"  memory {v.name}: peak {_gib(rec.peak)} GiB, step adds {_gib(rec.step_peak)} GiB")
+
+
+def bench_meta(bench: TrainingBench) -> dict[str, Any]:
+    """What the report says of the adapter and the dtypes, read from a built bench."""
+    return {
+        "mole_layers": len(bench.mole_config.layer_names),
+        "lora_modules": len(bench.lora_modules),
+        "plain_lora_rank_on_mole_layers": bench.shape.top_k * bench.shape.rank,
+        "dtype": str(bench.dtype).removeprefix("torch."),
+        "autocast": "bf16" if bench.autocast else None,
+    }
+
+
+def option_records(shape: TrainShape, device: torch.device, option: MemoryOption) -> dict[str, Record]:
+    """Empty records of one memory option, one per size (keyed by ``size_label``)."""
+    dtype = dtype_name(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return {
+        size_label(side): Record(option.variant_name, [], option=option.describe(shape, dtype)) for side in shape.sides
+    }
+
+
+def measure_option(
+    shape: TrainShape,
+    device: torch.device,
+    option: MemoryOption,
+    records: dict[str, Record],
+    *,
+    seed: int = 0,
+    rss: RssPeak | None = None,
+    timing: bool = True,
+    rounds: int = 1,
+    warmup: int = 1,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Record]:
+    """``ours`` with one memory option at every size of ``shape``, on a transformer of its own that is
+    dropped afterwards; the results land in ``records`` (``option_records``).
+
+    ``rss`` (CPU): first a memory step per size (``measure_cpu_memory``); ``timing``: then ``warmup``
+    steps and ``rounds`` timed ones (on CUDA their peaks are the memory). ``meta``: filled with
+    ``bench_meta`` of the first bench built, if empty. Nothing raises: a library the
+    option needs that is missing (or broken: the trainer's one-line ``ConfigError``) makes every row
+    "skipped" with that sentence, any other error "failed" with its first line, and the run goes on."""
+    name = option.variant_name
+    sides = [side for side in shape.sides if records[size_label(side)].status == "ok"]
+    if not sides:
+        return records  # an earlier pass (memory, then time) already failed: no second try
+    problem = option.missing()
+    error: tuple[str, str] | None = ("skipped", problem) if problem else None
+    bench, done = None, set()
+    if error is None:
+        try:
+            seconds, bench = timed(
+                lambda: TrainingBench(
+                    shape, device, option=option, seed=seed, variants=("ours",), trainer_optimizer=True
+                ),
+                device,
+            )
+            log(f"{name}: built in {seconds:.1f} s")
+            if meta is not None and not meta:
+                meta.update(bench_meta(bench))
+            for side in sides:
+                rec = records[size_label(side)]
+                rec.build_s, rec.frozen, rec.host = seconds, bench.frozen_bytes(), bench.host_bytes()
+                if rss is not None:
+                    log(f"{size_label(side)}, {name}: memory")
+                    measure_cpu_memory(bench, side, {name: rec}, rss)
+                if timing:
+                    log(f"{size_label(side)}, {name}: time")
+                    measure_time(bench, side, {name: rec}, rounds=rounds, warmup=warmup)
+                done.add(side)
+        except ConfigError as err:  # the trainer's one sentence: a library missing or broken, a bad setting
+            error = ("skipped", _one_line(err))
+        except Exception as err:  # an out-of-memory, a kernel the device lacks: this option's row, not the run's end
+            error = ("failed", f"{type(err).__name__}: {_one_line(err)}")
+    bench = None  # the traceback is gone with the except clause: the transformer can be freed now
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if error is not None:  # the sizes measured before the error keep their rows
+        for side in sides:
+            if side not in done:
+                records[size_label(side)].status, records[size_label(side)].reason = error
+        log(f"{name}: {error[0]}: {error[1]}")
+    return records
+
+
+def _one_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:300] if lines else ""
 
 
 def _gib(n: int | None) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..common import markdown_table, median
 from .measure import Record
-from .setting import FP8_NAME
+from .setting import FP8_NAME, VARIANTS
 
 # What the design asks of the trainer, and what it measured for the reference (DESIGN.md §4).
 TARGETS = {
@@ -35,11 +35,12 @@ def _paired(a: Sequence[float], b: Sequence[float]) -> float:
 
 def summarise(records: dict[str, Record]) -> dict[str, Any]:
     ours = records.get("ours")
+    ours = ours if ours is not None and ours.status == "ok" else None
     variants = {}
     for name, rec in records.items():
         entry: dict[str, Any] = {
-            "median_ms": median(rec.samples) * 1e3,
-            "min_ms": min(rec.samples) * 1e3 if rec.samples else float("nan"),
+            "median_ms": median(rec.samples) * 1e3 if rec.samples else None,  # None: a skipped or failed option
+            "min_ms": min(rec.samples) * 1e3 if rec.samples else None,
             "samples_ms": [s * 1e3 for s in rec.samples],
             "peak_gib": None if rec.peak is None else rec.peak / 2**30,
             "step_peak_gib": None if rec.step_peak is None else rec.step_peak / 2**30,
@@ -47,9 +48,12 @@ def summarise(records: dict[str, Record]) -> dict[str, Any]:
             "frozen_gib": rec.frozen / 2**30,
             "first_step_losses": rec.first,
         }
-        if ours is not None and ours.samples:
+        if rec.option is not None:  # a memory option's row: what it sets, the swapped weights, its status
+            entry.update(option=rec.option, host_gib=rec.host / 2**30, build_s=rec.build_s)
+            entry.update(status=rec.status, reason=rec.reason)
+        if ours is not None and ours.samples and rec.samples:
             entry["vs_ours"] = median(rec.samples) / median(ours.samples)
-            if name != FP8_NAME:  # measured in another phase: no rounds to pair with
+            if name in VARIANTS:  # the others ran on their own transformer: no rounds to pair with
                 entry["vs_ours_paired"] = _paired(rec.samples, ours.samples)
         variants[name] = entry
     ratios: dict[str, Any] = {}
@@ -69,35 +73,50 @@ def report(data: dict[str, Any]) -> str:
     cfg, env = data["config"], data["environment"]
     cuda = env["device"].startswith("cuda")
     where = env.get("gpu") or f"{env['cpu']}, {env['torch_threads']} threads"
+    options = data.get("mode") == "memory options"
+    step = "fwd + bwd + clip + each option's optimizer" if options else "fwd + bwd + clip + AdamW"
+    rounds = (
+        f"each option on its own transformer, one after another: medians of {cfg['rounds']} timed steps after "
+        f"{cfg['warmup']} warm-up step(s); optimizer: {cfg['optimizer']}."
+        if options
+        else f"medians of {cfg['rounds']} interleaved rounds after {cfg['warmup']} warm-up step(s)."
+    )
     head = [
         f"`{data['command']}`",
         "",
         f"InstructMoLE training step, size {cfg['name']} ({cfg['num_double']}+{cfg['num_single']} blocks, hidden "
         f"{cfg['hidden']}, {cfg['text_tokens']} text tokens; batch 1, target + same-size reference, gradient "
-        f"checkpointing, fwd + bwd + clip + AdamW; base {cfg['dtype']}"
+        f"checkpointing, {step}; base {cfg['dtype']}"
         f"{', bf16 autocast' if cfg['autocast'] else ''}; MoLE N={cfg['num_experts']} k={cfg['top_k']} "
         f"r={cfg['rank']} on {cfg['mole_layers']} layers, peft LoRA r={cfg['lora_rank']} on "
-        f"{cfg['lora_modules']} Linears) on {where}; torch {env['torch']}, diffusers {env['diffusers']}; "
-        f"medians of {cfg['rounds']} interleaved rounds after {cfg['warmup']} warm-up step(s).",
+        f"{cfg['lora_modules']} Linears) on {where}; torch {env['torch']}, diffusers {env['diffusers']}; {rounds}",
     ]
     mem = "peak GiB (max allocated, alone)" if cuda else "peak GiB (frozen + state + step RSS)"
-    header = ("size", "variant", "median ms", "× ours", "× ours, paired", "min ms", mem, "state GiB", "step GiB")
+    header = ["size", "variant", "median ms", "× ours", "× ours, paired", "min ms", mem, "state GiB", "step GiB"]
+    host = any(v.get("host_gib") for s in data["sizes"].values() for v in s["variants"].values())
+    if host:
+        header.append("swapped to CPU GiB")
     rows = []
     for label, s in data["sizes"].items():
         for name, v in s["variants"].items():
-            rows.append(
-                (
-                    label,
-                    name,
-                    f"{v['median_ms']:.0f}",
-                    f"{v['vs_ours']:.3f}" if "vs_ours" in v else "",
-                    f"{v['vs_ours_paired']:.3f}" if "vs_ours_paired" in v else "",
-                    f"{v['min_ms']:.0f}",
-                    _f2(v["peak_gib"]),
-                    f"{v['state_gib']:.2f}",
-                    _f2(v["step_peak_gib"]),
-                )
-            )
+            if v.get("status", "ok") != "ok":  # one line: why this option has no numbers
+                reason = (v.get("reason") or "").replace("|", "/")
+                rows.append((label, name, f"{v['status']}: {reason}", *[""] * (len(header) - 3)))
+                continue
+            row = [
+                label,
+                name,
+                f"{v['median_ms']:.0f}",
+                f"{v['vs_ours']:.3f}" if "vs_ours" in v else "",
+                f"{v['vs_ours_paired']:.3f}" if "vs_ours_paired" in v else "",
+                f"{v['min_ms']:.0f}",
+                _f2(v["peak_gib"]),
+                f"{v['state_gib']:.2f}",
+                _f2(v["step_peak_gib"]),
+            ]
+            if host:
+                row.append(f"{v.get('host_gib') or 0:.2f}")
+            rows.append(row)
     parts = [*head, "", markdown_table(header, rows)]
     checks = []
     for label, s in data["sizes"].items():
@@ -112,8 +131,8 @@ def report(data: dict[str, Any]) -> str:
         parts += ["", markdown_table(("size", "check", "value", "target"), checks)]
     notes = [
         f"Memory: {cfg['memory']}.",
-        "'× ours' of the fp8-base row compares across phases (it runs on its own transformer after the "
-        "others), so it is not paired.",
+        "'× ours' of a row 'ours, …' (a memory option) compares across phases (it runs on its own transformer, "
+        "apart from the others), so it is not paired.",
         "Anchors (DESIGN.md §4, reference code on an H100, bf16 trainables, fwd+bwd without optimizer): "
         + "; ".join(f"{k}: {v}" for k, v in ANCHORS.items())
         + ".",

@@ -24,7 +24,7 @@ from training.recipe import flow_loss as recipe_flow_loss
 from ..common import random_flux
 
 VARIANTS = ("ours", "plain LoRA", "reference way")
-FP8_NAME = "ours, fp8 base"
+FP8_NAME = "ours, fp8 base"  # MemoryOption("fp8").variant_name
 FULL_HIDDEN = 3072
 REFERENCE_LORA_RANK = 256
 
@@ -124,17 +124,21 @@ def _dummy_paths() -> Iterator[tuple[Path, Path]]:
         yield manifest, folder
 
 
-def trainer_config(shape: TrainShape, dtype: torch.dtype, fp8_base: bool) -> TrainConfig:
-    """The trainer's own config (``training.config.load_config``) for this shape."""
-    name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+
+
+def trainer_config(shape: TrainShape, dtype: torch.dtype, memory: Sequence[str] = ()) -> TrainConfig:
+    """The trainer's own config (``training.config.load_config``) for this shape; ``memory``: the memory
+    option's keys (``MemoryOption.overrides``: ``model.quantize_base``, ``model.block_swap``, ...)."""
     with _dummy_paths() as (manifest, folder):
         return load_config(
             None,
             [
                 f"data.manifest={manifest}",
                 f"model.pretrained={folder}",
-                f"model.dtype={name}",
-                f"model.fp8_base={'true' if fp8_base else 'false'}",
+                f"model.dtype={dtype_name(dtype)}",
+                *memory,
                 "model.gradient_checkpointing=true",
                 "adapter.targets=[reference]",
                 f"adapter.num_experts={shape.num_experts}",

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from instructmole import InstructMoLE
 from training.modules import TrainingModel
+from training.optim import build_optimizer
 
 from .setting import StepInputs, flow_loss, tensor_bytes
 
@@ -28,7 +29,8 @@ class TrainVariant:
     """One way of training on the shared transformer: ``install``, ``losses``, the optimizer, ``uninstall``.
 
     ``params`` are the variant's own trainable tensors (its peft adapter and its MoLE or LoRA
-    parts); ``optimizer`` an AdamW over them with the trainer's settings.
+    parts); ``optimizer`` an AdamW over them with the trainer's settings (``ours`` with a memory
+    option: the option's ``train.optimizer``, built by the trainer's ``build_optimizer``).
     """
 
     name: str
@@ -87,8 +89,8 @@ def add_peft_adapter(transformer: nn.Module, name: str, modules: list[str], rank
 class Ours(TrainVariant):
     """The trainer's ``TrainingModel`` on the peft adapter ``setup_transformer`` added (``default``)."""
 
-    def __init__(self, bench: TrainingBench, name: str = "ours") -> None:
-        self.name, self.bench = name, bench
+    def __init__(self, bench: TrainingBench, name: str = "ours", *, keep_attached: bool = False) -> None:
+        self.name, self.bench, self.keep_attached = name, bench, keep_attached
         t = bench.config.train
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(bench.seed + 10)
@@ -97,8 +99,12 @@ class Ours(TrainVariant):
         self.model: TrainingModel | None = self._model()
         groups = self.model.parameter_groups(t.lr, t.gate_lr, t.weight_decay)
         self.params = [p for g in groups for p in g["params"]]
-        self.optimizer = adamw(groups, t)
-        self.uninstall()
+        if bench.trainer_optimizer or t.optimizer != "adamw":  # train.optimizer, as the trainer builds it
+            self.optimizer = build_optimizer(t.optimizer, groups, tuple(t.betas), t.weight_decay)
+        else:  # the comparison's plain AdamW, as the other variants'
+            self.optimizer = adamw(groups, t)
+        if not keep_attached:
+            self.uninstall()
 
     def _model(self) -> TrainingModel:
         lora = self.bench.config.adapter.lora
@@ -107,13 +113,17 @@ class Ours(TrainVariant):
 
     def install(self) -> None:
         self.bench.transformer.set_adapter("default")
-        self.model = self._model()  # attach(..., training=True): the runtime's hooks
+        if self.model is None:
+            self.model = self._model()  # attach(..., training=True): the runtime's hooks
 
     def uninstall(self) -> None:
         # Drop the runtime with the model: what it recorded of the last forward (see the report's
         # note on retained memory) must not stay allocated while another variant is measured.
-        self.model.handle.detach()
-        self.model = None
+        # Alone on its bench (``keep_attached``), it stays attached from the start, as in the trainer:
+        # attach reads a base weight, which block swap may have released by the next step.
+        if not self.keep_attached:
+            self.model.handle.detach()
+            self.model = None
 
     def losses(self, x: StepInputs) -> dict[str, Tensor]:
         out = self.model(**x.as_kwargs(), aux_reduction="sum")
