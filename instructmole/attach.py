@@ -1,11 +1,25 @@
-"""Attach an adapter to a diffusers ``FluxTransformer2DModel``: dynamic (routed) or merged.
+"""Attach an adapter to a diffusers transformer of FLUX.1, FLUX.2 or Qwen-Image: dynamic (routed) or merged.
 
 ``attach`` never replaces or renames a module. Dynamic mode adds forward hooks: one pre-hook on
-the transformer routes every row of the batch from its own ``encoder_hidden_states`` and
-``pooled_projections`` (so a batch may mix instructions), and one hook per target Linear adds the
-council term (and the unmerged plain-LoRA term). Merged mode adds the folded council and the LoRA
-part to the weights in place, after backing them up. ``handle.detach()`` removes the hooks and
-restores the backups bit for bit. All routing state lives on the handle.
+the transformer routes every row of the batch from its own instruction signal (so a batch may mix
+instructions), and one hook per target Linear adds the council term (and the unmerged plain-LoRA
+term). Merged mode adds the folded council and the LoRA part to the weights in place, after
+backing them up. ``handle.detach()`` removes the hooks and restores the backups bit for bit. All
+routing state lives on the handle.
+
+The signal is read per architecture (``families.architecture_of``) from the forward call, one code
+path for all:
+
+* FLUX.1: ``encoder_hidden_states`` (T5) and ``pooled_projections`` (CLIP), every token (as trained);
+* Qwen-Image: ``encoder_hidden_states`` with ``encoder_hidden_states_mask`` as the token mask;
+* FLUX.2: ``encoder_hidden_states``, every token (its pipelines pass no mask).
+
+Those are the pipeline's own features, and for the text-routed families they are not the
+instruction alone: they hold the chat template (and Qwen-Image-Edit's image placeholder tokens, and
+FLUX.2's padding). ``handle.set_signal(text, pooled=None, mask=None)`` routes every following forward
+from an explicit signal instead (the instruction-only features and their mask, as the adapter was
+trained on), one row per image of each forward; ``handle.set_signal(None)`` goes back to the
+forward's own. A fixed council, or a merged one, never reads a signal.
 
 A transformer carries at most one attached adapter at a time: a second ``attach`` (the same
 adapter in a re-run notebook cell, or another one) is refused until the first is detached. Two
@@ -15,8 +29,10 @@ order would restore a weight that already held the other's delta.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +41,7 @@ from .adapter import Adapter
 from .checks import checked_strength
 from .council import Council
 from .errors import InstructMoLEError
-from .families import DIFFUSERS_INPUTS, check_model_fits
+from .families import ArchKey, check_model_fits
 from .runtime import MoLERuntime, RoutingError
 
 __all__ = ["AttachedAdapter", "attach"]
@@ -36,6 +52,53 @@ MARK = "_instructmole_attached"  # on the transformer: the handle that is attach
 
 class AttachError(InstructMoLEError):
     """The adapter does not fit the transformer it is attached to, or the mode's inputs are missing."""
+
+
+@dataclass(frozen=True)
+class _SignalArgs:
+    """Where an architecture's diffusers forward takes the routing signal: argument names, and the
+    positions diffusers gives them (used when the forward's signature cannot be read)."""
+
+    text: str
+    pooled: str | None
+    mask: str | None
+    order: tuple[str, ...]
+
+
+_SIGNAL_ARGS: dict[ArchKey, _SignalArgs] = {
+    "flux1": _SignalArgs(
+        "encoder_hidden_states",
+        "pooled_projections",
+        None,
+        ("hidden_states", "encoder_hidden_states", "pooled_projections"),
+    ),
+    "qwen_image": _SignalArgs(
+        "encoder_hidden_states",
+        None,
+        "encoder_hidden_states_mask",
+        ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask"),
+    ),
+    "flux2": _SignalArgs("encoder_hidden_states", None, None, ("hidden_states", "encoder_hidden_states")),
+}
+
+
+def _positions(transformer: nn.Module, order: tuple[str, ...]) -> dict[str, int]:
+    """Positional index of each forward argument, from the forward's signature where it can be read."""
+    try:
+        names = [
+            name
+            for name, p in inspect.signature(transformer.forward).parameters.items()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+    except (TypeError, ValueError):
+        names = []
+    if "hidden_states" not in names:
+        names = list(order)
+    return {name: i for i, name in enumerate(names)}
+
+
+def _show(value: Any) -> str:
+    return f"shape {tuple(value.shape)} ({value.dtype})" if isinstance(value, Tensor) else type(value).__name__
 
 
 def _linear(
@@ -79,7 +142,8 @@ class AttachedAdapter:
     ) -> None:
         if not isinstance(transformer, nn.Module):
             raise AttachError(
-                f"transformer must be a torch module (a diffusers Flux), got {type(transformer).__name__}"
+                "transformer must be a torch module (a diffusers FLUX.1, FLUX.2 or Qwen-Image transformer), got "
+                f"{type(transformer).__name__}"
             )
         if not isinstance(adapter, Adapter):
             raise AttachError(
@@ -108,8 +172,12 @@ class AttachedAdapter:
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._backup: dict[str, Tensor] = {}
         self._layer_terms: dict[str, list[Callable[[Tensor, Tensor], Tensor]]] = {}
+        self._signal: tuple[Tensor, Tensor | None, Tensor | None] | None = None  # set_signal's, on its device
+        self._signal_on: dict[torch.device, tuple[Tensor, Tensor | None, Tensor | None]] = {}
 
-        check_model_fits(cfg, transformer, DIFFUSERS_INPUTS, AttachError)
+        self.family = check_model_fits(cfg, transformer, AttachError)
+        self._args = _SIGNAL_ARGS[self.family.architecture]
+        self._positions = _positions(transformer, self._args.order)
         targets = {
             spec.name: _linear(transformer, spec.name, spec.in_features, spec.out_features) for spec in cfg.layers
         }
@@ -181,21 +249,131 @@ class AttachedAdapter:
         return lambda x, out: out + ((x @ down.t()) @ up.t() * s).to(out.dtype)
 
     @torch.no_grad()
-    def route(self, text: Tensor, pooled: Tensor) -> Council:
-        """Councils for a batch, exactly as the attached model routes it."""
-        probs, indices, weights = self.runtime.route(text, pooled)
+    def route(self, text: Tensor, pooled: Tensor | None = None, *, mask: Tensor | None = None) -> Council:
+        """Councils for a batch, exactly as the attached model routes it: ``text [b, t, text_dim]``,
+        ``pooled [b, router_dim]`` (FLUX.1's CLIP vector; None for the text-routed families) and
+        ``mask [b, t]`` (the instruction's tokens; None: every token)."""
+        text, pooled, mask = self._checked_signal(text, pooled, mask, "route")
+        probs, indices, weights = self.runtime.route(text, pooled, mask=mask)
         return Council.from_topk(
             self.adapter.config.instruction_layers, probs, indices, weights, adapter_id=self.runtime.adapter_id
         )
 
+    def set_signal(self, text: Tensor | None, pooled: Tensor | None = None, mask: Tensor | None = None) -> None:
+        """Route every following forward from this signal instead of the forward's own features.
+
+        ``text [rows, tokens, text_dim]``: the instruction's text features; ``pooled [rows,
+        router_dim]``: FLUX.1's CLIP pooled vector (None for FLUX.2 and Qwen-Image, whose routers
+        pool the text); ``mask [rows, tokens]`` (bool or 0/1): the instruction's own tokens, template
+        and padding off (None: every token). Each forward's batch must have ``rows`` images (a
+        pipeline with CFG runs its conditional and unconditional passes as two forwards of that
+        batch: both route from this signal). ``set_signal(None)`` goes back to the forward's own
+        features. A fixed or merged council ignores it. The tensors are kept as given (and copied
+        once to the device a forward runs on), so set a new signal for a new instruction.
+        """
+        if text is None:
+            if pooled is not None or mask is not None:
+                raise AttachError("set_signal(None) clears the signal; pass no pooled vector or mask with it")
+            self._signal, self._signal_on = None, {}
+            return
+        if self.mode == "merged":
+            raise AttachError(
+                "a merged handle does not route (its council is folded into the weights); attach in dynamic mode "
+                "to route from a signal"
+            )
+        self._signal = self._checked_signal(text, pooled, mask, "set_signal")
+        self._signal_on = {}
+
+    def _checked_signal(
+        self, text: Any, pooled: Any, mask: Any, where: str
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The signal's types and shapes against the adapter's router, one sentence per mistake."""
+        cfg = self.adapter.config
+        if not cfg.instruction_layers:
+            raise AttachError(
+                f"{where}: this adapter routes every layer per token, so there is no instruction signal to give"
+            )
+        if not isinstance(text, Tensor) or not text.is_floating_point() or text.ndim != 3:
+            raise AttachError(f"{where}: text must be a float tensor [rows, tokens, {cfg.text_dim}], got {_show(text)}")
+        if text.shape[-1] != cfg.text_dim or 0 in text.shape:
+            raise AttachError(
+                f"{where}: text has shape {tuple(text.shape)}, but the adapter's router reads [rows, tokens, "
+                f"{cfg.text_dim}]; encode with the text encoder of {self.family.title}"
+            )
+        if cfg.router_pool == "clip":
+            if not isinstance(pooled, Tensor) or not pooled.is_floating_point() or pooled.ndim != 2:
+                raise AttachError(
+                    f"{where}: pooled must be the CLIP pooled vector, a float tensor [rows, {cfg.router_dim}], got "
+                    f"{_show(pooled)}"
+                )
+            if tuple(pooled.shape) != (text.shape[0], cfg.router_dim):
+                raise AttachError(
+                    f"{where}: pooled has shape {tuple(pooled.shape)} for {text.shape[0]} text rows, but the router "
+                    f"reads [{text.shape[0]}, {cfg.router_dim}]; pass one pooled vector per instruction"
+                )
+        elif pooled is not None:
+            raise AttachError(
+                f"{where}: {self.family.title} adapters route from the text alone; pass pooled=None and the "
+                "instruction's token mask"
+            )
+        if mask is not None:
+            if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(text.shape[:2]):
+                raise AttachError(
+                    f"{where}: mask must be a tensor [rows, tokens] = {tuple(text.shape[:2])} (True on the "
+                    f"instruction's tokens), got {_show(mask)}"
+                )
+            if mask.is_floating_point() or mask.is_complex():
+                raise AttachError(f"{where}: mask must be bool or 0/1 integers, got {mask.dtype}")
+            mask = mask.bool()
+        return text, pooled, mask
+
+    def _arg(self, name: str | None, args: tuple, kwargs: dict) -> Any:
+        if name is None:
+            return None
+        if name in kwargs:
+            return kwargs[name]
+        at = self._positions.get(name)
+        return args[at] if at is not None and at < len(args) else None
+
+    def _forward_signal(self, args: tuple, kwargs: dict) -> tuple[Any, Any, Any]:
+        """This forward's own routing signal, read as the architecture passes it."""
+        names = self._args
+        text = self._arg(names.text, args, kwargs)
+        pooled = self._arg(names.pooled, args, kwargs)
+        mask = self._arg(names.mask, args, kwargs)
+        if text is None or (names.pooled is not None and pooled is None):
+            given = " and ".join(n for n in (names.text, names.pooled) if n)
+            raise AttachError(
+                f"dynamic routing needs {given} in the forward call; pass them, or give the instruction's signal "
+                "with handle.set_signal(...)"
+            )
+        if mask is not None:
+            mask = mask.bool()
+        return text, pooled, mask
+
+    def _set_signal_on(self, device: torch.device, rows: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``set_signal``'s signal for a forward of ``rows`` images on ``device`` (copied there once)."""
+        text = self._signal[0]
+        if text.shape[0] != rows:
+            raise AttachError(
+                f"the signal given to set_signal has {text.shape[0]} rows, but this forward's batch has {rows} "
+                f"images; set one row per image (or set_signal(None) to route from the forward's own features)"
+            )
+        if device not in self._signal_on:
+            self._signal_on = {device: tuple(None if t is None else t.to(device) for t in self._signal)}
+        return self._signal_on[device]
+
     def _begin(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-        pooled = kwargs.get("pooled_projections", args[2] if len(args) > 2 else None)
-        if self.runtime.council is None and (text is None or pooled is None):
-            raise AttachError("dynamic routing needs encoder_hidden_states and pooled_projections in the forward call")
+        hidden = self._arg("hidden_states", args, kwargs)
+        rows, device = hidden.shape[0], hidden.device
+        text = pooled = mask = None
+        if self.runtime.council is None and self.runtime.layers.intersection(self.adapter.config.instruction_layers):
+            if self._signal is not None:
+                text, pooled, mask = self._set_signal_on(device, rows)
+            else:
+                text, pooled, mask = self._forward_signal(args, kwargs)
         try:
-            self.runtime.begin(text, pooled, rows=hidden.shape[0], device=hidden.device, seeds=self.seeds)
+            self.runtime.begin(text, pooled, rows=rows, device=device, seeds=self.seeds, mask=mask)
         except RoutingError as err:
             raise AttachError(str(err)) from None
 
@@ -267,9 +445,11 @@ def attach(
     lora_strength: float = 1.0,
     training: bool = False,
 ) -> AttachedAdapter:
-    """Apply everything in ``adapter`` (experts, router, plain LoRA) to a diffusers Flux transformer.
+    """Apply everything in ``adapter`` (experts, router, plain LoRA) to a diffusers transformer of the
+    family the adapter was made for (FLUX.1, FLUX.2 or Qwen-Image; another is refused in one sentence).
 
-    ``mode="dynamic"`` without ``council`` routes each row from its own conditioning (auto); with a
+    ``mode="dynamic"`` without ``council`` routes each row from its own conditioning (auto: the
+    forward's features as the module docstring lists them, or ``handle.set_signal``'s); with a
     council, that council serves every row (fixed). ``mode="merged"`` folds ``council`` and the LoRA
     part into the weights: afterwards a forward costs exactly the base model's. ``training=True``
     (dynamic, no plain-LoRA tensors) routes with the live adapter: gradients reach experts, gates
