@@ -149,6 +149,10 @@ class Adapter:
                 f"route: text has {text.shape[0]} instances but pooled has {pooled.shape[0]}; pass one of each per "
                 "instruction"
             )
+        if isinstance(mask, Tensor) and (mask.is_floating_point() or mask.is_complex()):
+            raise AdapterError(
+                f"route: mask is {mask.dtype}; give a bool (or 0/1 integer) mask, true on the instruction's tokens"
+            )
         if mask is not None and (not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(text.shape[:2])):
             raise AdapterError(
                 f"route: mask must be a tensor [instances, tokens] = {tuple(text.shape[:2])}, got {_show(mask)}"

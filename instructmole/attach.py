@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -41,7 +40,7 @@ from .adapter import Adapter
 from .checks import checked_strength
 from .council import Council
 from .errors import InstructMoLEError
-from .families import ArchKey, check_model_fits
+from .families import check_model_fits
 from .runtime import MoLERuntime, RoutingError
 
 __all__ = ["AttachedAdapter", "attach"]
@@ -52,34 +51,6 @@ MARK = "_instructmole_attached"  # on the transformer: the handle that is attach
 
 class AttachError(InstructMoLEError):
     """The adapter does not fit the transformer it is attached to, or the mode's inputs are missing."""
-
-
-@dataclass(frozen=True)
-class _SignalArgs:
-    """Where an architecture's diffusers forward takes the routing signal: argument names, and the
-    positions diffusers gives them (used when the forward's signature cannot be read)."""
-
-    text: str
-    pooled: str | None
-    mask: str | None
-    order: tuple[str, ...]
-
-
-_SIGNAL_ARGS: dict[ArchKey, _SignalArgs] = {
-    "flux1": _SignalArgs(
-        "encoder_hidden_states",
-        "pooled_projections",
-        None,
-        ("hidden_states", "encoder_hidden_states", "pooled_projections"),
-    ),
-    "qwen_image": _SignalArgs(
-        "encoder_hidden_states",
-        None,
-        "encoder_hidden_states_mask",
-        ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask"),
-    ),
-    "flux2": _SignalArgs("encoder_hidden_states", None, None, ("hidden_states", "encoder_hidden_states")),
-}
 
 
 def _positions(transformer: nn.Module, order: tuple[str, ...]) -> dict[str, int]:
@@ -176,7 +147,7 @@ class AttachedAdapter:
         self._signal_on: dict[torch.device, tuple[Tensor, Tensor | None, Tensor | None]] = {}
 
         self.family = check_model_fits(cfg, transformer, AttachError)
-        self._args = _SIGNAL_ARGS[self.family.architecture]
+        self._args = self.family.arch.diffusers_signal
         self._positions = _positions(transformer, self._args.order)
         targets = {
             spec.name: _linear(transformer, spec.name, spec.in_features, spec.out_features) for spec in cfg.layers

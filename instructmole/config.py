@@ -175,7 +175,11 @@ class MoLEConfig:
     gate_noise: bool = field(default=True, metadata=field_spec("Gaussian gate-logit noise of std 1/N, training only"))
     text_length: int = field(
         default=512,
-        metadata=_counted("text_length", "T5 padding length the router was trained with (no attention mask)"),
+        metadata=_counted(
+            "text_length",
+            "T5 padding length the router was trained with (FLUX.1: no attention mask; the text router of "
+            "FLUX.2 and Qwen-Image masks padding, so it reads any length alike)",
+        ),
     )
     base_model: str = "flux.1-kontext-dev"
     # Set by the base model's family (``families.py``), never by hand: so not one of the settings.

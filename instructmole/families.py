@@ -37,8 +37,10 @@ from .layers import BflTarget, to_bfl, to_comfy_flux2
 __all__ = [
     "ARCHITECTURES",
     "FAMILIES",
+    "ArchKey",
     "Architecture",
     "Family",
+    "SignalArgs",
     "architecture_of",
     "block_counts",
     "check_model_fits",
@@ -59,6 +61,17 @@ class Inputs:
     image: str
     text: str
     pooled: str | None = None
+
+
+@dataclass(frozen=True)
+class SignalArgs:
+    """Where an architecture's diffusers forward takes the routing signal: argument names, and the
+    positions diffusers gives them (used when the forward's signature cannot be read)."""
+
+    text: str
+    pooled: str | None
+    mask: str | None
+    order: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -83,6 +96,7 @@ class Architecture:
     single_blocks: dict[Host, str | None]
     reference_targets: Callable[[int, int], list[str]]
     lora_targets: tuple[str, ...]
+    diffusers_signal: SignalArgs
     _comfy: Callable[[str, int, int], BflTarget]
 
     def comfy_target(self, name: str, hidden: int, mlp_hidden: int) -> BflTarget:
@@ -137,6 +151,12 @@ ARCHITECTURES: dict[ArchKey, Architecture] = {
             "ff.net.0.proj",
             "proj_mlp",
         ),
+        diffusers_signal=SignalArgs(
+            "encoder_hidden_states",
+            "pooled_projections",
+            None,
+            ("hidden_states", "encoder_hidden_states", "pooled_projections"),
+        ),
         _comfy=lambda name, hidden, mlp: to_bfl(name, hidden, mlp / hidden),
     ),
     "qwen_image": Architecture(
@@ -161,6 +181,12 @@ ARCHITECTURES: dict[ArchKey, Architecture] = {
             "attn.to_out.0",
             "img_mod.1",
             "img_mlp.net.0.proj",
+        ),
+        diffusers_signal=SignalArgs(
+            "encoder_hidden_states",
+            None,
+            "encoder_hidden_states_mask",
+            ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask"),
         ),
         _comfy=_same_name,
     ),
@@ -187,6 +213,7 @@ ARCHITECTURES: dict[ArchKey, Architecture] = {
             "ff.linear_in",
             "attn.to_qkv_mlp_proj",
         ),
+        diffusers_signal=SignalArgs("encoder_hidden_states", None, None, ("hidden_states", "encoder_hidden_states")),
         _comfy=to_comfy_flux2,
     ),
 }

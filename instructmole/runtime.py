@@ -328,6 +328,10 @@ class MoLERuntime:
                 probs, indices, weights = routed
             else:
                 self._check_signal(text, pooled, mask, rows)
+                if device is not None:  # a host may hold the signal elsewhere than the model (e.g. on the CPU)
+                    text = text.to(device)
+                    pooled = None if pooled is None else pooled.to(device)
+                    mask = None if mask is None else mask.to(device)
                 probs, indices, weights = self.route(text, pooled, self._seeds, mask)
             self._last = (probs, indices, weights)
             if self.training:
@@ -373,6 +377,16 @@ class MoLERuntime:
             raise RoutingError(
                 f"the instruction's pooled vector is {tuple(pooled.shape)}, but the router reads "
                 f"[rows, {cfg.router_dim}]; encode with the FLUX text encoders"
+            )
+        if not clip and pooled is not None:
+            raise RoutingError(
+                f"this adapter (for {cfg.base_model}) routes from the text alone, but a pooled vector was given; "
+                "pass no pooled vector, and the instruction's token mask"
+            )
+        if mask is not None and (mask.is_floating_point() or mask.is_complex()):
+            raise RoutingError(
+                f"the instruction's token mask is {mask.dtype}; give a bool (or 0/1 integer) mask, true on the "
+                "instruction's tokens (an additive 0/-inf attention mask would read inverted)"
             )
         if mask is not None and tuple(mask.shape) != tuple(text.shape[:2]):
             raise RoutingError(

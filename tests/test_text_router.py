@@ -126,3 +126,24 @@ def test_an_old_config_without_the_key_loads_as_clip():
     assert MoLEConfig.from_json(json.dumps(data)).router_pool == "clip"
     with pytest.raises(im.ConfigError, match="router_pool"):
         MoLEConfig.from_dict({**data, "router_pool": "t5"})
+
+
+def test_a_text_router_refuses_a_pooled_vector_and_an_additive_mask(adapter):
+    """A CLIP vector handed to a text router, or a 0/-inf attention mask (which would read inverted),
+    is one sentence, in the runtime (every host) and in ``Adapter.route``."""
+    from instructmole.runtime import MoLERuntime, RoutingError
+
+    text = torch.randn(1, 6, adapter.config.text_dim)
+    runtime = MoLERuntime(adapter.model, adapter_id=adapter.adapter_id)
+    with pytest.raises(RoutingError, match="routes from the text alone, but a pooled vector was given"):
+        runtime.begin(text, torch.randn(1, adapter.config.router_dim), rows=1)
+    additive = torch.zeros(1, 6)
+    additive[0, 4:] = float("-inf")
+    with pytest.raises(RoutingError, match="a bool \\(or 0/1 integer\\) mask"):
+        runtime.begin(text, None, rows=1, mask=additive)
+    with pytest.raises(im.AdapterError, match=r"mask is torch\.float32"):
+        adapter.route(text, None, mask=additive)
+    integer = torch.ones(1, 6, dtype=torch.long)
+    integer[0, 4:] = 0
+    same_council(adapter.route(text, None, mask=integer), adapter.route(text, None, mask=integer.bool()))
+
