@@ -5,7 +5,9 @@ a module, so other LoRAs, fp8 weights and low-VRAM offloading keep working on th
 There is one mechanism, a DIFFUSION_MODEL wrapper, for every way ComfyUI runs a model:
 
 * per forward it routes every row of the batch once, from the exact signal its conditioning
-  carries (InstructMoLE Text Encode) or, failing that, from its own T5 features;
+  carries (InstructMoLE Text Encode) or, failing that, from the features the model reads (FLUX.1:
+  T5 and the CLIP pooled vector; Qwen-Image: its text features and attention mask; FLUX.2: its text
+  features), per the architecture ``place`` found (``instructmole/families.py``);
 * for that forward only, it gives each target Linear *of the model being run*
   (``executor.class_obj``) a forward that calls the one it had (ComfyUI's cast / weight-function /
   low-VRAM / hook path, or another pack's patch) and adds the council term, and restores the
@@ -40,13 +42,13 @@ from torch import Tensor
 
 from ..instructmole import Adapter, Council, CouncilMismatchError, InstructMoLEError
 from ..instructmole.checks import checked_strength
-from ..instructmole.families import check_model_fits
-from ..instructmole.layers import to_bfl
+from ..instructmole.families import FAMILIES, Architecture, block_counts, check_model_fits
 from ..instructmole.runtime import DeviceCache, MoLERuntime, RoutingError
-from .signal import CHECK_KEY, POOLED_KEY, T5_KEY, rows_still_matching, unpack
+from .signal import CHECK_KEY, MASK_KEY, POOLED_KEY, T5_KEY, rows_still_matching, unpack, unpack_mask
 
 ATTACHMENT = "instructmole"
 PREFIX = "diffusion_model."
+LORA_PREFIX = "transformer."  # how an adapter file names its plain-LoRA layers (``instructmole/adapter.py``)
 log = logging.getLogger("instructmole")
 
 
@@ -63,26 +65,47 @@ class Placement:
     rows: tuple[int, int] | None  # output rows of a fused weight, or None
 
 
+def model_architecture(adapter: Adapter, patcher: Any) -> Architecture:
+    """The architecture of the MODEL's diffusion model, checked against the adapter's family
+    (``families.check_model_fits``): one sentence naming what to load when it does not fit."""
+    diffusion = getattr(getattr(patcher, "model", None), "diffusion_model", None)
+    if not isinstance(diffusion, torch.nn.Module):
+        family = FAMILIES.get(adapter.config.base_model)
+        title = family.title if family is not None else adapter.config.base_model
+        raise ModelMismatchError(
+            f"this MODEL is not one InstructMoLE knows (FLUX.1, FLUX.2 or Qwen-Image), and the adapter was made "
+            f"for {title}; load {title}"
+        )
+    return check_model_fits(adapter.config, diffusion, ModelMismatchError).arch
+
+
+def _widths(arch: Architecture, diffusion: Any) -> tuple[int, int]:
+    """(hidden, MLP hidden) of a ComfyUI diffusion model of ``arch``: the text embedder's output width
+    and the first double block's image-MLP width (FLUX.2's fused SwiGLU input holds two halves)."""
+    hidden = diffusion.get_submodule(arch.inputs["comfy"].text).out_features
+    double = diffusion.get_submodule(arch.double_blocks["comfy"])[0]
+    first = double.img_mlp.net[0].proj if arch.key == "qwen_image" else double.img_mlp[0]
+    return hidden, first.out_features // (2 if arch.key == "flux2" else 1)
+
+
 def place(adapter: Adapter, patcher: Any) -> list[Placement]:
     """Map every adapter layer onto the model and check its shape; errors say what does not fit."""
-    flux = getattr(patcher.model, "diffusion_model", None)
-    if flux is None or not hasattr(flux, "double_blocks") or not hasattr(flux, "single_blocks"):
-        raise ModelMismatchError(
-            f"this MODEL is not a FLUX model, and the adapter was made for {adapter.config.base_model}; "
-            "load FLUX.1 Kontext [dev]"
-        )
-    check_model_fits(adapter.config, flux, ModelMismatchError)
-    hidden = flux.hidden_size
-    mlp_ratio = flux.double_blocks[0].img_mlp[0].out_features / hidden
+    arch = model_architecture(adapter, patcher)
+    diffusion = patcher.model.diffusion_model
+    hidden, mlp_hidden = _widths(arch, diffusion)
     placements = []
     for spec in adapter.config.layers:
-        target = to_bfl(spec.name, hidden, mlp_ratio)
+        try:
+            target = arch.comfy_target(spec.name, hidden, mlp_hidden)
+        except ValueError as err:
+            raise ModelMismatchError(f"{err}; use an adapter made for {arch.title}") from None
         try:
             linear = patcher.get_model_object(PREFIX + target.module)
         except AttributeError:
+            double, single = block_counts(diffusion, arch)
             raise ModelMismatchError(
                 f"the adapter's layer {spec.name!r} ({target.module}) does not exist in this model; "
-                f"it has {len(flux.double_blocks)} double and {len(flux.single_blocks)} single blocks"
+                f"it has {double} double and {single} single blocks"
             ) from None
         out = target.rows[1] if target.rows else linear.out_features
         if (linear.in_features, out) != (spec.in_features, spec.out_features):
@@ -96,11 +119,13 @@ def place(adapter: Adapter, patcher: Any) -> list[Placement]:
 
 @dataclass(frozen=True)
 class TokenLayout:
-    """Where a Flux forward's tokens sit, for maps of per-token routing.
+    """Where a forward's tokens sit, for maps of per-token routing.
 
-    ComfyUI's Flux runs the image tokens alone through the double blocks (the target image's
-    ``grid`` first, reference images after) and ``[text; image]`` through the single blocks.
-    ``cond_or_uncond``: ComfyUI's order of the batch's equal chunks (0 = positive, 1 = negative).
+    ComfyUI's Fluxes run the image tokens alone through the double blocks (the target image's
+    ``grid`` first, reference images after) and ``[text; image]`` through the single blocks;
+    Qwen-Image has double blocks only. ``grid``: the target's tokens per side (the latent over the
+    architecture's patch, rounded up as the model pads). ``cond_or_uncond``: ComfyUI's order of the
+    batch's equal chunks (0 = positive, 1 = negative).
     """
 
     text_tokens: int
@@ -118,12 +143,46 @@ class TokenLayout:
         return picked
 
 
+# The 4th argument ComfyUI's diffusion model forward receives (after x, timestep, context), per
+# architecture, and what the router reads from it: FLUX.1's ``y`` is the CLIP pooled vector,
+# Qwen-Image's ``attention_mask`` the text tokens it attends to; FLUX.2's ``y`` is unused (None).
+_FOURTH: dict[str, str | None] = {"flux1": "pooled", "qwen_image": "mask", "flux2": None}
+
+
+def token_mask(attention_mask: Tensor | None) -> Tensor | None:
+    """The text tokens a ComfyUI ``attention_mask [rows, tokens]`` lets the model attend to, as a bool
+    mask (None: all): an integer mask is 1 for a token (ComfyUI's text encoders), a floating one an
+    additive bias (Qwen-Image's forward turns integer masks into ``(m - 1) * dtype max``)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.is_floating_point():
+        return attention_mask > -1e4
+    return attention_mask != 0
+
+
+@dataclass(frozen=True)
+class _Signal:
+    """Routing inputs for some rows: text features, pooled vector (FLUX.1) and token mask (text families)."""
+
+    text: Tensor
+    pooled: Tensor | None
+    mask: Tensor | None
+
+    def rows(self, keep: Tensor) -> _Signal:
+        """The signal of the rows ``keep`` (bool ``[rows]``) marks."""
+        pooled = None if self.pooled is None else self.pooled[keep]
+        return _Signal(self.text[keep], pooled, None if self.mask is None else self.mask[keep])
+
+    def route(self, core: MoLERuntime) -> tuple[Tensor, Tensor, Tensor]:
+        return core.route(self.text, self.pooled, mask=self.mask)
+
+
 class ComfyRuntime:
     """The core ``MoLERuntime`` of one adapter on one MODEL clone, fed from ComfyUI's forward.
 
     What is ComfyUI's own lives here: where the routing signal comes from (the exact signal an
-    InstructMoLE Text Encode put in the conditioning, or ComfyUI's T5 features), merged weight
-    patches, and deriving clones; the routing state and the expert term are the core's.
+    InstructMoLE Text Encode put in the conditioning, or the features ComfyUI hands the model),
+    merged weight patches, and deriving clones; the routing state and the expert term are the core's.
     """
 
     def __init__(
@@ -137,6 +196,7 @@ class ComfyRuntime:
         cache: DeviceCache | None = None,
     ) -> None:
         self.adapter, self.placements = adapter, placements
+        self.arch = FAMILIES[adapter.config.base_model].arch  # the MODEL's, as ``place`` checked
         self.core = MoLERuntime(
             adapter.model,
             council=council,
@@ -192,41 +252,44 @@ class ComfyRuntime:
     # ---- per forward (the DIFFUSION_MODEL wrapper) --------------------------------------------
 
     @torch.no_grad()
-    def begin(self, x: Tensor, context: Tensor, y: Tensor | None, options: dict, kwargs: dict) -> None:
+    def begin(self, x: Tensor, context: Tensor, fourth: Tensor | None, options: dict, kwargs: dict) -> None:
+        """Route every row of one forward. ``fourth``: the model's 4th argument (``_FOURTH``)."""
         cfg = self.adapter.config
+        patch = self.arch.comfy_patch
         self.last_layout = TokenLayout(
             text_tokens=context.shape[1],
-            grid=((x.shape[-2] + 1) // 2, (x.shape[-1] + 1) // 2),  # Flux pads to its 2x2 patches
+            grid=(-(-x.shape[-2] // patch), -(-x.shape[-1] // patch)),  # the model pads to its patches
             cond_or_uncond=tuple(options.get("cond_or_uncond") or ()),
         )
         if self.merged or self.council is not None or not cfg.instruction_layers:
             self.core.begin(None, None, rows=x.shape[0], device=x.device)
             return
-        if y is None:
-            raise RoutingError("InstructMoLE needs the CLIP pooled vector (y) to route; use FLUX conditioning")
-        exact = torch.zeros(x.shape[0], dtype=torch.bool)
-        if T5_KEY in kwargs and POOLED_KEY in kwargs:
+        own = self._own_signal(context, fourth)
+        clip = cfg.router_pool == "clip"
+        rows = x.shape[0]
+        exact = torch.zeros(rows, dtype=torch.bool)
+        if T5_KEY in kwargs and (POOLED_KEY if clip else MASK_KEY) in kwargs:
             exact[:] = True
             if CHECK_KEY in kwargs:  # rows whose conditioning a core node edited after Text Encode
-                exact = rows_still_matching(kwargs[CHECK_KEY], context, y).cpu()
-        self._note_fallback(int((~exact).sum()), x.shape[0], context.shape[1], T5_KEY in kwargs)
+                exact = rows_still_matching(kwargs[CHECK_KEY], context, own.pooled).cpu()
+        self._note_fallback(int((~exact).sum()), rows, context.shape[1], T5_KEY in kwargs)
         if bool(exact.all()):
-            self.core.begin(
-                unpack(kwargs[T5_KEY]).to(x.device), unpack(kwargs[POOLED_KEY]).to(x.device), rows=x.shape[0]
-            )
+            self._begin(self._carried_signal(kwargs, x.device), rows)
         elif not bool(exact.any()):
-            self.core.begin(context, y, rows=x.shape[0])
+            self._begin(own, rows)
         else:  # some rows exact, some not: the signals differ in length, so route the two groups apart
             mask = exact.to(x.device)
-            t5, pooled = unpack(kwargs[T5_KEY]).to(x.device), unpack(kwargs[POOLED_KEY]).to(x.device)
-            own, carried = self.core.route(context[~mask], y[~mask]), self.core.route(t5[mask], pooled[mask])
+            routed_own = own.rows(~mask).route(self.core)
+            routed_carried = self._carried_signal(kwargs, x.device).rows(mask).route(self.core)
             routed = []
-            for own_part, carried_part in zip(own, carried, strict=True):
-                joined = own_part.new_empty((x.shape[0], *own_part.shape[1:]))
+            for own_part, carried_part in zip(routed_own, routed_carried, strict=True):
+                joined = own_part.new_empty((rows, *own_part.shape[1:]))
                 joined[~mask], joined[mask] = own_part, carried_part
                 routed.append(joined)
-            self.core.begin(None, None, rows=x.shape[0], routed=tuple(routed))
-        if T5_KEY in kwargs and kwargs[T5_KEY].shape[1] != cfg.text_length:  # encoded for another length
+            self.core.begin(None, None, rows=rows, routed=tuple(routed))
+        # A FLUX.1 router reads every T5 token (no mask): a signal encoded for another length is close,
+        # not exact. A text family's router reads only the masked tokens, whatever the padding.
+        if clip and T5_KEY in kwargs and kwargs[T5_KEY].shape[1] != cfg.text_length:
             exact[:] = False
             if not self._warned_length:
                 self._warned_length = True
@@ -238,6 +301,25 @@ class ComfyRuntime:
                 )
         self.last_exact = bool(exact.all())
         self.last_exact_rows = tuple(exact.tolist())
+
+    def _own_signal(self, context: Tensor, fourth: Tensor | None) -> _Signal:
+        """What the model itself reads: its text features, and per ``_FOURTH`` the pooled vector or mask."""
+        reads = _FOURTH[self.arch.key]
+        if reads == "pooled" and fourth is None:
+            raise RoutingError("InstructMoLE needs the CLIP pooled vector (y) to route; use FLUX conditioning")
+        pooled = fourth if reads == "pooled" else None
+        mask = token_mask(fourth) if reads == "mask" else None
+        return _Signal(context, pooled, mask)
+
+    @staticmethod
+    def _carried_signal(kwargs: dict, device: torch.device) -> _Signal:
+        """The exact signal the rows' conditionings carry (``nodes/signal.py``), on ``device``."""
+        pooled = unpack(kwargs[POOLED_KEY]).to(device) if POOLED_KEY in kwargs else None
+        mask = unpack_mask(kwargs[MASK_KEY]).to(device) if MASK_KEY in kwargs else None
+        return _Signal(unpack(kwargs[T5_KEY]).to(device), pooled, mask)
+
+    def _begin(self, signal: _Signal, rows: int) -> None:
+        self.core.begin(signal.text, signal.pooled, rows=rows, mask=signal.mask)
 
     def _note_fallback(self, own: int, rows: int, tokens: int, carried: bool) -> None:
         """Say once per runtime why councils are close rather than exact (routing from ComfyUI's features)."""
@@ -252,13 +334,20 @@ class ComfyRuntime:
                 own,
                 rows,
             )
-        else:
+        elif self.adapter.config.router_pool == "clip":
             log.info(
                 "InstructMoLE: routing a conditioning from ComfyUI's own T5 features (padded to %d tokens, "
                 "not the %d the adapter was trained with): close, not exact. Encode with 'InstructMoLE Text "
                 "Encode' for exact councils.",
                 tokens,
                 self.adapter.config.text_length,
+            )
+        else:
+            log.info(
+                "InstructMoLE: routing a conditioning from the %s ComfyUI hands the model (%d tokens, every token "
+                "the model attends to): close, not exact. Encode with 'InstructMoLE Text Encode' for exact councils.",
+                self.arch.text_features,
+                tokens,
             )
 
     def end(self) -> None:
@@ -273,15 +362,18 @@ class ComfyRuntime:
         x: Tensor,
         timestep: Tensor,
         context: Tensor,
-        y: Tensor | None = None,
+        fourth: Tensor | None = None,
         *args: Any,
         **kwargs: Any,
     ) -> Tensor:
-        self.begin(x, context, y, _transformer_options(executor, args, kwargs), kwargs)
+        """One forward of the diffusion model. ComfyUI passes its arguments positionally, and the 4th
+        differs by architecture (``_FOURTH``: FLUX's ``y``, Qwen-Image's ``attention_mask``): it is
+        handed on untouched."""
+        self.begin(x, context, fourth, _transformer_options(executor, args, kwargs), kwargs)
         installed: list[tuple[Any, bool, Any]] = []
         try:
             self._install_forwards(executor.class_obj, installed)
-            return executor(x, timestep, context, y, *args, **kwargs)
+            return executor(x, timestep, context, fourth, *args, **kwargs)
         finally:  # also after a failure half-way through installing: every module gets its own back
             _restore_forwards(installed)
             self.end()
@@ -334,8 +426,8 @@ def _restore_forwards(installed: list[tuple[Any, bool, Any]]) -> None:
 
 
 def _transformer_options(executor: Any, args: tuple, kwargs: dict) -> dict:
-    """``transformer_options`` wherever the model passes it: ComfyUI's Flux passes it positionally
-    (8th argument of ``_forward``), other callers by keyword."""
+    """``transformer_options`` wherever the model passes it: ComfyUI's Flux and Qwen-Image pass it
+    positionally (8th and 7th argument of ``_forward``), other callers by keyword."""
     if "transformer_options" in kwargs:
         return kwargs["transformer_options"] or {}
     original = getattr(executor, "original", None)
@@ -347,7 +439,7 @@ def _transformer_options(executor: Any, args: tuple, kwargs: dict) -> dict:
 
 @functools.lru_cache(maxsize=64)
 def _options_index(function: Any) -> int | None:
-    """Where ``transformer_options`` sits in ``*args`` after (x, timestep, context, y), if anywhere."""
+    """Where ``transformer_options`` sits in ``*args`` after (x, timestep, context, 4th), if anywhere."""
     try:
         names = [n for n in inspect.signature(function).parameters if n != "self"]
         index = names.index("transformer_options") - 4
@@ -425,7 +517,7 @@ def apply_adapter(model: Any, adapter: Adapter, *, expert_strength: float = 1.0,
     placements = place(adapter, model)
     m = model.clone()
     if adapter.lora and lora_strength != 0:
-        key_map = comfy.lora.model_lora_keys_unet(m.model, {})
+        key_map = _lora_key_map(m.model, adapter)
         loaded = comfy.lora.load_lora(adapter.lora, key_map, log_missing=False)
         used = set().union(*(getattr(v, "loaded_keys", set()) for v in loaded.values())) if loaded else set()
         unused = sorted(k for k in adapter.lora if k not in used)
@@ -435,6 +527,31 @@ def apply_adapter(model: Any, adapter: Adapter, *, expert_strength: float = 1.0,
         m.add_patches(loaded, lora_strength)
     _install(m, ComfyRuntime(adapter, placements, expert_strength=expert_strength))
     return m
+
+
+def _lora_key_map(model: Any, adapter: Adapter) -> dict:
+    """ComfyUI's LoRA key map for ``model``, completed with the adapter's block layers it lacks.
+
+    The adapter names its plain-LoRA layers the diffusers way (``transformer.<canonical name>``).
+    ComfyUI's map knows those names for FLUX.1 and Qwen-Image, and for FLUX.2 from v0.33 on; for a
+    FLUX.2 MODEL on an older ComfyUI the architecture's own mapping (``comfy_target``: module and
+    fused rows) fills in what is missing. Names neither knows stay unmapped (and are refused)."""
+    import comfy.lora
+
+    key_map = comfy.lora.model_lora_keys_unet(model, {})
+    arch = FAMILIES[adapter.config.base_model].arch
+    hidden, mlp_hidden = _widths(arch, model.diffusion_model)
+    for key in adapter.lora:
+        stem = key.rpartition(".lora_")[0] if ".lora_" in key else ""
+        if not stem.startswith(LORA_PREFIX) or stem in key_map:
+            continue
+        try:
+            target = arch.comfy_target(stem.removeprefix(LORA_PREFIX), hidden, mlp_hidden)
+        except ValueError:
+            continue
+        weight = f"{PREFIX}{target.module}.weight"
+        key_map[stem] = weight if target.rows is None else (weight, (0, *target.rows))
+    return key_map
 
 
 def _weight_slot(key: Any) -> tuple[str, tuple | None]:
