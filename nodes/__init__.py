@@ -11,7 +11,7 @@ from .council_nodes import ApplyCouncil, BlendCouncils, CouncilPreview, Override
 from .export_nodes import SaveCouncilLora
 from .icedit_nodes import ICEditDiptych, ICEditRightHalf
 from .loaders import AdapterFile, ApplyAdapter, LoadAdapter, LoadKontext
-from .routing_nodes import Route, TextEncode
+from .routing_nodes import QwenEditTextEncode, Route, TextEncode
 from .token_map import TokenExpertMap
 
 NODES: list[type[io.ComfyNode]] = [
@@ -20,6 +20,7 @@ NODES: list[type[io.ComfyNode]] = [
     AdapterFile,
     ApplyAdapter,
     TextEncode,
+    QwenEditTextEncode,
     Route,
     OverrideCouncil,
     BlendCouncils,

@@ -1,4 +1,4 @@
-"""Loader nodes: an adapter onto any MODEL, or Kontext and its adapter in one node."""
+"""Loader nodes: an adapter onto a MODEL of its family, or Kontext and its adapter in one node."""
 
 from __future__ import annotations
 
@@ -123,10 +123,14 @@ class ApplyAdapter(io.ComfyNode):
             node_id="InstructMoLE_ApplyAdapter",
             display_name=APPLY_ADAPTER,
             category=LOADERS,
-            description=f"Applies a loaded InstructMoLE adapter (from '{ADAPTER_FILE}') to a FLUX.1 Kontext model, "
+            description=f"Applies a loaded InstructMoLE adapter (from '{ADAPTER_FILE}') to a model of its family, "
             f"as '{LOAD_ADAPTER}' does with a file name.",
             inputs=[
-                io.Model.Input("model", tooltip="A FLUX.1 Kontext [dev] model from any loader."),
+                io.Model.Input(
+                    "model",
+                    tooltip="The adapter's model from any loader: FLUX.1 Kontext [dev], Qwen-Image-Edit-2511 or "
+                    "FLUX.2 [klein] (the adapter says which; another is refused).",
+                ),
                 ADAPTER.Input("adapter", tooltip=f"The adapter output of '{ADAPTER_FILE}'."),
                 *_STRENGTHS,
             ],
@@ -146,10 +150,14 @@ class LoadAdapter(io.ComfyNode):
             display_name=LOAD_ADAPTER,
             category=LOADERS,
             description="Applies an InstructMoLE adapter (routed mixture of LoRA experts plus its plain LoRA) to a "
-            "FLUX.1 Kontext model from any loader. Layers are never replaced, so other LoRAs, fp8 weights and "
-            "low-VRAM offloading keep working.",
+            "model of its family (FLUX.1 Kontext, Qwen-Image-Edit, FLUX.2 [klein]) from any loader. Layers are never "
+            "replaced, so other LoRAs, fp8 weights and low-VRAM offloading keep working.",
             inputs=[
-                io.Model.Input("model", tooltip="A FLUX.1 Kontext [dev] model from any loader."),
+                io.Model.Input(
+                    "model",
+                    tooltip="The adapter's model from any loader: FLUX.1 Kontext [dev], Qwen-Image-Edit-2511 or "
+                    "FLUX.2 [klein] (the adapter says which; another is refused).",
+                ),
                 _adapter_input(),
                 *_STRENGTHS,
             ],

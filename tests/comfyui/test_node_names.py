@@ -18,7 +18,7 @@ TREE = {
         "InstructMoLE_AdapterFile",
         "InstructMoLE_ApplyAdapter",
     },
-    "InstructMoLE/routing": {"InstructMoLE_TextEncode", "InstructMoLE_Route"},
+    "InstructMoLE/routing": {"InstructMoLE_TextEncode", "InstructMoLE_TextEncodeQwenImageEdit", "InstructMoLE_Route"},
     "InstructMoLE/councils": {
         "InstructMoLE_OverrideCouncil",
         "InstructMoLE_BlendCouncils",
