@@ -42,7 +42,8 @@ TINY_QWEN_IMAGE: dict[str, Any] = {
 }
 
 # FLUX.2 [klein] in small: 2 double + 2 single blocks, hidden 32, text width 96 (Klein stacks three
-# LLM layers: 3 x 32), no guidance embedder (Klein is sampled with CFG), 4 rope axes.
+# LLM layers: 3 x 32), the released timestep embedding width, no guidance embedder (Klein is sampled
+# with CFG), 4 rope axes.
 TINY_FLUX2: dict[str, Any] = {
     "patch_size": 1,
     "in_channels": 128,
@@ -51,7 +52,7 @@ TINY_FLUX2: dict[str, Any] = {
     "attention_head_dim": 16,
     "num_attention_heads": 2,
     "joint_attention_dim": 96,
-    "timestep_guidance_channels": 32,
+    "timestep_guidance_channels": 256,  # as released; ComfyUI's Flux embeds the timestep in 256 channels
     "mlp_ratio": 3.0,
     "axes_dims_rope": (4, 4, 4, 4),
     "guidance_embeds": False,

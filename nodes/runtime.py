@@ -309,6 +309,11 @@ class ComfyRuntime:
             raise RoutingError("InstructMoLE needs the CLIP pooled vector (y) to route; use FLUX conditioning")
         pooled = fourth if reads == "pooled" else None
         mask = token_mask(fourth) if reads == "mask" else None
+        if self.arch.router_pool == "text":
+            # ComfyUI pads FLUX.2's text to 512 tokens with zeros in front (model_base.Flux2): no token of
+            # the prompt is all zero, so those are left out as padding is in training.
+            real = context.abs().amax(dim=-1) > 0
+            mask = real if mask is None else mask.to(real.device) & real
         return _Signal(context, pooled, mask)
 
     @staticmethod

@@ -179,7 +179,7 @@ def case(request: pytest.FixtureRequest, instructmole_pack: Any) -> Case:
     if request.param == "qwen_image":
         transformer, make, twin, text_dim = tiny_qwen_image(0), _qwen_inputs, comfy_qwen_from_diffusers, 48
     else:  # ComfyUI's Flux embeds the timestep in 256 channels (as the released FLUX.2 does)
-        transformer = tiny_flux2(0, timestep_guidance_channels=256)
+        transformer = tiny_flux2(0)
         make, twin, text_dim = _flux2_inputs, comfy_flux2_from_diffusers, 96
     base = twin(transformer)
     if request.param == "qwen_image" and not qwen_reads_text_mask(base):
@@ -281,6 +281,21 @@ def test_auto_routes_each_row_from_the_models_own_features(case: Case) -> None:
         assert not torch.allclose(route(adapter, x["text"], None).weights[0], routed.weights[0])
 
 
+def test_zero_padding_in_front_is_not_read(case: Case) -> None:
+    """ComfyUI pads FLUX.2's text to 512 tokens with zeros in front: routing from the model's own
+    features leaves those out, so a padded prompt routes as the unpadded one."""
+    x = case.inputs(1, seed=14)
+    model, _ = case.load()
+    case.comfy(model, x)
+    plain = model.get_attachment("instructmole").last_council
+    pad = torch.zeros(1, 7, x["text"].shape[-1])
+    padded = dict(x, text=torch.cat([pad, x["text"]], dim=1))
+    if x.get("mask") is not None:
+        padded["mask"] = torch.cat([torch.ones(1, 7, dtype=x["mask"].dtype), x["mask"]], dim=1)
+    case.comfy(model, padded)
+    assert_same_councils(model.get_attachment("instructmole").last_council, plain)
+
+
 def test_strengths(case: Case) -> None:
     x = case.inputs(2, seed=7)
     model, adapter = case.load(lora=0.5, experts=2.0)
@@ -329,7 +344,10 @@ def test_a_conditioning_edited_after_encode_falls_back_row_by_row(case: Case) ->
     got = case.comfy(model, x, extra=_as_model_kwargs(rows))
     runtime = model.get_attachment("instructmole")
     assert runtime.last_exact_rows == (False, True) and runtime.last_exact is False
-    own = route(adapter, x["text"][:1], first_row(x, "mask", slice(0, 1)))
+    # Its own features are all zero: no token is read (ComfyUI's zero padding is left out the same way).
+    given = first_row(x, "mask", slice(0, 1))
+    real = x["text"][:1].abs().amax(dim=-1) > 0
+    own = route(adapter, x["text"][:1], real if given is None else given.bool() & real)
     exact = route(adapter, text[1:], mask[1:])
     assert_same_councils(runtime.last_council.row(0), own)
     assert_same_councils(runtime.last_council.row(1), exact)
@@ -416,7 +434,7 @@ def test_adapters_of_another_family_are_refused_in_one_sentence(case: Case) -> N
     other_key = "flux2" if case.key == "qwen_image" else "qwen_image"
     if family_missing(other_key) is None:
         twin = (
-            comfy_flux2_from_diffusers(tiny_flux2(0, timestep_guidance_channels=256))
+            comfy_flux2_from_diffusers(tiny_flux2(0))
             if other_key == "flux2"
             else comfy_qwen_from_diffusers(tiny_qwen_image(0))
         )
