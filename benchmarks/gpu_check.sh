@@ -36,7 +36,11 @@ if [ "${1:-}" = "--prepare" ]; then
   # and what ComfyUI imports that is not there. Pins come from the ComfyUI checkout's requirements.
   # Two do not fit the 64 MiB a call carries: comfy-kitchen (58 MB, nearly all compiled CUDA/HIP
   # backends) is unpacked into $SITE without them, keeping its eager and Triton kernels; PyAV (35 MB,
-  # video only) gets a stub at run time (benchmarks/gpu_check/comfy.py).
+  # video only) gets a stub at run time (benchmarks/gpu_check/comfy.py). bitsandbytes (the training
+  # stage's nf4 base and 8-bit AdamW; a 43 MB wheel, 129 MB unpacked, nearly all one kernel library per
+  # CUDA and ROCm version) is unpacked into $SITE with only its CUDA 13 and CPU libraries (~8 MB): the
+  # GPU image's torch is 2.11+cu130 (KINDS.md), and bitsandbytes loads the library of torch's CUDA.
+  # Without it the training stage's nf4 rows say "skipped: ... needs bitsandbytes".
   diffusers_version=$("$pip_py" -c 'import diffusers; print(diffusers.__version__)' 2>/dev/null || echo 0.42.1)
   pin() {  # pin NAME: the checkout's requirement line for NAME, else NAME
     local line=""
@@ -58,6 +62,13 @@ if [ "${1:-}" = "--prepare" ]; then
   download "$kitchen" "$(pin comfy-kitchen)" || exit 1
   (cd "$SITE" && unzip -q "$kitchen"/comfy_kitchen-*.whl -x '*/_C.abi3.so') || exit 1
   rm -rf "$kitchen"
+  bnb_version=$("$pip_py" -c 'from importlib.metadata import version; print(version("bitsandbytes"))' 2>/dev/null || echo 0.50.2)
+  bnb=$(mktemp -d)
+  say "downloading bitsandbytes==$bnb_version, unpacked into $SITE with its CUDA 13 and CPU libraries only"
+  download "$bnb" "bitsandbytes==$bnb_version" || exit 1
+  (cd "$SITE" && unzip -q "$bnb"/bitsandbytes-*.whl -x 'bitsandbytes/libbitsandbytes_cuda1[12]*.so' \
+    'bitsandbytes/libbitsandbytes_rocm*' 'bitsandbytes/libbitsandbytes_xpu*') || exit 1
+  rm -rf "$bnb"
   if [ -n "$src" ]; then
     [ -f "$src/comfy/model_patcher.py" ] || { say "$src is not a ComfyUI checkout"; exit 2; }
     rm -rf "$COMFY" && mkdir -p "$COMFY"

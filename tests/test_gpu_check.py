@@ -20,8 +20,11 @@ import pytest
 import torch
 
 from benchmarks.gpu_check import run as gpu_check
+from benchmarks.gpu_check import train_step
 from benchmarks.gpu_check.comfy import _AvStub
-from benchmarks.gpu_check.stage import StageResult
+from benchmarks.gpu_check.stage import StageContext, StageResult
+from benchmarks.training import bench as training_bench
+from benchmarks.training.options import GPU_CHECK_OPTIONS
 
 REPO = Path(__file__).resolve().parents[1]
 needs_diffusers = pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="diffusers is not installed")
@@ -56,7 +59,7 @@ def test_dry_run_runs_every_stage_and_writes_both_files(dry_run):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert data["dry_run"] is True
     assert list(data["stages"]) == [s.name for s in gpu_check.STAGES]
-    for name in ("environment", "load", "core"):
+    for name in ("environment", "load", "core", "training"):
         assert data["stages"][name]["status"] == "ok", data["stages"][name]
     for name in ("comfy-legacy", "comfy-dynamic"):
         stage = data["stages"][name]
@@ -64,7 +67,86 @@ def test_dry_run_runs_every_stage_and_writes_both_files(dry_run):
     markdown = (out / "gpu_check-dry.md").read_text()
     assert "| stage | status | s | limit s | model | reason |" in markdown
     assert "| core | ok |" in markdown and "| comfy-legacy | skipped |" in markdown
+    assert "| training | ok |" in markdown and "| option | status | ms/step | peak GiB |" in markdown
     assert markdown.strip() in proc.stdout  # the same table is printed at the end
+
+
+def _has_library(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+@needs_diffusers
+def test_training_stage_steps_once_under_every_memory_option(dry_run):
+    stage = dry_run[1]["stages"]["training"]
+    data = stage["data"]
+    assert data["blocks"] == "2+2" and data["dtype"] == "float32"
+    rows = data["options"]
+    assert list(rows) == [o.spec for o in GPU_CHECK_OPTIONS]
+    assert {"base", "fp8", "int8", "nf4", "nf4+adamw8bit", "swap-all"} == set(rows)
+    for spec, row in rows.items():
+        needs_bnb = "nf4" in spec or "adamw8bit" in spec
+        if needs_bnb and not _has_library("bitsandbytes"):  # a CI box without the train-memory extra
+            assert row["status"] == "skipped" and "needs bitsandbytes" in row["reason"], row
+            continue
+        assert row["status"] == "ok" and row["reason"] is None, row
+        assert row["ms_per_step"] > 0 and row["peak_gib"] > 0 and row["state_gib"] > 0, row
+        assert all(v == v for v in row["losses"].values()), row  # finite, not NaN
+    assert rows["swap-all"]["host_gib"] > 0 and rows["swap-all"]["option"]["model.block_swap"] == 4
+    assert rows["fp8"]["frozen_gib"] < rows["base"]["frozen_gib"]
+    (check,) = stage["checks"]
+    assert check["name"].startswith("training losses finite") and check["passed"]
+    assert stage["targets"] and all(t["met"] is None for t in stage["targets"])  # not the target's shapes
+    markdown = (dry_run[2] / "gpu_check-dry.md").read_text()
+    assert "| ours, block swap all | ok |" in markdown
+
+
+class _Clock(StageContext):
+    """A stage context whose time left is scripted, one value per question."""
+
+    answers: list[float]
+
+    def left(self) -> float:
+        return self.answers.pop(0) if self.answers else 0.0
+
+
+@needs_diffusers
+def test_training_stage_rows_for_an_error_and_for_no_time_left(tmp_path, monkeypatch):
+    """An option that fails is its one-line error; one the clock has no room for is 'not run: out of time';
+    the stage goes on either way and writes every row."""
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("cudnn SDPA backward failed\nwith a long trace")
+
+    monkeypatch.setattr(training_bench, "BlockSwap", broken)
+    torch.set_num_threads(1)
+    ctx = _Clock("training", True, "cpu", 60.0, tmp_path)
+    specs = [o.spec for o in GPU_CHECK_OPTIONS]
+    ctx.answers = [600.0 if spec in ("base", "swap-all") else 0.0 for spec in specs]
+    res = StageResult(path=tmp_path / "r.json")
+    train_step.training_stage(ctx, res)
+    res.finish()
+    saved = json.loads((tmp_path / "r.json").read_text())
+    rows = saved["data"]["options"]
+    assert rows["base"]["status"] == "ok" and rows["base"]["ms_per_step"] > 0
+    assert rows["swap-all"]["status"] == "failed"
+    assert rows["swap-all"]["reason"] == "RuntimeError: cudnn SDPA backward failed"
+    for spec in specs:
+        if spec not in ("base", "swap-all"):
+            assert rows[spec]["status"] == "not run" and rows[spec]["reason"].startswith("out of time"), rows[spec]
+    assert saved["status"] == "ok"  # a failed option is a row, not the stage's failure
+    text = gpu_check.report({"dry_run": True, "budget_s": 450, "total_s": 3, "stages": {"training": saved}})
+    assert "| ours, block swap all | failed: RuntimeError: cudnn SDPA backward failed |" in text
+    assert "| ours, fp8 base | not run: out of time" in text
+
+
+def test_stage_limits_fit_the_script_budget():
+    """The stages' limits add up to 450 s, inside the 470 s after which gpu_check.sh kills the run."""
+    assert sum(s.limit_s for s in gpu_check.STAGES) == 450
+    script = (REPO / "benchmarks" / "gpu_check.sh").read_text()
+    assert "GPU_CHECK_TIMEOUT:-470}" in script
+    assert [s.name for s in gpu_check.STAGES].index("training") < [s.name for s in gpu_check.STAGES].index(
+        "comfy-legacy"
+    )
 
 
 @needs_diffusers

@@ -9,6 +9,9 @@ network. A check that is not written, dry-run and sized in advance never happens
 * ``core``           dynamic (auto), fixed and merged against the core's plain formula
                      (``benchmarks.inference.DenseReference``), speed ratios over the base forward,
                      folding a council into the 57 layers, peak memory;
+* ``training``       one step of the trainer (reference recipe, 1024² + one reference) after one
+                     warm-up step under each memory option (bf16, fp8, int8, nf4, nf4 + 8-bit AdamW,
+                     every block swapped): ms per step and peak memory, a row per option;
 * ``comfy-legacy``   inside ComfyUI with its classic ``ModelPatcher``: the adapter's effect and a
                      LoRA's effect, stacked (core LoRA loader before and after the adapter, and a
                      hook LoRA on the conditioning), each equal their effect alone;

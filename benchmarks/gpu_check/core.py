@@ -41,6 +41,7 @@ OPTIONAL_PACKAGES = (
     "comfy_aimdo",
     "comfy_kitchen",
     "av",
+    "bitsandbytes",  # the training stage's nf4 base and 8-bit AdamW (carried trimmed, see gpu_check.sh --prepare)
 )
 
 

@@ -45,14 +45,17 @@ class Stage:
 
 
 # Limits on an H100: they add up to 450 s, so with the wheels' install the check stays under 8 minutes.
+# (Before the training stage: environment 30, load 45, core 180, comfy-legacy 90, comfy-dynamic 105; none has
+# run on a GPU yet. The core stage fits its rounds to the time it has; environment and load take seconds.)
 # The dry run's limits only guard against a hang: on a loaded 2-core CI machine a ComfyUI stage that
 # takes 20 s idle was seen past 60 s.
 STAGES: tuple[Stage, ...] = (
-    Stage("environment", 30, 60, "torch, CUDA, GPU, optional packages"),
-    Stage("load", 45, 60, "load_adapter of a full-size adapter"),
-    Stage("core", 180, 150, "dynamic / fixed / merged vs the plain formula; speed; fold; peak memory"),
-    Stage("comfy-legacy", 90, 150, "ComfyUI, legacy ModelPatcher: effects alone = stacked (LoRA, hook LoRA)"),
-    Stage("comfy-dynamic", 105, 150, "ComfyUI, dynamic VRAM (+ non-dynamic delegate for hooked conds): same"),
+    Stage("environment", 20, 60, "torch, CUDA, GPU, optional packages"),
+    Stage("load", 30, 60, "load_adapter of a full-size adapter"),
+    Stage("core", 120, 150, "dynamic / fixed / merged vs the plain formula; speed; fold; peak memory"),
+    Stage("training", 130, 150, "one training step per memory option (bf16, fp8, int8, nf4, 8-bit AdamW, block swap)"),
+    Stage("comfy-legacy", 70, 150, "ComfyUI, legacy ModelPatcher: effects alone = stacked (LoRA, hook LoRA)"),
+    Stage("comfy-dynamic", 80, 150, "ComfyUI, dynamic VRAM (+ non-dynamic delegate for hooked conds): same"),
 )
 
 
@@ -62,6 +65,10 @@ def _stage_function(name: str) -> Callable[[StageContext, StageResult], None]:
         from .comfy import comfy_stage
 
         return lambda ctx, res: comfy_stage(ctx, res, dynamic=name == "comfy-dynamic")
+    if name == "training":
+        from .train_step import training_stage
+
+        return training_stage
     from . import core
 
     return {"environment": core.environment_stage, "load": core.load_stage, "core": core.core_stage}[name]
@@ -335,6 +342,34 @@ def report(results: dict[str, Any]) -> str:
             for n, v in core["speed"].items()
         ]
         lines += _table(("variant", "median ms", "× base", "× base, paired per round", "peak GiB"), rows)
+
+    training = stages.get("training", {}).get("data", {})
+    if training.get("options"):
+        t = training
+        lines += [
+            "",
+            f"Training step ({t.get('blocks')} blocks, hidden {t.get('hidden')}, {t.get('dtype')}, {t.get('tokens')} "
+            f"tokens; {t.get('recipe')}), one timed step after one warm-up step, each option on its own transformer; "
+            f"memory: {t.get('memory')}:",
+            "",
+        ]
+        rows = []
+        for spec, r in training["options"].items():
+            ok = r["status"] == "ok"
+            rows.append(
+                (
+                    r.get("name", spec),
+                    r["status"] if ok else f"{r['status']}: {(r.get('reason') or '').replace('|', '/')}",
+                    _num(r.get("ms_per_step")) if ok else "",
+                    _num(r.get("peak_gib")) if ok else "",
+                    _num(r.get("state_gib")) if ok else "",
+                    _num(r.get("frozen_gib")) if ok else "",
+                    _num(r.get("host_gib")) if ok else "",
+                    _num(r.get("build_s")) if ok else "",
+                )
+            )
+        header = ("option", "status", "ms/step", "peak GiB", "trainable + optimizer GiB", "frozen base GiB")
+        lines += _table((*header, "swapped to CPU GiB", "build s"), rows)
 
     targets = [(name, t) for name, e in stages.items() for t in e.get("targets", [])]
     if targets:
