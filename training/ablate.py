@@ -158,10 +158,17 @@ def plan(setup: Setup) -> Plan:
     from diffusers import FluxTransformer2DModel
 
     from .data import read_rows
+    from .families import KontextRecipe, recipe_for
     from .loading import SHIPPED_CONFIGS
     from .modules import build_mole_config
 
     config = setup.load()
+    family = recipe_for(config)
+    if family.key != KontextRecipe.key:
+        raise ConfigError(
+            f"the ablation samples and decodes FLUX.1 Kontext edits, and this config trains {family.family.title}; "
+            "pass a FLUX.1 Kontext config"
+        )
     if config.adapter.lora.rank:
         raise ConfigError(
             f"adapter.lora.rank={config.adapter.lora.rank}: the ablation sets each variant's plain LoRA itself (a "

@@ -56,7 +56,8 @@ FORMAT = "2"  # 2: keys hold the encoders' dtype
 class FeatureCache:
     """The on-disk cache of one encoder set: key derivation, reads (with a small memory LRU), writes.
 
-    ``identity``: the encoders' fingerprints ("t5", "clip", "vae") and "dtype", the dtype they run in.
+    ``identity``: the encoders' fingerprints ("t5", "clip", "vae"; a chat-LLM family's "text" and its
+    "family" instead of T5 and CLIP) and "dtype", the dtype they run in.
     """
 
     def __init__(self, root: Path, identity: dict[str, str], text_length: int, memory_bytes: int = 1 << 30) -> None:
@@ -70,6 +71,8 @@ class FeatureCache:
 
     def text_key(self, instruction: str) -> str:
         ids = f"{self.identity.get('t5', '')}|{self.identity.get('clip', '')}|{self.text_length}"
+        if "text" in self.identity:  # a chat-LLM family (``families.py``): its encoder and its template
+            ids += f"|{self.identity['text']}|{self.identity.get('family', '')}"
         return _digest("text", FORMAT, self.identity.get("dtype", ""), ids, instruction)
 
     def latent_key(self, digest: str, size: tuple[int, int]) -> str:
@@ -186,8 +189,12 @@ def encode_latents(
     batch_size: int,
     write: Callable[[ImageJob, dict[str, Tensor]], None],
     progress: Callable[[int], None] = lambda n: None,
+    posterior: Callable[[object, Tensor], tuple[Tensor, Tensor]] | None = None,
 ) -> None:
-    """The VAE posterior (mean, std) of every image at its bucket size, batched by size."""
+    """The VAE posterior (mean, std) of every image at its bucket size, batched by size.
+
+    ``posterior(vae, pixels) -> (mean, std)``: how the family's VAE is asked (``Recipe.posterior``;
+    default: ``vae.encode(pixels).latent_dist``)."""
     device, dtype = vae.device, vae.dtype
     by_size: dict[tuple[int, int], list[ImageJob]] = {}
     for job in jobs:
@@ -196,9 +203,13 @@ def encode_latents(
         for start in range(0, len(group), batch_size):
             chunk = group[start : start + batch_size]
             pixels = torch.stack([load_image(job.path, size) for job in chunk]).to(device, dtype)
-            dist = vae.encode(pixels).latent_dist
+            if posterior is None:
+                dist = vae.encode(pixels).latent_dist
+                mean, std = dist.mean, dist.std
+            else:
+                mean, std = posterior(vae, pixels)
             for i, job in enumerate(chunk):
-                write(job, {"mean": dist.mean[i].float(), "std": dist.std[i].float()})
+                write(job, {"mean": mean[i].float(), "std": std[i].float()})
             progress(len(chunk))
 
 

@@ -48,6 +48,12 @@ __all__ = [
 ]
 
 
+# The families the trainer trains (``training/families.py``'s ``TRAINABLE``, as a type for the check).
+TrainableFamily = Literal[
+    "flux.1-kontext-dev", "qwen-image-edit-2511", "qwen-image-edit-2509", "flux.2-klein-4b", "flux.2-klein-9b"
+]
+
+
 def _f(default: Any, help: str, **checks: Any) -> Any:
     """A dataclass field with its help text and value checks (read by ``_value``)."""
     if isinstance(default, list | dict):
@@ -57,7 +63,12 @@ def _f(default: Any, help: str, **checks: Any) -> Any:
 
 @dataclass
 class ModelSection:
-    pretrained: str | None = _f(None, "a local diffusers folder of FLUX.1 Kontext [dev]", path="dir")
+    pretrained: str | None = _f(
+        None, "a local diffusers folder of FLUX.1 Kontext [dev], Qwen-Image-Edit-2511 or FLUX.2 [klein]", path="dir"
+    )
+    family: TrainableFamily | None = _f(
+        None, "the base model family the adapter is trained for (default: told from the transformer)"
+    )
     comfyui_path: str | None = _f(None, "a ComfyUI folder: its tokenizers are used with the split files", path="dir")
     diffusion_model: str | None = _f(None, "ComfyUI split files: the Kontext diffusion model", path="file")
     t5: str | None = _f(None, "ComfyUI split files: T5-XXL (models/text_encoders)", path="file")
@@ -83,7 +94,10 @@ class LoraSection:
     rank: int = _f(0, "plain-LoRA rank; 0 turns the plain LoRA off (the reference uses 256)", min=0)
     alpha: float | None = _f(None, "plain-LoRA alpha (default: the rank, scale 1)", gt=0)
     init: Literal["gaussian", "kaiming"] = _f("gaussian", "initialisation of lora_A (lora_B starts at zero)")
-    targets: list[str] = _f(list(REFERENCE_LORA_TARGETS), "module-name suffixes that get the plain LoRA")
+    targets: list[str] = _f(
+        list(REFERENCE_LORA_TARGETS),
+        "module-name suffixes that get the plain LoRA; 'reference' (and this default, FLUX.1's) are the family's own",
+    )
 
 
 # The adapter's settings are MoLEConfig's own fields (default, help and checks declared there), so a
@@ -125,6 +139,12 @@ class AdapterSection(_MoLESettings):
     token_routed: list[str] = _f([], "layers whose gate routes each token instead of the instruction")
     expert_init: Literal["reference", "lora"] = _f(
         "reference", "fresh expert A: 'reference' uniform ±1/√rank (the paper's code) or 'lora' ±1/√in_features"
+    )
+    router_dim: int | None = _f(
+        None,
+        "router width of the text-routed families (Qwen-Image, FLUX.2; default 768); FLUX.1's is its CLIP pooled width",
+        min=1,
+        max=65536,
     )
     lora: LoraSection = field(default_factory=LoraSection)
 
@@ -539,6 +559,18 @@ def _check_together(config: TrainConfig) -> None:
                 f"model.diffusion_model is set but model.{missing[0]} is not; ComfyUI split files need the "
                 "diffusion model, T5-XXL, CLIP-L, the VAE and the ComfyUI folder (for the tokenizers)"
             )
+    if m.family not in (None, "flux.1-kontext-dev"):
+        if not m.pretrained:
+            raise ConfigError(
+                f"model.family={m.family}: ComfyUI single files are read for FLUX.1 Kontext only; give "
+                "model.pretrained, a diffusers folder of the model"
+            )
+        for key, value, what in (
+            ("sample.items", config.sample.items, "renders FLUX.1 Kontext edits only"),
+            ("train.fsdp", config.train.fsdp, "shards FLUX.1's transformer blocks only"),
+        ):
+            if value:
+                raise ConfigError(f"model.family={m.family}: {key} {what}; turn it off")
     a = config.adapter
     if a.top_k > a.num_experts:
         raise ConfigError(f"adapter.top_k={a.top_k} cannot exceed adapter.num_experts={a.num_experts}")

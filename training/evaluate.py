@@ -72,9 +72,10 @@ class Evaluator:
         out_i, out_w = [], []
         for start in range(0, len(instructions), 64):
             feats = [cache.read(cache.text_key(t)) for t in instructions[start : start + 64]]
-            text = torch.stack([f["t5"] for f in feats]).to(self.device)
-            pooled = torch.stack([f["pooled"] for f in feats]).to(self.device)
-            _, indices, weights = self.model.handle.runtime.route(text, pooled)
+            text, pooled, mask = self.data.recipe.route_signal(feats)  # the family's router signal
+            text = text.to(self.device)
+            pooled = None if pooled is None else pooled.to(self.device)
+            _, indices, weights = self.model.handle.runtime.route(text, pooled, mask=mask)
             out_i.append(indices.cpu())
             out_w.append(weights.cpu())
         return torch.cat(out_i), torch.cat(out_w)
@@ -216,20 +217,32 @@ def _dense(indices: Tensor, weights: Tensor, n: int) -> Tensor:
 
 
 def model_inputs(mb: MicroBatch, device: torch.device, dtype: torch.dtype, guidance: float) -> dict:
-    """The ``TrainingModel`` keyword arguments of a micro-batch, on ``device``."""
+    """The ``TrainingModel`` keyword arguments of a micro-batch, on ``device``. The chat-LLM families'
+    fields (``text_mask``, ``route_text``, ``route_mask``, ``img_shapes``) are added where the
+    micro-batch has them; a Kontext micro-batch gives the same arguments as ever."""
     b = mb.hidden_states.shape[0]
-    return {
+
+    def on(t: Tensor | None, as_dtype: bool = True) -> Tensor | None:
+        return None if t is None else t.to(device, dtype) if as_dtype else t.to(device)
+
+    inputs = {
         "hidden_states": mb.hidden_states.to(device, dtype),
         "text": mb.text.to(device, dtype),
-        "pooled": mb.pooled.to(device, dtype),
+        "pooled": on(mb.pooled),
         "sigma": mb.sigma.to(device, dtype),
-        "img_ids": mb.img_ids.to(device),
-        "txt_ids": mb.txt_ids.to(device),
+        "img_ids": on(mb.img_ids, False),
+        "txt_ids": on(mb.txt_ids, False),
         "guidance": torch.full((b,), guidance, device=device, dtype=dtype),
         "target": mb.target.to(device),
         "seeds": mb.seeds,
     }
-
+    extra = {
+        "text_mask": on(mb.text_mask, False),
+        "route_text": on(mb.route_text),
+        "route_mask": on(mb.route_mask, False),
+        "img_shapes": mb.img_shapes,
+    }
+    return {**inputs, **{k: v for k, v in extra.items() if v is not None}}
 
 
 def render_samples(

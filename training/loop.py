@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,16 +33,17 @@ from .config import TrainConfig
 from .data import Row, check_rows, image_size, read_rows
 from .errors import CheckpointError, DataError, TrainingError
 from .evaluate import Evaluator, model_inputs, render_samples
+from .families import FamilyParts, KontextRecipe, recipe_for, recipe_of_model
 from .fsdp import autocast_forward, check_launch, install_state, is_sharded, root_unsharded, snapshot
 from .fsdp import plugin as fsdp_plugin
-from .loading import SHIPPED_CONFIGS, KontextParts, load_comfyui_files, load_diffusers_folder
+from .loading import KontextParts
 from .modules import DTYPES, TrainingModel, build_mole_config, setup_transformer
 from .offload import BlockSwap
 from .optim import build_optimizer
 from .plan import plan_for_device
 from .preflight import METRICS_FILE, OutputPlan, check_cache_entries, claim_output, preflight
 from .quantize import quantized_buffer_names
-from .recipe import LatentNorm, MicroBatch, MicroBatches, aux_weight, lr_scheduler
+from .recipe import MicroBatch, MicroBatches, aux_weight, lr_scheduler
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -57,6 +58,7 @@ class RunResult:
     output_dir: Path
     model: TrainingModel  # the trained module (this process's copy), for programmatic use
     cache_entries_written: int  # by this process: 0 when every feature came from the cache
+    evaluator: Evaluator | None = None  # the run's routing report inputs (its councils: ``Evaluator.councils``)
 
 
 def _say(accelerator: Any, message: str) -> None:
@@ -146,25 +148,14 @@ def _broadcast(accelerator: Any, make: Any) -> Any:
 # ---- models -----------------------------------------------------------------------------------
 
 
-def _load(config: TrainConfig, parts: tuple[str, ...], dtype: torch.dtype) -> KontextParts:
-    m = config.model
-    if m.pretrained:
-        return load_diffusers_folder(m.pretrained, dtype=dtype, parts=parts)
-    return load_comfyui_files(
-        transformer=m.diffusion_model,
-        t5=m.t5,
-        clip=m.clip,
-        vae=m.vae,
-        comfyui_path=m.comfyui_path,
-        dtype=dtype,
-        parts=parts,
-    )
+def _load(config: TrainConfig, parts: tuple[str, ...], dtype: torch.dtype) -> KontextParts | FamilyParts:
+    """The asked-for parts of the family's model (``Recipe.load``; Kontext: ``loading.py``)."""
+    return recipe_for(config).load(config, parts, dtype)
 
 
-def _latent_norm(config: TrainConfig) -> LatentNorm:
-    folder = Path(config.model.pretrained) if config.model.pretrained else SHIPPED_CONFIGS
-    vae = json.loads((folder / "vae" / "config.json").read_text())
-    return LatentNorm(shift=float(vae.get("shift_factor") or 0.0), scale=float(vae["scaling_factor"]))
+def _latent_norm(config: TrainConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The family's latent normalisation (Kontext: ``LatentNorm`` from the VAE's config)."""
+    return recipe_for(config).latent_norm(config)
 
 
 def _build_cache(
@@ -208,28 +199,29 @@ def _build_cache(
     if texts or jobs:
         _say(accelerator, f"caching {len(texts)} instructions and {len(jobs)} images in {cache.root}")
     if my_texts or my_jobs:
-        need = (("t5", "clip") if my_texts else ()) + (("vae",) if my_jobs else ())
+        recipe = recipe_for(config)
+        need = (recipe.text_parts if my_texts else ()) + (("vae",) if my_jobs else ())
         parts = _load(config, need, DTYPES[config.model.dtype])
         device = accelerator.device
         bar = _bar(accelerator, len(texts) + len(jobs), "caching", config.log.progress)
         if my_texts:
-            parts.t5.to(device).eval()
-            parts.clip.to(device).eval()
+            for part in recipe.text_parts:  # Kontext: T5 and CLIP; the chat-LLM families: their LLM
+                getattr(parts, "text_encoder" if part == "text" else part).to(device).eval()
 
             def write_text(text, tensors):
                 cache.write(cache.text_key(text), tensors)
 
-            encode_texts(
-                my_texts,
-                t5=parts.t5,
-                t5_tokenizer=parts.t5_tokenizer,
-                clip=parts.clip,
-                clip_tokenizer=parts.clip_tokenizer,
-                text_length=config.adapter.text_length,
-                batch_size=config.data.encode_batch_size,
-                write=write_text,
-                progress=lambda n: bar.update(n * world),
-            )
+            how = {
+                "text_length": config.adapter.text_length,
+                "batch_size": config.data.encode_batch_size,
+                "write": write_text,
+                "progress": lambda n: bar.update(n * world),
+            }
+            if isinstance(recipe, KontextRecipe):  # T5 padded to text_length, CLIP pooled
+                t5, clip = (parts.t5, parts.t5_tokenizer), (parts.clip, parts.clip_tokenizer)
+                encode_texts(my_texts, t5=t5[0], t5_tokenizer=t5[1], clip=clip[0], clip_tokenizer=clip[1], **how)
+            else:  # the chat-LLM families: conditioning and the router's masked signal (``families.py``)
+                recipe.encode_texts(parts, my_texts, **how)
         if my_jobs:
             parts.vae.to(device).eval()
             encode_latents(
@@ -238,6 +230,7 @@ def _build_cache(
                 batch_size=config.data.encode_batch_size,
                 write=lambda job, tensors: cache.write(cache.latent_key(job.digest, job.size), tensors),
                 progress=lambda n: bar.update(n * world),
+                posterior=recipe.posterior,
             )
         bar.close()
         written = len(my_texts) + len(my_jobs)
@@ -358,6 +351,7 @@ def _train(config: TrainConfig, *, resume: str | None, overwrite: bool) -> RunRe
             f"among {world} processes; make it a multiple of {world}"
         )
     plan = _broadcast(accelerator, lambda: preflight(config, resume, overwrite))  # checks; writes nothing
+    recipe = _broadcast(accelerator, lambda: recipe_for(config))  # the family: what is loaded, cached and fed
 
     # 1. data and cache
     identity = _load_identity(config)
@@ -379,18 +373,21 @@ def _train(config: TrainConfig, *, resume: str | None, overwrite: bool) -> RunRe
     norm = _latent_norm(config)
 
     # 2. model
-    if accelerator.device.type == "cuda" and accelerator.is_main_process:  # what the planner expects of this card
+    if accelerator.device.type == "cuda" and accelerator.is_main_process and recipe.key == KontextRecipe.key:
+        # what the planner expects of this card (it traces FLUX.1's transformer)
         references = max((len(data.rows[i].references) for i in data.train), default=1)
         _say(accelerator, plan_for_device(config, accelerator.device, references=references, processes=world))
     dtype = DTYPES[config.model.dtype]
     transformer = _load(config, ("transformer",), dtype).transformer
-    mole_config = build_mole_config(config, transformer)
+    mole_config = build_mole_config(config, transformer, recipe_of_model(transformer, recipe.key))
     with torch.random.fork_rng(devices=[]):  # the initial adapter: the same in every run and process
         torch.manual_seed(t.seed)
         lora_modules = setup_transformer(transformer, config, mole_config, accelerator.device)
         mole = InstructMoLE(mole_config, init=config.adapter.expert_init)  # fp32
     lora = config.adapter.lora
-    model = TrainingModel(transformer, mole, lora_modules, lora.alpha if lora.alpha is not None else lora.rank)
+    model = TrainingModel(
+        transformer, mole, lora_modules, lora.alpha if lora.alpha is not None else lora.rank, recipe=recipe
+    )
     if config.model.block_swap:  # after the base is frozen, quantized and has its LoRA; prepare moves the rest
         swap = BlockSwap(transformer, config.model.block_swap, accelerator.device)
         away = f"{len(swap.blocks)} blocks ({swap.swapped_bytes / 2**30:.2f} GiB)"
@@ -428,7 +425,7 @@ def _train(config: TrainConfig, *, resume: str | None, overwrite: bool) -> RunRe
     # 3. loop
     mb_data = MicroBatches(
         config, data.rows, data.sizes, data.digests, _TrainView(batches, data.train), cache, norm,
-        rank=accelerator.process_index, world=world,
+        rank=accelerator.process_index, world=world, recipe=recipe,
     )
     input_dtype = torch.float32 if t.mixed_precision != "no" else dtype
     evaluator = Evaluator(
@@ -520,7 +517,7 @@ def _train(config: TrainConfig, *, resume: str | None, overwrite: bool) -> RunRe
             copy_sealed(final_ema, out / f"{config.save.name}-ema.safetensors")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return RunResult(result, state.step, out, inner, written)
+    return RunResult(result, state.step, out, inner, written, evaluator)
 
 
 class _TrainView:
@@ -566,9 +563,16 @@ def _step_routing(
     if not inner.mole.config.instruction_layers:
         return None
     device = accelerator.device
-    route = inner.handle.runtime.routing_counts  # the text as the forward gets it (``model_inputs``)
+    route = inner.handle.runtime.routing_counts  # the signal as the forward's router reads it (``model_inputs``)
+
+    def counts_of(mb: MicroBatch) -> torch.Tensor:
+        if mb.route_mask is None:  # Kontext: T5 features and CLIP pooled
+            return route(mb.text.to(device, dtype), mb.pooled.to(device, dtype), mb.seeds)
+        text = mb.text if mb.route_text is None else mb.route_text  # the chat-LLM families: the masked signal
+        return route(text.to(device, dtype), None, mb.seeds, mb.route_mask.to(device))
+
     with root_unsharded(inner):  # FSDP: the router's weights gathered (every process routes its rows)
-        counts = sum(route(mb.text.to(device, dtype), mb.pooled.to(device, dtype), mb.seeds) for mb in step)
+        counts = sum(counts_of(mb) for mb in step)
     rows = counts.new_tensor([float(sum(len(mb.rows) for mb in step))])
     total = torch.cat([counts.flatten(), rows])
     if accelerator.num_processes > 1:

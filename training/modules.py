@@ -22,25 +22,32 @@ import torch
 from torch import Tensor, nn
 
 from instructmole import Adapter, InstructMoLE, LayerSpec, MoLEConfig, attach
-from instructmole.layers import reference_targets
 from instructmole.runtime import StepRouting
 
 from .config import TrainConfig
 from .errors import ConfigError, ModelLoadError
+from .families import Recipe, recipe_of, recipe_of_model
 from .quantize import quantize_base
 from .recipe import flow_loss
 
-__all__ = ["TrainingModel", "build_mole_config", "setup_transformer"]
+__all__ = ["TrainingModel", "build_mole_config", "family_recipe", "setup_transformer"]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def build_mole_config(config: TrainConfig, transformer: nn.Module) -> MoLEConfig:
-    """The adapter's ``MoLEConfig``: targets resolved against the transformer, widths read from it."""
-    a, tc = config.adapter, transformer.config
+def family_recipe(config: TrainConfig, transformer: nn.Module) -> Recipe:
+    """The recipe of the family ``config`` trains on ``transformer`` (``families.recipe_of_model``)."""
+    return recipe_of_model(transformer, getattr(config.model, "family", None))
+
+
+def build_mole_config(config: TrainConfig, transformer: nn.Module, recipe: Recipe | None = None) -> MoLEConfig:
+    """The adapter's ``MoLEConfig``: targets resolved against the transformer, widths read from it, the
+    family (``base_model``) and its router pool from ``recipe`` (default: ``family_recipe``)."""
+    a = config.adapter
+    recipe = recipe if recipe is not None else family_recipe(config, transformer)
     names: list[str] = []
     for target in a.targets:
-        names += reference_targets(tc.num_layers, tc.num_single_layers) if target == "reference" else [target]
+        names += recipe.mole_targets(transformer) if target == "reference" else [target]
     specs = []
     for name in dict.fromkeys(names):  # keep order, drop repeats
         try:
@@ -56,9 +63,11 @@ def build_mole_config(config: TrainConfig, transformer: nn.Module) -> MoLEConfig
         raise ConfigError(f"adapter.token_routed: '{unknown[0]}' is not one of adapter.targets")
     return MoLEConfig(
         layers=tuple(specs),
-        text_dim=tc.joint_attention_dim,
-        router_dim=tc.pooled_projection_dim,
+        text_dim=recipe.text_dim(transformer),
+        router_dim=recipe.router_dim(transformer, a.router_dim),
         **a.mole_settings(),
+        base_model=recipe.key,
+        router_pool=recipe.arch.router_pool,
     )
 
 
@@ -83,7 +92,8 @@ def setup_transformer(
     lora = config.adapter.lora
     lora_modules: list[str] = []
     if lora.rank > 0:
-        lora_modules = _lora_modules(transformer, lora.targets)
+        targets = recipe_of(mole.base_model).lora_targets(lora.targets)  # "reference": the family's
+        lora_modules = _lora_modules(transformer, targets)
         if not lora_modules:
             raise ConfigError(f"adapter.lora.targets {lora.targets} match no Linear of the transformer")
         overlap = sorted(set(lora_modules) & set(mole.layer_names))
@@ -123,10 +133,19 @@ class TrainingModel(nn.Module):
     the target tokens and the auxiliary losses come back.
     """
 
-    def __init__(self, transformer: nn.Module, mole: InstructMoLE, lora_modules: list[str], lora_alpha: float) -> None:
+    def __init__(
+        self,
+        transformer: nn.Module,
+        mole: InstructMoLE,
+        lora_modules: list[str],
+        lora_alpha: float,
+        recipe: Recipe | None = None,
+    ) -> None:
         super().__init__()
         self.transformer, self.mole = transformer, mole
         self.lora_modules, self.lora_alpha = lora_modules, lora_alpha
+        # How the family's transformer is called (default: the adapter's own family's recipe).
+        self.recipe = recipe if recipe is not None else recipe_of(mole.config.base_model)
         self.handle = attach(transformer, Adapter(mole), training=True)
 
     def forward(
@@ -144,21 +163,40 @@ class TrainingModel(nn.Module):
         distributed: bool = False,
         step_routing: StepRouting | None = None,
         weight: Tensor | None = None,
+        text_mask: Tensor | None = None,
+        route_text: Tensor | None = None,
+        route_mask: Tensor | None = None,
+        img_shapes: list | None = None,
     ) -> dict[str, Tensor]:
         """``step_routing``: the optimizer step's instruction routing, for its load balancing
         (``StepRouting``; None: this forward's own). ``weight`` ``[b, target tokens]``: the masked
-        loss's per-token weights (``flow_loss``; all ones give bit for bit the unweighted loss)."""
+        loss's per-token weights (``flow_loss``; all ones give bit for bit the unweighted loss).
+
+        The chat-LLM families (``families.py``): ``text_mask`` the conditioning's padding mask
+        (Qwen-Image), ``img_shapes`` its image grids; ``route_mask`` the instruction's tokens, with
+        which the router reads ``route_text`` (default: ``text``) through ``set_signal`` instead of
+        the forward's own conditioning (which holds the template)."""
         self.handle.seeds = seeds
-        out = self.transformer(
-            hidden_states=hidden_states,
-            encoder_hidden_states=text,
-            pooled_projections=pooled,
-            timestep=sigma,
-            img_ids=img_ids,
-            txt_ids=txt_ids,
-            guidance=guidance,
-            return_dict=False,
-        )[0]
+        signal = route_mask is not None and bool(self.mole.config.instruction_layers)  # token-routed only: none
+        if signal:
+            self.handle.set_signal(text if route_text is None else route_text, None, route_mask)
+        try:
+            out = self.transformer(
+                **self.recipe.transformer_kwargs(
+                    hidden_states=hidden_states,
+                    text=text,
+                    pooled=pooled,
+                    sigma=sigma,
+                    img_ids=img_ids,
+                    txt_ids=txt_ids,
+                    guidance=guidance,
+                    text_mask=text_mask,
+                    img_shapes=img_shapes,
+                )
+            )[0]
+        finally:
+            if signal:
+                self.handle.set_signal(None)
         flow = flow_loss(out, target, weight)
         aux = self.handle.runtime.aux_losses(aux_reduction, distributed=distributed, step=step_routing)
         return {"flow": flow, **vars(aux)}

@@ -182,9 +182,17 @@ def transformer_config(config: TrainConfig) -> dict[str, Any]:
     folder = Path(config.model.pretrained) if config.model.pretrained else SHIPPED_CONFIGS
     path = folder / "transformer" / "config.json"
     try:
-        return json.loads(path.read_text())
+        found = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.pretrained: cannot read {path} ({err}); give a diffusers FLUX folder") from None
+    kind = found.get("_class_name", "FluxTransformer2DModel") if isinstance(found, dict) else None
+    family = getattr(config.model, "family", None)
+    if kind != "FluxTransformer2DModel" or family not in (None, "flux.1-kontext-dev"):
+        raise ConfigError(
+            f"the memory plan traces FLUX.1 Kontext's transformer, and {path} holds a {kind} "
+            f"(model.family={family}); plan a FLUX.1 Kontext config"
+        )
+    return found
 
 
 def _fake_weights(module: nn.Module) -> None:

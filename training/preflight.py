@@ -30,7 +30,7 @@ from instructmole.files import atomic_path
 
 from .checkpoint import check_resumable, checkpoints, read_marker, resolve_resume
 from .config import TrainConfig, resume_conflicts
-from .errors import CheckpointError, ConfigError, TrainingError
+from .errors import CheckpointError, ConfigError, ModelLoadError, TrainingError
 
 __all__ = [
     "CONFIG_FILE",
@@ -164,21 +164,15 @@ def checkpoint_bytes(config: TrainConfig) -> int:
 
     The trainable weights are counted on a transformer built on the meta device from the model's
     config (no weights are read); this also checks ``adapter.targets`` against the model."""
+    from .families import _meta_transformer, recipe_of
     from .loading import SHIPPED_CONFIGS, _empty_weights
     from .modules import _lora_modules, build_mole_config
 
     m = config.model
     folder = Path(m.pretrained) if m.pretrained else SHIPPED_CONFIGS
-    path = folder / "transformer" / "config.json"
     try:
-        import json
-
-        from diffusers import FluxTransformer2DModel
-
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-        with _empty_weights():
-            transformer = FluxTransformer2DModel.from_config(cfg)
-    except (OSError, ValueError, TypeError, KeyError):
+        transformer = _meta_transformer(folder)  # the family's transformer class, from its config's _class_name
+    except (OSError, ValueError, TypeError, KeyError, ModelLoadError):
         return 0  # the model's own loader names what is wrong with it; do not guess here
     from instructmole import InstructMoLE
 
@@ -187,7 +181,7 @@ def checkpoint_bytes(config: TrainConfig) -> int:
         params = sum(p.numel() for p in InstructMoLE(mole_config).parameters())
     lora = config.adapter.lora
     if lora.rank > 0:
-        for name in _lora_modules(transformer, lora.targets):
+        for name in _lora_modules(transformer, recipe_of(mole_config.base_model).lora_targets(lora.targets)):
             linear = transformer.get_submodule(name)
             params += lora.rank * (linear.in_features + linear.out_features)
     export = {"bf16": 2, "fp16": 2, "fp32": 4}[config.save.dtype]

@@ -12,6 +12,10 @@ tokens only (reference tokens are context), averaged per sample, then over the b
 mask (``Row.mask``) weights its tokens: 1 in the edited region, ``train.mask_outside_weight`` outside,
 normalised by the mean weight so that an all-white mask is exactly the unweighted loss
 (``weighted_flow``).
+
+What differs between model families (how a latent is normalised and cut into tokens, what text
+tensors the model and the router read, where target and reference tokens sit) is asked of the
+family's ``Recipe`` (``families.py``); the draws and their order are the same for every family.
 """
 
 from __future__ import annotations
@@ -24,12 +28,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from instructmole.kontext import pack, token_ids
-
 from .buckets import BucketBatches
 from .cache import FeatureCache
 from .config import TrainConfig
 from .data import Row
+from .families import KontextRecipe, Recipe
 
 __all__ = [
     "LatentNorm",
@@ -110,23 +113,31 @@ class LatentNorm:
     shift: float
     scale: float
 
+    def __call__(self, z: Tensor) -> Tensor:
+        return (z - self.shift) * self.scale
+
 
 @dataclass
 class MicroBatch:
     """One process's share of one global micro-batch, ready for the transformer (CPU tensors)."""
 
-    hidden_states: Tensor  # [b, target + reference tokens, 64]
-    text: Tensor  # [b, text_length, text_dim]
-    pooled: Tensor  # [b, pooled_dim]
+    hidden_states: Tensor  # [b, target + reference tokens, channels] (Kontext: 64)
+    text: Tensor  # [b, text tokens, text_dim]: the model's conditioning
+    pooled: Tensor | None  # [b, pooled_dim] (Kontext's CLIP; None for the chat-LLM families)
     sigma: Tensor  # [b]
-    img_ids: Tensor  # [tokens, 3]
-    txt_ids: Tensor  # [text_length, 3]
-    target: Tensor  # [b, target tokens, 64]  (ε − x0)
+    img_ids: Tensor | None  # [tokens, 3] (FLUX.2: [tokens, 4]; None for Qwen-Image, which reads img_shapes)
+    txt_ids: Tensor | None  # [text tokens, 3] (FLUX.2: 4)
+    target: Tensor  # [b, target tokens, channels]  (ε − x0)
     seeds: Tensor  # [b] int64: the router's per-row seeds
     rows: list[int]  # manifest rows
     dropped: Tensor  # [b] bool: trained with the empty instruction
     without_references: bool
     weight: Tensor | None = None  # [b, target tokens] loss weights; None: no row has a mask
+    # The chat-LLM families (``families.py``); None for Kontext, whose router reads text and pooled.
+    text_mask: Tensor | None = None  # [b, text tokens] 0/1: the conditioning's padding mask (Qwen-Image)
+    route_text: Tensor | None = None  # [b, t, text_dim]: the router's features where not ``text`` (Qwen-Image)
+    route_mask: Tensor | None = None  # [b, t] bool: the instruction's tokens in the router's features
+    img_shapes: list | None = None  # Qwen-Image: the (frames, h, w) token grid of the target, then each reference
 
     @property
     def target_tokens(self) -> int:
@@ -158,10 +169,12 @@ class MicroBatches(torch.utils.data.Dataset):
         *,
         rank: int = 0,
         world: int = 1,
+        recipe: Recipe | None = None,
     ) -> None:
         self.config, self.rows, self.sizes, self.digests = config, rows, sizes, digests
         self.batches, self.cache, self.norm = batches, cache, norm
         self.rank, self.world = rank, world
+        self.recipe = recipe if recipe is not None else KontextRecipe()  # the family's (``families.py``)
         self._epoch: tuple[int, list[list[int]]] | None = None
 
     def __len__(self) -> int:
@@ -195,10 +208,9 @@ class MicroBatches(torch.utils.data.Dataset):
     ) -> MicroBatch:
         """Inputs for ``rows`` with the draws of ``seeds``. For evaluation: ``sigmas`` fixes the
         timesteps, ``dropout=False`` keeps every instruction (the draws stay the same)."""
-        cfg, d = self.config, self.config.data
+        cfg, d, recipe = self.config, self.config.data, self.recipe
         width, height = self.sizes[rows[0]]
-        lat_hw = (height // 8, width // 8)
-        texts, pooled, x_t, targets, refs, route, dropped, sig, masks = [], [], [], [], [], [], [], [], []
+        texts, x_t, targets, refs, route, dropped, sig, masks = [], [], [], [], [], [], [], []
         for j, (row_index, seed) in enumerate(zip(rows, seeds, strict=True)):
             row = self.rows[row_index]
             g = torch.Generator().manual_seed(seed)
@@ -211,29 +223,26 @@ class MicroBatches(torch.utils.data.Dataset):
             x0 = self._latent(row.target, (width, height), g)
             noise = torch.randn(x0.shape, generator=g)
             ref_latents = [self._latent(p, (width, height), g) for p in row.references]
-            x_t.append(pack(((1 - sigma) * x0 + sigma * noise)[None])[0])
-            targets.append(pack((noise - x0)[None])[0])
-            refs.append([pack(z[None])[0] for z in ref_latents])
-            texts.append(text["t5"])
-            pooled.append(text["pooled"])
+            x_t.append(recipe.tokens((1 - sigma) * x0 + sigma * noise))
+            targets.append(recipe.tokens(noise - x0))
+            refs.append([recipe.tokens(z) for z in ref_latents])
+            texts.append(text)
             route.append(int(torch.randint(0, 1 << 62, (), generator=g)))
             dropped.append(drop)
             sig.append(sigma)
             masks.append(self._mask(row, (width, height)))
         n_refs = 0 if drop_refs else len(refs[0])
         hidden = torch.stack([torch.cat([x, *r[:n_refs]]) for x, r in zip(x_t, refs, strict=True)])
-        text_length = texts[0].shape[0]
+        conditioning = recipe.conditioning(texts)
         weight = None
         if any(m is not None for m in masks):
             ones = torch.ones(targets[0].shape[0])
             weight = torch.stack([ones if m is None else mask_weight(m, cfg.train.mask_outside_weight) for m in masks])
         return MicroBatch(
             hidden_states=hidden,
-            text=torch.stack(texts),
-            pooled=torch.stack(pooled),
+            **conditioning,
             sigma=torch.tensor(sig, dtype=torch.float32),
-            img_ids=token_ids(lat_hw, [lat_hw] * n_refs),
-            txt_ids=torch.zeros(text_length, 3),
+            **recipe.layout((width, height), n_refs, conditioning["text"].shape[1]),
             target=torch.stack(targets),
             seeds=torch.tensor(route, dtype=torch.int64),
             rows=list(rows),
@@ -248,7 +257,7 @@ class MicroBatches(torch.utils.data.Dataset):
         z = entry["mean"]
         if self.config.data.latent_sample:
             z = z + entry["std"] * torch.randn(z.shape, generator=g)
-        return (z - self.norm.shift) * self.norm.scale
+        return self.norm(z)  # the family's normalisation (Kontext: ``LatentNorm``)
 
     def _mask(self, row: Row, size: tuple[int, int]) -> Tensor | None:
         """The row's mask as its target's token grid (white share per token), or None without one."""
