@@ -188,9 +188,10 @@ def transformer_config(config: TrainConfig) -> dict[str, Any]:
     kind = found.get("_class_name", "FluxTransformer2DModel") if isinstance(found, dict) else None
     family = getattr(config.model, "family", None)
     if kind != "FluxTransformer2DModel" or family not in (None, "flux.1-kontext-dev"):
+        given = f" and model.family is {family}" if family else ""
         raise ConfigError(
-            f"the memory plan traces FLUX.1 Kontext's transformer, and {path} holds a {kind} "
-            f"(model.family={family}); plan a FLUX.1 Kontext config"
+            f"the memory plan traces FLUX.1 Kontext's transformer, and {path} holds a {kind}{given}; plan a FLUX.1 "
+            "Kontext config"
         )
     return found
 
