@@ -38,9 +38,11 @@ QWEN_T2I_TEMPLATE = (
 KLEIN_MIN_LENGTH = 512
 
 
-@lru_cache(maxsize=4)
-def _encoder(family: str, seed: int) -> TinyChatEncoder:
-    return tiny_chat_encoder(family, WIDTHS[family], seed=seed)
+@lru_cache(maxsize=8)
+def _encoder(family: str, seed: int, corpus: tuple[str, ...] = ()) -> TinyChatEncoder:
+    """Built once per (family, seed, corpus): the tokenizer is trained in-process. ``corpus``: the words
+    it must know (a tiny pipeline folder's encoder is ``tiny_chat_encoder`` of the same corpus)."""
+    return tiny_chat_encoder(family, WIDTHS[family], seed=seed, corpus=corpus)
 
 
 class _Inner:
@@ -57,9 +59,9 @@ class _Outer:
 
 
 class TinyChatCLIP:
-    def __init__(self, family: str, seed: int = 0) -> None:
+    def __init__(self, family: str, seed: int = 0, corpus: tuple[str, ...] = ()) -> None:
         self.family, self.key = family, KEYS[family]
-        self.encoder = _encoder(family, seed)
+        self.encoder = _encoder(family, seed, tuple(corpus))
         self.tokenizer = _Outer(self.key, self.encoder.pad_id)
 
     def tokenize(self, text: str, return_word_ids: bool = False, llama_template: str | None = None, **_: Any) -> dict:
