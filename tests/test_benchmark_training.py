@@ -85,6 +85,9 @@ def test_memory_options_give_one_row_each_with_numbers(tmp_path, capsys):
         assert v["peak_gib"] > 0 and v["state_gib"] > 0, name  # CPU: frozen + state + the step's RSS
         assert all(math.isfinite(x) for x in v["first_step_losses"].values()), name
     assert [v["option"]["spec"] for v in rows.values()] == [o.spec for o in DEFAULT_OPTIONS]
+    # Small enough to hold all at once: timed in interleaved rounds, so every row has a paired ratio.
+    assert data["config"]["timing"].startswith("interleaved rounds over every option")
+    assert all("vs_ours_paired" in v for v in rows.values()) and rows["ours"]["vs_ours_paired"] == 1.0
     base, nf4 = rows["ours"], rows["ours, nf4 base"]
     for name in ("ours, fp8 base", "ours, int8 base", "ours, nf4 base"):
         assert rows[name]["frozen_gib"] < base["frozen_gib"], name
@@ -221,3 +224,25 @@ def test_variants_agree_at_init_and_ours_equals_the_reference_way(bench):
         if ".default." in name and "lora_" in name:
             other = params[name.replace(".default.", ".reference.")].grad
             torch.testing.assert_close(other, p.grad, rtol=1e-5, atol=1e-5 * p.grad.abs().max().item(), msg=name)
+
+
+def test_interleaved_timing_drops_a_variant_that_fails_and_goes_on(bench):
+    """``interleave(tolerant=True)``: the failing variant's record says why; the others keep their rounds."""
+    from benchmarks.training.measure import Record, interleave
+
+    class Broken:
+        name = "broken"
+
+        def install(self) -> None:
+            raise RuntimeError("kernel missing\nmore")
+
+        def uninstall(self) -> None:
+            pass
+
+    ours = bench.variant("ours")
+    records = {"ours": Record("ours", []), "broken": Record("broken", [])}
+    interleave([(bench, ours), (bench, Broken())], 4, records, rounds=2, warmup=1, tolerant=True)
+    assert records["broken"].status == "failed" and records["broken"].reason == "RuntimeError: kernel missing"
+    assert len(records["ours"].samples) == 2 and records["ours"].status == "ok"
+    with pytest.raises(RuntimeError, match="kernel missing"):
+        interleave([(bench, Broken())], 4, {"broken": Record("broken", [])}, rounds=1, warmup=1)

@@ -9,6 +9,8 @@ freed memory, before the timed ones switch it to keeping it (``main`` orders the
 from __future__ import annotations
 
 import gc
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +42,12 @@ class Record:
     status: str = "ok"  # "ok", "skipped" (a library is missing) or "failed" (the error is the reason)
     reason: str | None = None
     build_s: float | None = None  # building its transformer, adapter and memory option (memory-options rows)
+    paired: bool = False  # timed in the same interleaved rounds as ours (so its per-round ratio means something)
+
+
+# The 1-minute load average after every timed round of this process (``run.main`` resets it): on a shared
+# machine the load during the run, not only at its ends, says how much other processes took.
+LOAD_DURING: list[float] = []
 
 
 def new_records(bench: TrainingBench) -> dict[str, Record]:
@@ -66,25 +74,58 @@ def _step(bench: TrainingBench, v: TrainVariant, x: StepInputs, rec: Record) -> 
 
 def measure_time(bench: TrainingBench, side: int, records: dict[str, Record], *, rounds: int, warmup: int) -> None:
     """Warm every variant up at this size, then time ``rounds`` interleaved rounds (rotating who goes first)."""
-    x = bench.inputs(side)
-    for v in bench.variants:
-        with bench.installed(v):
-            for _ in range(max(warmup, 1)):
-                seconds, losses = _step(bench, v, x, records[v.name])
-                log(f"  warmup {v.name}: {seconds * 1e3:.0f} ms, loss {losses['loss']:.5g}")
-    count = len(bench.variants)
+    interleave([(bench, v) for v in bench.variants], side, records, rounds=rounds, warmup=warmup)
+
+
+def interleave(
+    pairs: Sequence[tuple[TrainingBench, TrainVariant]],
+    side: int,
+    records: dict[str, Record],
+    *,
+    rounds: int,
+    warmup: int,
+    tolerant: bool = False,
+) -> None:
+    """``measure_time`` over variants of one or several benches (memory options, each on its own transformer).
+
+    ``tolerant``: a variant whose step raises gets its record marked "failed" with the error's first line and
+    leaves the rotation; the others go on (else the error propagates)."""
+    inputs: dict[int, StepInputs] = {}
+    live = list(pairs)
+
+    def step(bench: TrainingBench, v: TrainVariant) -> tuple[float, dict[str, float]] | None:
+        x = inputs.setdefault(id(bench), bench.inputs(side))
+        try:
+            with bench.installed(v):
+                return _step(bench, v, x, records[v.name])
+        except Exception as err:
+            if not tolerant:
+                raise
+            records[v.name].status, records[v.name].reason = "failed", f"{type(err).__name__}: {_one_line(err)}"
+            log(f"  {v.name}: failed: {records[v.name].reason}")
+            live.remove((bench, v))
+            return None
+
+    for bench, v in list(live):
+        for _ in range(max(warmup, 1)):
+            done = step(bench, v)
+            if done is None:
+                break
+            log(f"  warmup {v.name}: {done[0] * 1e3:.0f} ms, loss {done[1]['loss']:.5g}")
+    together = len(live) > 1 and any(v.name == "ours" for _, v in live)
     for r in range(rounds):
         line = []
-        for i in range(count):
-            v = bench.variants[(r + i) % count]
-            with bench.installed(v):
-                seconds, _ = _step(bench, v, x, records[v.name])
-            records[v.name].samples.append(seconds)
-            line.append(f"{v.name} {seconds * 1e3:.0f}")
-        log(f"  round {r + 1}/{rounds}: " + ", ".join(line) + " (ms)")
-    for v in bench.variants:
+        for bench, v in [live[(r + i) % len(live)] for i in range(len(live))]:
+            done = step(bench, v)
+            if done is not None:
+                records[v.name].samples.append(done[0])
+                line.append(f"{v.name} {done[0] * 1e3:.0f}")
+        LOAD_DURING.append(os.getloadavg()[0])
+        log(f"  round {r + 1}/{rounds}: " + ", ".join(line) + f" (ms); load {LOAD_DURING[-1]:.1f}")
+    for _bench, v in live:
         rec = records[v.name]
         rec.state = v.state_bytes()
+        rec.paired = rec.paired or together
         if rec.peak is not None:
             log(f"  memory {v.name}: peak {_gib(rec.peak)} GiB, step adds {_gib(rec.step_peak)} GiB")
 
@@ -128,6 +169,50 @@ def option_records(shape: TrainShape, device: torch.device, option: MemoryOption
     }
 
 
+def build_option(
+    shape: TrainShape,
+    device: torch.device,
+    option: MemoryOption,
+    records: dict[str, Record],
+    *,
+    seed: int = 0,
+    meta: dict[str, Any] | None = None,
+) -> TrainingBench | None:
+    """The bench of one memory option (``ours`` alone, the trainer's optimizer), or None with every row of
+    ``records`` marked: "skipped" (a library the option needs is missing, or broken: the trainer's
+    one-line ``ConfigError``) or "failed" (any other error, its first line). ``meta``: filled with
+    ``bench_meta`` of the first bench built, if empty."""
+    name = option.variant_name
+    problem = option.missing()
+    error: tuple[str, str] | None = ("skipped", problem) if problem else None
+    bench = None
+    if error is None:
+        try:
+            seconds, bench = timed(
+                lambda: TrainingBench(
+                    shape, device, option=option, seed=seed, variants=("ours",), trainer_optimizer=True
+                ),
+                device,
+            )
+        except ConfigError as err:  # the trainer's one sentence: a library missing or broken, a bad setting
+            error = ("skipped", _one_line(err))
+        except Exception as err:  # an out-of-memory, a kernel the device lacks: this option's row, not the run's end
+            error = ("failed", f"{type(err).__name__}: {_one_line(err)}")
+    if bench is None:
+        _free(device)  # what a half-built bench held (the traceback is gone with the except clause)
+        for rec in records.values():
+            if rec.status == "ok":
+                rec.status, rec.reason = error
+        log(f"{name}: {error[0]}: {error[1]}")
+        return None
+    log(f"{name}: built in {seconds:.1f} s")
+    if meta is not None and not meta:
+        meta.update(bench_meta(bench))
+    for rec in records.values():
+        rec.build_s, rec.frozen, rec.host = seconds, bench.frozen_bytes(), bench.host_bytes()
+    return bench
+
+
 def measure_option(
     shape: TrainShape,
     device: torch.device,
@@ -145,52 +230,46 @@ def measure_option(
     dropped afterwards; the results land in ``records`` (``option_records``).
 
     ``rss`` (CPU): first a memory step per size (``measure_cpu_memory``); ``timing``: then ``warmup``
-    steps and ``rounds`` timed ones (on CUDA their peaks are the memory). ``meta``: filled with
-    ``bench_meta`` of the first bench built, if empty. Nothing raises: a library the
-    option needs that is missing (or broken: the trainer's one-line ``ConfigError``) makes every row
-    "skipped" with that sentence, any other error "failed" with its first line, and the run goes on."""
+    steps and ``rounds`` timed ones (on CUDA their peaks are the memory). Nothing raises: the option's
+    rows say "skipped" or "failed" as ``build_option`` and the steps find, and the run goes on (the sizes
+    measured before an error keep their numbers)."""
     name = option.variant_name
     sides = [side for side in shape.sides if records[size_label(side)].status == "ok"]
     if not sides:
         return records  # an earlier pass (memory, then time) already failed: no second try
-    problem = option.missing()
-    error: tuple[str, str] | None = ("skipped", problem) if problem else None
-    bench, done = None, set()
-    if error is None:
-        try:
-            seconds, bench = timed(
-                lambda: TrainingBench(
-                    shape, device, option=option, seed=seed, variants=("ours",), trainer_optimizer=True
-                ),
-                device,
-            )
-            log(f"{name}: built in {seconds:.1f} s")
-            if meta is not None and not meta:
-                meta.update(bench_meta(bench))
-            for side in sides:
-                rec = records[size_label(side)]
-                rec.build_s, rec.frozen, rec.host = seconds, bench.frozen_bytes(), bench.host_bytes()
-                if rss is not None:
-                    log(f"{size_label(side)}, {name}: memory")
-                    measure_cpu_memory(bench, side, {name: rec}, rss)
-                if timing:
-                    log(f"{size_label(side)}, {name}: time")
-                    measure_time(bench, side, {name: rec}, rounds=rounds, warmup=warmup)
-                done.add(side)
-        except ConfigError as err:  # the trainer's one sentence: a library missing or broken, a bad setting
-            error = ("skipped", _one_line(err))
-        except Exception as err:  # an out-of-memory, a kernel the device lacks: this option's row, not the run's end
-            error = ("failed", f"{type(err).__name__}: {_one_line(err)}")
+    bench = build_option(
+        shape, device, option, {size_label(s): records[size_label(s)] for s in sides}, seed=seed, meta=meta
+    )
+    if bench is None:
+        return records
+    error, done = None, set()
+    try:
+        for side in sides:
+            rec = records[size_label(side)]
+            if rss is not None:
+                log(f"{size_label(side)}, {name}: memory")
+                measure_cpu_memory(bench, side, {name: rec}, rss)
+            if timing:
+                log(f"{size_label(side)}, {name}: time")
+                measure_time(bench, side, {name: rec}, rounds=rounds, warmup=warmup)
+            done.add(side)
+    except Exception as err:  # an out-of-memory, a kernel the device lacks: this option's row, not the run's end
+        error = ("failed", f"{type(err).__name__}: {_one_line(err)}")
     bench = None  # the traceback is gone with the except clause: the transformer can be freed now
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    if error is not None:  # the sizes measured before the error keep their rows
+    _free(device)
+    if error is not None:
         for side in sides:
             if side not in done:
                 records[size_label(side)].status, records[size_label(side)].reason = error
         log(f"{name}: {error[0]}: {error[1]}")
     return records
+
+
+def _free(device: torch.device) -> None:
+    """Release dropped benches (their variants and transformer reference each other: a cycle)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _one_line(err: BaseException) -> str:

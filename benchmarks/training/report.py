@@ -12,7 +12,7 @@ from typing import Any
 
 from ..common import markdown_table, median
 from .measure import Record
-from .setting import FP8_NAME, VARIANTS
+from .setting import FP8_NAME
 
 # What the design asks of the trainer, and what it measured for the reference (DESIGN.md §4).
 TARGETS = {
@@ -53,7 +53,7 @@ def summarise(records: dict[str, Record]) -> dict[str, Any]:
             entry.update(status=rec.status, reason=rec.reason)
         if ours is not None and ours.samples and rec.samples:
             entry["vs_ours"] = median(rec.samples) / median(ours.samples)
-            if name in VARIANTS:  # the others ran on their own transformer: no rounds to pair with
+            if rec.paired and ours.paired:  # timed in the same rounds (else: no rounds to pair with)
                 entry["vs_ours_paired"] = _paired(rec.samples, ours.samples)
         variants[name] = entry
     ratios: dict[str, Any] = {}
@@ -75,12 +75,12 @@ def report(data: dict[str, Any]) -> str:
     where = env.get("gpu") or f"{env['cpu']}, {env['torch_threads']} threads"
     options = data.get("mode") == "memory options"
     step = "fwd + bwd + clip + each option's optimizer" if options else "fwd + bwd + clip + AdamW"
-    rounds = (
-        f"each option on its own transformer, one after another: medians of {cfg['rounds']} timed steps after "
-        f"{cfg['warmup']} warm-up step(s); optimizer: {cfg['optimizer']}."
-        if options
-        else f"medians of {cfg['rounds']} interleaved rounds after {cfg['warmup']} warm-up step(s)."
-    )
+    rounds = f"medians of {cfg['rounds']} interleaved rounds after {cfg['warmup']} warm-up step(s)."
+    if options:
+        rounds = (
+            f"each option on its own transformer; timed steps: {cfg.get('timing', 'one option after another')}; "
+            f"medians of {cfg['rounds']} after {cfg['warmup']} warm-up step(s); optimizer: {cfg['optimizer']}."
+        )
     head = [
         f"`{data['command']}`",
         "",
@@ -131,19 +131,30 @@ def report(data: dict[str, Any]) -> str:
         parts += ["", markdown_table(("size", "check", "value", "target"), checks)]
     notes = [
         f"Memory: {cfg['memory']}.",
-        "'× ours' of a row 'ours, …' (a memory option) compares across phases (it runs on its own transformer, "
-        "apart from the others), so it is not paired.",
+        *(
+            [
+                "'× ours' of a row without a paired ratio compares across phases (a memory option timed on its own "
+                "transformer apart from ours), so it is not paired."
+            ]
+            if any(
+                "vs_ours" in v and "vs_ours_paired" not in v
+                for s in data["sizes"].values()
+                for v in s["variants"].values()
+            )
+            else []
+        ),
         "Anchors (DESIGN.md §4, reference code on an H100, bf16 trainables, fwd+bwd without optimizer): "
         + "; ".join(f"{k}: {v}" for k, v in ANCHORS.items())
         + ".",
         "Targets: " + "; ".join(f"{k} {v}" for k, v in TARGETS.items()) + ".",
     ]
-    busy = max(env["load_average_before"][0], env["load_average_after"][0])
+    during = env.get("load_average_1min_max_during") or 0.0
+    busy = max(env["load_average_before"][0], env["load_average_after"][0], during)
     if not cuda and busy > env["torch_threads"] + 0.5:
         notes.append(
-            f"The machine was shared (1-minute load average up to {busy:.1f}, {env['torch_threads']} benchmark "
-            f"threads on {env['cpu_count']} cores): other processes inflate some samples; the paired ratios and "
-            "the min column are the cleaner comparisons."
+            f"The machine was shared (1-minute load average up to {busy:.1f} during the run, "
+            f"{env['torch_threads']} benchmark threads on {env['cpu_count']} cores): other processes inflate some "
+            "samples; the paired ratios and the min column are the cleaner comparisons."
         )
     parts += ["", *[f"- {n}" for n in notes]]
     return "\n".join(parts)

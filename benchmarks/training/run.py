@@ -22,6 +22,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,8 +33,11 @@ from training.quantize import QUANTIZE_FORMATS
 from ..common import environment, keep_freed_memory, log, timed, write_json
 from .bench import TrainingBench
 from .measure import (
+    LOAD_DURING,
     Record,
     bench_meta,
+    build_option,
+    interleave,
     measure_cpu_memory,
     measure_option,
     measure_time,
@@ -176,15 +180,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"k={shape.top_k} r={shape.rank}, LoRA r={shape.lora_rank}; {warmup} warmup, {rounds} rounds"
     )
     load_before = os.getloadavg()
+    LOAD_DURING.clear()
     if rss is not None and not tiny:
         return_freed_memory()  # from the start: RSS then tracks live memory (measure_cpu_memory)
     labels = [size_label(side) for side in shape.sides]
     results: dict[str, dict[str, Record]] = {label: {} for label in labels}
     meta: dict[str, Any] = {}
     if memory_mode:
-        _memory_options(args, shape, device, rss, malloc, rounds, warmup, results, meta)
+        timing = _memory_options(args, shape, device, rss, malloc, rounds, warmup, results, meta)
     else:
         _comparison(args, shape, device, rss, malloc, rounds, warmup, results, meta)
+        timing = "interleaved rounds" + ("" if args.extra.is_baseline else "; the memory option after them, alone")
     load_after = os.getloadavg()
 
     data: dict[str, Any] = {
@@ -206,13 +212,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "memory_options": [o.spec for o in options if memory_mode or not o.is_baseline],
             "rounds": rounds,
             "warmup": warmup,
+            "timing": timing,
             "malloc": {
                 "keep-freed": "timed steps: glibc keeps freed memory (common.keep_freed_memory)",
                 "system": "glibc defaults",
             }[malloc],
             "memory": _memory_note(cuda, memory_mode, any(o.block_swap for o in options)),
         },
-        "environment": {**environment(device), "load_average_before": load_before, "load_average_after": load_after},
+        "environment": {
+            **environment(device),
+            "load_average_before": load_before,
+            "load_average_after": load_after,
+            "load_average_1min_max_during": max(LOAD_DURING, default=None),
+        },
         "targets": TARGETS,
         "anchors": ANCHORS,
         "sizes": {label: summarise(recs) for label, recs in results.items()},
@@ -309,11 +321,13 @@ def _memory_options(
     warmup: int,
     results: dict[str, dict[str, Record]],
     meta: dict[str, Any],
-) -> None:
-    """Ours once per memory option, each on its own transformer; a missing library or an error is that row."""
+) -> str:
+    """Ours once per memory option, each on its own transformer; a missing library or an error is that row.
+    Returns how the timed steps were taken (for the JSON)."""
     per = {option: option_records(shape, device, option) for option in args.options}
     log(f"memory options: {', '.join(o.spec for o in args.options)}")
-    if device.type == "cuda":  # one pass: the timed steps' peaks are the memory
+    timing = "one option after another, each built, timed and dropped"
+    if device.type == "cuda":  # one pass, one transformer at a time: the timed steps' peaks are the memory
         for option in args.options:
             measure_option(shape, device, option, per[option], seed=args.seed, rounds=rounds, warmup=warmup, meta=meta)
     else:  # every memory step (allocator returning freed memory) before any timing (keeping it)
@@ -322,8 +336,27 @@ def _memory_options(
                 measure_option(shape, device, option, per[option], seed=args.seed, rss=rss, timing=False, meta=meta)
         if malloc == "keep-freed":
             keep_freed_memory()
-        for option in args.options:
-            measure_option(shape, device, option, per[option], seed=args.seed, rounds=rounds, warmup=warmup, meta=meta)
+        fits = _all_fit(per, rss is not None)
+        if fits is None:
+            for option in args.options:
+                kw = {"seed": args.seed, "rounds": rounds, "warmup": warmup, "meta": meta}
+                measure_option(shape, device, option, per[option], **kw)
+        else:  # every option built at once, timed in interleaved rounds: load on a shared machine hits all alike
+            timing = f"interleaved rounds over every option, all built at once ({fits})"
+            benches = {}
+            for option in args.options:
+                if any(r.status == "ok" for r in per[option].values()):
+                    bench = build_option(shape, device, option, per[option], seed=args.seed, meta=meta)
+                    if bench is not None:
+                        benches[option] = bench
+            for side in shape.sides:
+                label = size_label(side)
+                pairs = [(b, b.variants[0]) for o, b in benches.items() if per[o][label].status == "ok"]
+                log(f"{label}: time, {len(pairs)} options interleaved")
+                records = {o.variant_name: per[o][label] for o in benches}
+                interleave(pairs, side, records, rounds=rounds, warmup=warmup, tolerant=True)
+            benches = None
+            _free()
     for option in args.options:
         for label, rec in per[option].items():
             results[label][rec.name] = rec
@@ -331,3 +364,39 @@ def _memory_options(
         dtype = str(torch.bfloat16 if device.type == "cuda" else torch.float32).removeprefix("torch.")
         meta.update(mole_layers=None, lora_modules=None, plain_lora_rank_on_mole_layers=shape.top_k * shape.rank)
         meta.update(dtype=dtype, autocast="bf16" if device.type == "cuda" else None)
+    return timing
+
+
+def _all_fit(per: dict[MemoryOption, dict[str, Record]], measured: bool) -> str | None:
+    """CPU: whether every option's bench fits in memory at once (weights, swapped weights and optimizer
+    state as the memory pass counted them, plus the largest step, within half of what the system has
+    available), as a phrase for the JSON; None if not or unknown (then one option after another)."""
+    if not measured:
+        return None
+    recs = [r for records in per.values() for r in records.values() if r.status == "ok" and r.step_peak is not None]
+    if not recs:
+        return None
+    held = sum(
+        max(r.frozen + r.host + r.state for r in records.values())
+        for records in per.values()
+        if any(r.status == "ok" for r in records.values())
+    )
+    need = held + max(r.step_peak for r in recs)
+    available = _available_bytes()
+    if available is None or need > available / 2:
+        log(
+            f"timing one option after another: all at once would hold {need / 2**30:.1f} GiB, "
+            f"{'unknown' if available is None else f'{available / 2**30:.1f} GiB'} available"
+        )
+        return None
+    return f"{need / 2**30:.1f} GiB held, {available / 2**30:.1f} GiB were available"
+
+
+def _available_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
