@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from .config import MoLEConfig, RouterPool
 from .errors import InstructMoLEError
-from .layers import BflTarget, to_bfl, to_comfy_flux2
+from .layers import REFERENCE_LORA_TARGETS, BflTarget, reference_targets, to_bfl, to_comfy_flux2
 
 __all__ = [
     "ARCHITECTURES",
@@ -104,12 +104,6 @@ class Architecture:
         return self._comfy(name, hidden, mlp_hidden)
 
 
-def _flux1_targets(num_double: int, num_single: int) -> list[str]:
-    return [f"transformer_blocks.{n}.ff.net.2" for n in range(num_double)] + [
-        f"single_transformer_blocks.{n}.proj_out" for n in range(num_single)
-    ]
-
-
 def _qwen_targets(num_double: int, _num_single: int = 0) -> list[str]:
     return [f"transformer_blocks.{n}.img_mlp.net.2" for n in range(num_double)]
 
@@ -139,18 +133,8 @@ ARCHITECTURES: dict[ArchKey, Architecture] = {
         comfy_patch=2,
         double_blocks={"diffusers": "transformer_blocks", "comfy": "double_blocks"},
         single_blocks={"diffusers": "single_transformer_blocks", "comfy": "single_blocks"},
-        reference_targets=_flux1_targets,
-        lora_targets=(
-            "x_embedder",
-            "attn.to_q",
-            "attn.to_k",
-            "attn.to_v",
-            "attn.to_out.0",
-            "norm1.linear",
-            "norm.linear",
-            "ff.net.0.proj",
-            "proj_mlp",
-        ),
+        reference_targets=reference_targets,
+        lora_targets=REFERENCE_LORA_TARGETS,
         diffusers_signal=SignalArgs(
             "encoder_hidden_states",
             "pooled_projections",

@@ -21,11 +21,13 @@ __all__ = [
     "TINY_VAE",
     "TinyTextEncoders",
     "kontext_inputs",
+    "random_model",
     "save_tiny_kontext",
     "tiny_flux",
     "tiny_mole_config",
     "tiny_text_encoders",
     "tiny_vae",
+    "word_tokenizer",
 ]
 
 # A Flux with 2 double + 2 single blocks, 2 heads of 16 (hidden 32), T5 width 64, CLIP pooled 32.
@@ -43,22 +45,25 @@ TINY_FLUX: dict[str, Any] = {
 }
 
 
-def tiny_flux(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any):
-    """A random diffusers ``FluxTransformer2DModel`` with Kontext-compatible tiny dims."""
-    from diffusers import FluxTransformer2DModel
-
-    cfg = {**TINY_FLUX, **overrides}
+def random_model(cls: Any, cfg: dict[str, Any], seed: int, dtype: torch.dtype = torch.float32) -> Any:
+    """``cls(**cfg)`` with seeded random weights, in eval mode. Zero-initialised parameters (output
+    projections, modulation) get small random values, so equivalence tests compare real numbers."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = FluxTransformer2DModel(**cfg)
-        # diffusers zero-initialises nothing here, but make the output layer non-trivial anyway so
-        # that equivalence tests compare real numbers.
+        model = cls(**cfg)
         for p in model.parameters():
             if p.ndim >= 1 and torch.count_nonzero(p) == 0:
                 torch.nn.init.normal_(p, std=0.02)
     if dtype != torch.float32:
         model = model.to(dtype)
     return model.eval()
+
+
+def tiny_flux(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any):
+    """A random diffusers ``FluxTransformer2DModel`` with Kontext-compatible tiny dims."""
+    from diffusers import FluxTransformer2DModel
+
+    return random_model(FluxTransformer2DModel, {**TINY_FLUX, **overrides}, seed, dtype)
 
 
 def tiny_mole_config(transformer=None, **overrides: Any) -> MoLEConfig:
@@ -145,7 +150,8 @@ _CORPUS = [
 ]
 
 
-def _tokenizer(vocab: int, specials: list[str], pad: str, eos: str | None, corpus: Sequence[str] = _CORPUS):
+def word_tokenizer(vocab: int, specials: list[str], pad: str, eos: str | None, corpus: Sequence[str] = _CORPUS):
+    """A word-level tokenizer trained in-process on ``corpus`` (whitespace split, ``specials`` kept whole)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -167,8 +173,8 @@ def tiny_text_encoders(
 
     words = list(corpus) or _CORPUS
     vocab = 128 if not corpus else 1024
-    t5_tok = _tokenizer(vocab, ["<pad>", "</s>", "<unk>"], "<pad>", "</s>", words)
-    clip_tok = _tokenizer(vocab, ["<|endoftext|>", "<unk>"], "<|endoftext|>", "<|endoftext|>", words)
+    t5_tok = word_tokenizer(vocab, ["<pad>", "</s>", "<unk>"], "<pad>", "</s>", words)
+    clip_tok = word_tokenizer(vocab, ["<|endoftext|>", "<unk>"], "<|endoftext|>", "<|endoftext|>", words)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         t5 = T5EncoderModel(

@@ -16,6 +16,7 @@ import torch
 
 from .config import LayerSpec, MoLEConfig
 from .families import architecture_of, reference_layers
+from .tiny import random_model
 
 __all__ = [
     "TINY_FLUX2",
@@ -61,32 +62,18 @@ TINY_FLUX2: dict[str, Any] = {
 _BASE_MODEL = {"qwen_image": "qwen-image-edit-2511", "flux2": "flux.2-klein-4b"}
 
 
-def _random(cls: Any, cfg: dict[str, Any], seed: int, dtype: torch.dtype) -> Any:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = cls(**cfg)
-        # Zero-initialised layers (output projections, modulation) would make equivalence tests
-        # compare zeros: give every parameter that is all zero small random values.
-        for p in model.parameters():
-            if p.ndim >= 1 and torch.count_nonzero(p) == 0:
-                torch.nn.init.normal_(p, std=0.02)
-    if dtype != torch.float32:
-        model = model.to(dtype)
-    return model.eval()
-
-
 def tiny_qwen_image(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any):
     """A random diffusers ``QwenImageTransformer2DModel`` shaped like Qwen-Image-Edit-2511, tiny."""
     from diffusers import QwenImageTransformer2DModel
 
-    return _random(QwenImageTransformer2DModel, {**TINY_QWEN_IMAGE, **overrides}, seed, dtype)
+    return random_model(QwenImageTransformer2DModel, {**TINY_QWEN_IMAGE, **overrides}, seed, dtype)
 
 
 def tiny_flux2(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any):
     """A random diffusers ``Flux2Transformer2DModel`` shaped like FLUX.2 [klein], tiny."""
     from diffusers import Flux2Transformer2DModel
 
-    return _random(Flux2Transformer2DModel, {**TINY_FLUX2, **overrides}, seed, dtype)
+    return random_model(Flux2Transformer2DModel, {**TINY_FLUX2, **overrides}, seed, dtype)
 
 
 def tiny_family_config(transformer: Any, **overrides: Any) -> MoLEConfig:

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .families import FAMILIES
 from .instruction import templated_ids
+from .tiny import word_tokenizer
 
 __all__ = ["TinyChatEncoder", "tiny_chat_encoder"]
 
@@ -98,16 +99,6 @@ class TinyChatEncoder:
         return self.features(ids, attention), mask
 
 
-def _tokenizer(corpus: Sequence[str]) -> Any:
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(list(corpus), trainers.WordLevelTrainer(vocab_size=4096, special_tokens=_SPECIALS))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", unk_token="<unk>")
-
-
 def tiny_chat_encoder(
     family: str, width: int, *, seed: int = 0, corpus: Sequence[str] = (), layers: int = 3
 ) -> TinyChatEncoder:
@@ -122,7 +113,9 @@ def tiny_chat_encoder(
     hidden = width // 3 if layout == "stacked" else width
     if hidden * (3 if layout == "stacked" else 1) != width or hidden % 2:
         raise ValueError(f"width {width} cannot be made of {layout} hidden states of an even width")
-    tokenizer = _tokenizer([fam.routing_template.replace("{}", " "), *(corpus or _INSTRUCTIONS)])
+    tokenizer = word_tokenizer(
+        4096, _SPECIALS, "<|endoftext|>", None, [fam.routing_template.replace("{}", " "), *(corpus or _INSTRUCTIONS)]
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen3Model(
