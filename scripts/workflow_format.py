@@ -1,6 +1,6 @@
 """A workflow described as data, turned into the file the ComfyUI frontend saves, and back.
 
-Why a module of its own: the six example workflows (``scripts/workflows.py``) are data (which nodes,
+Why a module of its own: the example workflows (``scripts/workflows.py``) are data (which nodes,
 their inputs, how they connect, which group and column each sits in); everything they have in
 common about the *format* is here, once:
 
@@ -16,6 +16,8 @@ common about the *format* is here, once:
   node's inputs in order; ``to_prompt`` turns such a file back into the prompt the frontend would
   queue (the headless tests run exactly that prompt; the browser tests check that the frontend's
   own ``graphToPrompt`` agrees).
+* ``unavailable`` tells why a server cannot hold a saved file as it is (a node type it lacks, a
+  core node with other widgets): the tests skip such a workflow on an older ComfyUI with the reason.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class Node:
     """One node: what it runs (``class_type``, ``inputs``) and what only the canvas has."""
 
     class_type: str
-    inputs: dict[str, Any]  # widget values, and links as [node id, output slot]
+    inputs: dict[str, Any]  # widget values, and links as [node id, output slot] (to a socket or a widget)
     title: str | None = None
     tall: int = 0  # extra height (a preview, a long text box, the expert grid)
     width: int = NODE_WIDTH
@@ -132,6 +134,11 @@ def _is_widget(kind: Any) -> bool:
     return isinstance(kind, list) or kind in WIDGET_TYPES
 
 
+def widget_inputs(info: dict[str, Any], class_type: str) -> list[str]:
+    """The names of a node type's widget inputs, in the order its ``widgets_values`` are saved."""
+    return [name for name, kind, _ in _spec(info, class_type) if _is_widget(kind)]
+
+
 def _extra_values(kind: Any, options: dict) -> list[Any]:
     """Values the frontend saves after a widget's own: a seed's control mode, an image upload button."""
     if options.get("control_after_generate"):
@@ -153,14 +160,14 @@ def build(workflow: Workflow, info: dict[str, Any]) -> dict[str, Any]:
     for node_id in sorted(workflow.nodes, key=lambda i: (where[i][1], i)):
         node = workflow.nodes[node_id]
         sockets, widgets, values = [], [], []
+        linked_widgets: list[tuple[list, dict]] = []  # (link, widget input): the slot is known once all sockets are
         for name, kind, options in _spec(info, node.class_type):
             value = node.inputs.get(name)
             linked = isinstance(value, list) and len(value) == 2 and isinstance(value[0], int)
             if _is_widget(kind):
-                if linked:
-                    raise ValueError(f"{workflow.name}: node {node_id} links its widget input {name!r}")
                 default = options.get("default", kind[0] if isinstance(kind, list) and kind else None)
-                values += [value if name in node.inputs else default, *_extra_values(kind, options)]
+                # A linked widget (e.g. a size from Get Image Size) keeps its default value, as the frontend saves it.
+                values += [value if name in node.inputs and not linked else default, *_extra_values(kind, options)]
                 widgets.append(
                     {
                         "name": name,
@@ -169,6 +176,14 @@ def build(workflow: Workflow, info: dict[str, Any]) -> dict[str, Any]:
                         "link": None,
                     }
                 )
+                if linked:
+                    if isinstance(kind, list):
+                        raise ValueError(f"{workflow.name}: node {node_id} links its list input {name!r}")
+                    link = [len(links) + 1, value[0], value[1], node_id, None, kind]
+                    links.append(link)
+                    out_links.setdefault((value[0], value[1]), []).append(link[0])
+                    widgets[-1]["link"] = link[0]
+                    linked_widgets.append((link, widgets[-1]))
                 if options.get("image_upload"):
                     widgets.append(
                         {"name": "upload", "type": "IMAGEUPLOAD", "widget": {"name": "upload"}, "link": None}
@@ -180,6 +195,9 @@ def build(workflow: Workflow, info: dict[str, Any]) -> dict[str, Any]:
                 links.append([link_id, value[0], value[1], node_id, len(sockets), kind])
                 out_links.setdefault((value[0], value[1]), []).append(link_id)
             sockets.append({"name": name, "type": kind, "link": link_id})
+        inputs = sockets + widgets
+        for link, widget in linked_widgets:  # a link's target slot: its input's place among all the node's inputs
+            link[4] = next(i for i, entry in enumerate(inputs) if entry is widget)
         unknown = set(node.inputs) - {name for name, _, _ in _spec(info, node.class_type)}
         if unknown:
             raise ValueError(f"{workflow.name}: node {node_id} ({node.class_type}) has no input {sorted(unknown)[0]!r}")
@@ -191,7 +209,7 @@ def build(workflow: Workflow, info: dict[str, Any]) -> dict[str, Any]:
             "flags": {},
             "order": len(nodes),
             "mode": 0,
-            "inputs": sockets + widgets,
+            "inputs": inputs,
             "outputs": [],
             "properties": {"Node name for S&R": node.class_type},
             "widgets_values": values,
@@ -343,3 +361,25 @@ def to_prompt(ui: dict[str, Any], info: dict[str, Any]) -> dict[str, dict[str, A
             entry["_meta"] = {"title": node["title"]}
         prompt[str(node["id"])] = entry
     return prompt
+
+
+# ---- whether a server can hold a saved workflow -------------------------------------------------------------
+
+
+def unavailable(ui: dict[str, Any], info: dict[str, Any]) -> str | None:
+    """Why a server (its ``/object_info``) cannot hold a saved workflow as it is, or None: a node type
+    it lacks, or a core node whose widgets differ from the ones the file saves (a file built on a
+    newer ComfyUI, e.g. v0.33's CFGNorm with ``pre_cfg``). The pack's own nodes are not compared here:
+    a change to them is a change to the workflow, which the tests compare in full."""
+    used = {n["type"] for n in ui["nodes"] if n["type"] not in FRONTEND_ONLY}
+    missing = sorted(used - set(info))
+    if missing:
+        return f"this ComfyUI has no {', '.join(missing)} (node types the workflow uses)"
+    for node in ui["nodes"]:
+        if node["type"] in FRONTEND_ONLY or node["type"].startswith("InstructMoLE_"):
+            continue
+        saved = [i["name"] for i in node.get("inputs", []) if "widget" in i and i["type"] != "IMAGEUPLOAD"]
+        here = widget_inputs(info, node["type"])
+        if saved != here:
+            return f"this ComfyUI's {node['type']} takes the widgets {here}, the file saves {saved} (a newer ComfyUI's)"
+    return None

@@ -1,4 +1,4 @@
-"""The example workflows, as data: six graphs and their layouts, built from shared parts.
+"""The example workflows, as data: eight graphs and their layouts, built from shared parts.
 
 Each workflow is written once, here, as an API-style graph (``class_type`` + ``inputs``, links as
 ``[node, slot]``) plus what only the canvas has: titles, node sizes the frontend keeps, a Note, and a
@@ -10,10 +10,17 @@ metadata (file names, folders, public download URLs) follows from the files they
 No coordinates are written here: ``workflow_format.place`` computes them from the layout, and
 ``workflow_format.build`` writes the frontend's format (``to_prompt`` reads it back).
 
-Rebuild the shipped files after changing a definition or a node's inputs (a server with this pack,
-the oldest ComfyUI the pack supports, v0.3.64: newer ones give some core nodes more sockets)::
+Rebuild the shipped files after changing a definition or a node's inputs, each against the oldest
+ComfyUI that has every node it uses (newer ones give some core nodes more sockets or widgets): the six
+FLUX.1 workflows against v0.3.64, the Qwen-Image-Edit and FLUX.2 [klein] ones (``FAMILY_WORKFLOWS``)
+against v0.33 (v0.3.64 has no FLUX.2 nodes; before v0.33, CFGNorm has no ``pre_cfg``). A server with
+this pack (``tests.comfyui.server.start_server(comfy_path, base, {"instructmole": repo})``), then::
 
-    python -m scripts.workflows --url http://127.0.0.1:8188      # writes workflows/*.json
+    python -m scripts.workflows --url http://127.0.0.1:8188 --only flux1      # v0.3.64: 1_... to 6_...
+    python -m scripts.workflows --url http://127.0.0.1:8189 --only families   # v0.33: 7_... and 8_...
+
+``--only`` also takes workflow names, comma-separated (``--only 7_qwen_image_edit``); without it every
+workflow is written from the one server.
 """
 
 from __future__ import annotations
@@ -41,7 +48,18 @@ from scripts.workflow_format import (  # after the path fix above
     to_prompt,
 )
 
-__all__ = ["FRONTEND_ONLY", "GROUP_FONT", "NODE_TITLE", "WORKFLOWS", "Workflow", "build", "main", "to_prompt"]
+__all__ = [
+    "FAMILY_WORKFLOWS",
+    "FLUX1_WORKFLOWS",
+    "FRONTEND_ONLY",
+    "GROUP_FONT",
+    "NODE_TITLE",
+    "WORKFLOWS",
+    "Workflow",
+    "build",
+    "main",
+    "to_prompt",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,6 +72,17 @@ VAE = "ae.safetensors"
 ADAPTER = "instructmole_kontext.safetensors"
 FILL = "flux1-fill-dev.safetensors"
 ICEDIT = "icedit_moe_lora.safetensors"  # ICEdit's MoE-LoRA, saved under this name in models/loras
+# Qwen-Image-Edit-2511 and FLUX.2 [klein] 4B: the files ComfyUI's own templates load (image_qwen_image_edit_2511,
+# image_flux2_klein_image_edit_4b_distilled in comfyui-workflow-templates), and the adapters trained for them.
+QWEN_EDIT = "qwen_image_edit_2511_fp8mixed.safetensors"
+QWEN_VL = "qwen_2.5_vl_7b_fp8_scaled.safetensors"
+QWEN_VAE = "qwen_image_vae.safetensors"
+QWEN_ADAPTER = "instructmole_qwen_image_edit.safetensors"
+KLEIN = "flux-2-klein-4b-fp8.safetensors"
+QWEN3 = "qwen_3_4b.safetensors"
+FLUX2_VAE = "flux2-vae.safetensors"
+KLEIN_ADAPTER = "instructmole_flux2_klein.safetensors"
+ADAPTERS = (ADAPTER, QWEN_ADAPTER, KLEIN_ADAPTER)  # yours to train: no download
 MODELS = {
     m.name: m
     for m in (
@@ -66,6 +95,22 @@ MODELS = {
         ModelFile(T5, f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/{T5}", "text_encoders"),
         ModelFile(VAE, f"{HF}/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/{VAE}", "vae"),
         ModelFile(FILL, f"{HF}/black-forest-labs/FLUX.1-Fill-dev/resolve/main/{FILL}", "diffusion_models"),
+        ModelFile(
+            QWEN_EDIT,
+            f"{HF}/Comfy-Org/Qwen-Image-Edit_ComfyUI/resolve/main/split_files/diffusion_models/{QWEN_EDIT}",
+            "diffusion_models",
+        ),
+        ModelFile(
+            QWEN_VL,
+            f"{HF}/Comfy-Org/HunyuanVideo_1.5_repackaged/resolve/main/split_files/text_encoders/{QWEN_VL}",
+            "text_encoders",
+        ),
+        ModelFile(QWEN_VAE, f"{HF}/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/vae/{QWEN_VAE}", "vae"),
+        ModelFile(KLEIN, f"{HF}/black-forest-labs/FLUX.2-klein-4b-fp8/resolve/main/{KLEIN}", "diffusion_models"),
+        ModelFile(
+            QWEN3, f"{HF}/Comfy-Org/z_image_turbo/resolve/main/split_files/text_encoders/{QWEN3}", "text_encoders"
+        ),
+        ModelFile(FLUX2_VAE, f"{HF}/Comfy-Org/flux2-dev/resolve/main/split_files/vae/{FLUX2_VAE}", "vae"),
     )
 }
 INSTRUCTION = "Make the sky a stormy purple at dusk, keep everything else unchanged"
@@ -124,8 +169,16 @@ def empty_negative(positive: list) -> Node:
     return node("ConditioningZeroOut", {"conditioning": positive}, title="Negative (empty)")
 
 
-def ksampler(model: list, positive: list, negative: list, latent: list, steps: int, title: str | None = None) -> Node:
-    """Every workflow samples with cfg 1.0, euler / simple and a fixed seed (0)."""
+def ksampler(
+    model: list,
+    positive: list,
+    negative: list,
+    latent: list,
+    steps: int,
+    title: str | None = None,
+    cfg: float = 1.0,
+) -> Node:
+    """Euler / simple and a fixed seed (0); cfg 1.0 (FLUX.1 is guidance-distilled) unless told."""
     inputs = {
         "model": model,
         "positive": positive,
@@ -133,7 +186,7 @@ def ksampler(model: list, positive: list, negative: list, latent: list, steps: i
         "latent_image": latent,
         "seed": 0,
         "steps": steps,
-        "cfg": 1.0,
+        "cfg": cfg,
         "sampler_name": "euler",
         "scheduler": "simple",
         "denoise": 1.0,
@@ -260,7 +313,7 @@ def apply_and_preview(first: int, model: list, council: list, title: str) -> dic
     return {first: apply_council(model, council), first + 1: council_preview(council, title)}
 
 
-# ---- the six workflows -------------------------------------------------------------------------------------
+# ---- the six FLUX.1 workflows -------------------------------------------------------------------------------
 
 
 def auto_edit() -> Workflow:
@@ -439,7 +492,119 @@ def icedit_diptych() -> Workflow:
     return Workflow("6_icedit_diptych", "ICEdit MoE-LoRA: a diptych edit on FLUX.1 Fill", note, nodes, layout)
 
 
-WORKFLOWS = (auto_edit, creative_control, route_and_blend, comparison, two_references, icedit_diptych)
+# ---- the other model families: Qwen-Image-Edit-2511 and FLUX.2 [klein] --------------------------------------
+
+
+def qwen_edit_encode(adapter: list, text: str, title: str | None = None) -> Node:
+    """The instruction with the picture to edit (scaled, 14) for Qwen2.5-VL and as a reference latent (VAE 12)."""
+    inputs = {"clip": [10, 0], "text": text, "vae": [12, 0], "image1": [14, 0], "adapter": adapter}
+    return node(
+        "InstructMoLE_TextEncodeQwenImageEdit",
+        inputs,
+        title=title,
+        tall=TEXT_TALL if text else 0,
+        width=LONG_TITLE_WIDTH,
+    )
+
+
+def route_and_preview(adapter: list, conditioning: list) -> dict[int, Node]:
+    """Route (40) the Text Encode instruction and the Council Preview (41) of its council."""
+    return {
+        40: route(adapter, "Route (the instruction of Text Encode)", conditioning=conditioning),
+        41: council_preview([40, 0], "Council map (auto routing picks it per image)"),
+    }
+
+
+def qwen_image_edit() -> Workflow:
+    nodes = {
+        1: unet(QWEN_EDIT),
+        2: load_adapter([1, 0], QWEN_ADAPTER),
+        3: node("ModelSamplingAuraFlow", {"model": [2, 0], "shift": 3.1}),
+        4: node("CFGNorm", {"model": [3, 0], "strength": 1.0}),
+        10: node("CLIPLoader", {"clip_name": QWEN_VL, "type": "qwen_image", "device": "default"}),
+        11: qwen_edit_encode([2, 1], INSTRUCTION),
+        20: qwen_edit_encode([2, 1], "", "Negative (empty instruction, same picture)"),
+        12: node("VAELoader", {"vae_name": QWEN_VAE}),
+        13: load_image("example.png"),
+        14: node("FluxKontextImageScale", {"image": [13, 0]}),
+        15: node("VAEEncode", {"pixels": [14, 0], "vae": [12, 0]}),
+        30: ksampler([4, 0], [11, 0], [20, 0], [15, 0], 20, cfg=4.0),
+        31: node("VAEDecode", {"samples": [30, 0], "vae": [12, 0]}),
+        32: save_image([31, 0], "instructmole_qwen_edit"),
+        **route_and_preview([2, 1], [11, 0]),
+    }
+    note = (
+        "InstructMoLE on Qwen-Image-Edit-2511\n\n"
+        "'InstructMoLE Load Adapter' puts an adapter trained for Qwen-Image-Edit-2511 on the model. 'InstructMoLE "
+        "Text Encode (Qwen-Image-Edit)' is ComfyUI's Qwen Edit Plus encode (the picture for Qwen2.5-VL, and as a "
+        "reference latent) plus the exact routing signal: the router reads the instruction alone, as in training. "
+        "The negative is the same node with an empty instruction and the same picture, as in ComfyUI's template: "
+        "with CFG 4 it runs, routed from that empty instruction.\n\n"
+        "Sampling as ComfyUI's Qwen-Image-Edit-2511 template: AuraFlow shift 3.1, CFGNorm, CFG 4, 20 steps (Qwen's "
+        "own setting: 40). The council map shows the experts the instruction picks. Files: see the README of "
+        "workflows/."
+    )
+    model = Group("Model", ((1, 2), (3, 4)))
+    text = Group("Text and picture", ((10, 11, 20),))
+    sampling = Group("Sampling", ((30, 31), (32,)))
+    council = Group("Council", ((40, 41),))
+    layout = ((model, IMAGE), (text, sampling), (council, NOTE))
+    return Workflow("7_qwen_image_edit", "Qwen-Image-Edit-2511 edit, auto routing", note, nodes, layout)
+
+
+def flux2_klein_edit() -> Workflow:
+    size = {"width": [17, 0], "height": [17, 1]}  # of the scaled picture (Get Image Size)
+    guider = {"model": [2, 0], "positive": [16, 0], "negative": [21, 0], "cfg": 1.0}
+    sampler = {"noise": [32, 0], "guider": [34, 0], "sampler": [33, 0], "sigmas": [31, 0], "latent_image": [30, 0]}
+    nodes = {
+        1: unet(KLEIN),
+        2: load_adapter([1, 0], KLEIN_ADAPTER),
+        10: node("CLIPLoader", {"clip_name": QWEN3, "type": "flux2", "device": "default"}),
+        11: node("InstructMoLE_TextEncode", {"clip": [10, 0], "text": INSTRUCTION, "adapter": [2, 1]}, tall=TEXT_TALL),
+        20: empty_negative([11, 0]),
+        16: node("ReferenceLatent", {"conditioning": [11, 0], "latent": [15, 0]}),
+        21: node("ReferenceLatent", {"conditioning": [20, 0], "latent": [15, 0]}, title="ReferenceLatent (negative)"),
+        12: node("VAELoader", {"vae_name": FLUX2_VAE}),
+        13: load_image("example.png"),
+        14: node(
+            "ImageScaleToTotalPixels",
+            {"image": [13, 0], "upscale_method": "nearest-exact", "megapixels": 1.0, "resolution_steps": 1},
+        ),
+        15: node("VAEEncode", {"pixels": [14, 0], "vae": [12, 0]}),
+        17: node("GetImageSize", {"image": [14, 0]}),
+        30: node("EmptyFlux2LatentImage", {**size, "batch_size": 1}),
+        31: node("Flux2Scheduler", {"steps": 4, **size}),
+        32: node("RandomNoise", {"noise_seed": 0}),
+        33: node("KSamplerSelect", {"sampler_name": "euler"}),
+        34: node("CFGGuider", guider),
+        35: node("SamplerCustomAdvanced", sampler),
+        36: node("VAEDecode", {"samples": [35, 0], "vae": [12, 0]}),
+        37: save_image([36, 0], "instructmole_klein_edit"),
+        **route_and_preview([2, 1], [11, 0]),
+    }
+    note = (
+        "InstructMoLE on FLUX.2 [klein] 4B\n\n"
+        "'InstructMoLE Load Adapter' puts an adapter trained for FLUX.2 [klein] 4B on the model. 'InstructMoLE Text "
+        "Encode' knows FLUX.2 by its text encoder (Qwen3 4B): the conditioning is ComfyUI's own encode in Klein's "
+        "chat template, and the router reads the instruction's own tokens, as in training. 'ReferenceLatent' "
+        "appends the picture to the instruction and to the empty negative.\n\n"
+        "Sampling as ComfyUI's Klein 4B edit template: the picture scaled to 1 megapixel, an empty latent of its "
+        "size, Flux2Scheduler, 4 steps, CFG 1 (the distilled model: the negative never runs). With Klein Base 4B "
+        "(flux-2-klein-base-4b-fp8) use 20 steps and CFG 5. The council map shows the experts the instruction "
+        "picks. Files: see the README of workflows/."
+    )
+    text = Group("Text", ((10, 11, 20), (16, 21)))
+    image = Group("Image to edit", ((12, 13), (14, 15)))
+    sampling = Group("Sampling", ((17, 30, 31), (32, 33, 34), (35, 36, 37)))
+    council = Group("Council", ((40, 41),))
+    layout = ((MODEL_AND_ADAPTER, image), (text, sampling), (council, NOTE))
+    return Workflow("8_flux2_klein_edit", "FLUX.2 [klein] 4B edit, auto routing", note, nodes, layout)
+
+
+FLUX1_WORKFLOWS = (auto_edit, creative_control, route_and_blend, comparison, two_references, icedit_diptych)
+FAMILY_WORKFLOWS = (qwen_image_edit, flux2_klein_edit)  # built against v0.33 (see the module's docstring)
+WORKFLOWS = FLUX1_WORKFLOWS + FAMILY_WORKFLOWS
+SELECTIONS = {"flux1": FLUX1_WORKFLOWS, "families": FAMILY_WORKFLOWS}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -447,7 +612,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", help="a running ComfyUI with this pack (its /object_info is read)")
     parser.add_argument("--object-info", help="or a saved /object_info JSON file")
     parser.add_argument("--out", default=str(ROOT / "workflows"))
+    parser.add_argument(
+        "--only",
+        help="write only these: 'flux1', 'families', or workflow names, comma-separated (e.g. 7_qwen_image_edit)",
+    )
     args = parser.parse_args(argv)
+    chosen = WORKFLOWS
+    if args.only:
+        names = {make().name: make for make in WORKFLOWS}
+        chosen = ()
+        for item in (i.strip() for i in args.only.split(",") if i.strip()):
+            if item not in SELECTIONS and item not in names:
+                parser.error(f"--only: no workflow {item!r} (choose from flux1, families, {', '.join(names)})")
+            chosen += tuple(m for m in SELECTIONS.get(item, (names.get(item),)) if m not in chosen)
     if args.url:
         import urllib.request
 
@@ -457,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
         info = json.loads(Path(args.object_info).read_text())
     else:
         parser.error("give --url or --object-info")
-    for make in WORKFLOWS:
+    for make in chosen:
         workflow = make()
         path = Path(args.out, f"{workflow.name}.json")
         path.write_text(json.dumps(build(workflow, info), indent=1) + "\n")

@@ -50,6 +50,7 @@ __all__ = [
     "run_comfy_family",
     "run_diffusers_flux2",
     "run_diffusers_qwen",
+    "tiny_vae",
 ]
 
 QWEN_LATENT_CHANNELS = 16
@@ -419,3 +420,60 @@ def run_comfy_family(
     return model.apply_model(
         latents, _rows(sigma, b), c_crossattn=text, transformer_options=transformer_options, **kwargs
     )
+
+
+# ---- tiny VAEs of each family, as ComfyUI's own detection reads them (the headless workflows) ---------------
+
+QWEN_VAE_DIM = 2  # Wan 2.1's base width (96 as released); detection reads it from decoder.head.0.gamma
+FLUX2_VAE_CH = 128  # the FLUX.2 AutoencoderKL's width: ComfyUI fixes the encoder's at 128 (not read from weights)
+FLUX2_VAE_DECODER_CH = 32  # the decoder's, where detection reads it (v0.33): the least GroupNorm(32) allows
+
+
+def _random_vae_state(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Seeded random weights that keep a signal's scale through the network: kernels ~ N(0, 1/fan_in),
+    gains near 1, biases near 0, batch-norm statistics with a positive variance."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, value in module.state_dict().items():
+        if not value.is_floating_point():
+            out[name] = value.clone()
+        elif name.endswith("running_var"):
+            out[name] = 1.0 + 0.1 * torch.rand(value.shape, generator=g)
+        elif name.endswith("running_mean") or name.endswith("bias"):
+            out[name] = 0.02 * torch.randn(value.shape, generator=g)
+        elif name.endswith("gamma") or value.ndim == 1:
+            out[name] = 1.0 + 0.1 * torch.randn(value.shape, generator=g)
+        else:
+            out[name] = torch.randn(value.shape, generator=g) / (value[0].numel() ** 0.5)
+    return out
+
+
+def tiny_vae(key: str, seed: int = 0) -> Any:
+    """A ``comfy.sd.VAE`` of family ``key`` ("qwen_image" or "flux2") with random tiny weights, built in
+    memory from a state dict that ComfyUI's own detection reads as that family's VAE.
+
+    * qwen_image: Wan 2.1's VAE (Qwen-Image's), 16 latent channels, 8x, base width ``QWEN_VAE_DIM``;
+    * flux2: FLUX.2's AutoencoderKL (32 channels, batch-normalised in 2x2 patches: 128 latent channels,
+      16x). Detection fixes the encoder's width at 128; the decoder's is read from the weights where the
+      installed ComfyUI supports a narrower decoder (``decoder_ddconfig``), else 128 too."""
+    import comfy.sd
+
+    if key == "qwen_image":
+        from comfy.ldm.wan.vae import WanVAE
+
+        config = {"dim": QWEN_VAE_DIM, "z_dim": QWEN_LATENT_CHANNELS, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2,
+                  "attn_scales": [], "temperal_downsample": [False, True, True], "dropout": 0.0}  # fmt: skip
+        accepted = inspect.signature(WanVAE.__init__).parameters
+        module = WanVAE(**{k: v for k, v in config.items() if k in accepted})
+    elif key == "flux2":
+        from comfy.ldm.models import autoencoder
+
+        ddconfig = {"double_z": True, "z_channels": 32, "resolution": 256, "in_channels": 3, "out_ch": 3,
+                    "ch": FLUX2_VAE_CH, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [],
+                    "dropout": 0.0, "batch_norm_latent": True}  # fmt: skip
+        narrow = "decoder_ddconfig" in inspect.getsource(autoencoder.AutoencodingEngineLegacy.__init__)
+        decoder = {"decoder_ddconfig": {**ddconfig, "ch": FLUX2_VAE_DECODER_CH}} if narrow else {}
+        module = autoencoder.AutoencoderKL(ddconfig=ddconfig, embed_dim=32, **decoder)
+    else:
+        raise ValueError(f"unknown family {key!r}")
+    return comfy.sd.VAE(sd=_random_vae_state(module, seed))

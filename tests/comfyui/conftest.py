@@ -70,12 +70,29 @@ def instructmole_pack(comfy: ModuleType) -> Any:
 SERVER_ADAPTER = "tiny.safetensors"
 SERVER_ICEDIT = "tiny_icedit.safetensors"
 SERVER_VAE = "tiny_taesd16.safetensors"
+# Random adapters for the tiny Qwen-Image-Edit-2511 and FLUX.2 [klein] (instructmole.tiny_families, seed 0).
+SERVER_QWEN_ADAPTER = "tiny_qwen_image_edit.safetensors"
+SERVER_KLEIN_ADAPTER = "tiny_flux2_klein.safetensors"
+
+
+def family_adapter(transformer: Any, seed: int = 1) -> Any:
+    """A random adapter for a tiny transformer of another family (``tiny_family_config``), its experts
+    and gates drawn as ``tests.helpers.random_adapter`` draws FLUX.1's (nonzero B, decisive gates)."""
+    import torch
+
+    import instructmole as im
+    from instructmole.tiny_families import tiny_family_config
+    from tests.helpers import randomize
+
+    torch.manual_seed(seed)
+    return randomize(im.Adapter(im.InstructMoLE(tiny_family_config(transformer), init="lora")), seed=seed)
 
 
 def write_server_models(base_directory: Path) -> None:
     """Model files the server workflows load: a random adapter for ``tiny_flux(0)`` in
-    models/instructmole, a random ICEdit-format MoE-LoRA for its Fill-shaped twin in models/loras,
-    and a random TAESD VAE with 16 latent channels in models/vae.
+    models/instructmole, and one each for ``tiny_qwen_image(0)`` and ``tiny_flux2(0)``; a random
+    ICEdit-format MoE-LoRA for its Fill-shaped twin in models/loras, and a random TAESD VAE with 16
+    latent channels in models/vae (the other families' tiny VAEs are built in memory by the test pack).
 
     TAESD's layers are ``comfy.ops.disable_weight_init`` (left uninitialised), so every tensor is
     drawn from a seeded normal: decoded images are finite and the same on every run.
@@ -85,12 +102,15 @@ def write_server_models(base_directory: Path) -> None:
     from safetensors.torch import save_file
 
     from instructmole.tiny import tiny_flux
+    from instructmole.tiny_families import tiny_flux2, tiny_qwen_image
     from tests.helpers import random_adapter
     from tests.test_icedit import icedit_state_dict
 
     adapters = base_directory / "models" / "instructmole"
     adapters.mkdir(parents=True, exist_ok=True)
     random_adapter(tiny_flux(0)).save(str(adapters / SERVER_ADAPTER))
+    family_adapter(tiny_qwen_image(0)).save(str(adapters / SERVER_QWEN_ADAPTER))
+    family_adapter(tiny_flux2(0)).save(str(adapters / SERVER_KLEIN_ADAPTER))
     loras = base_directory / "models" / "loras"
     loras.mkdir(parents=True, exist_ok=True)
     fill = tiny_flux(0, in_channels=384, out_channels=64)

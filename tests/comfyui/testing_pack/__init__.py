@@ -1,4 +1,4 @@
-"""Test-only ComfyUI node pack (V1 API): a tiny Flux MODEL, random Flux CONDITIONING, a tiny CLIP.
+"""Test-only ComfyUI node pack (V1 API): tiny MODELs, CLIPs and VAEs, random Flux CONDITIONING.
 
 Why it exists: a headless server can only run a workflow on models it can load, and nothing real
 is tiny -- ``UNETLoader`` detection hard-codes Flux's 3072 width, and ComfyUI's T5-XXL / CLIP-L
@@ -9,13 +9,21 @@ configs are fixed. These nodes hand the server the same tiny models the in-proce
   Kontext-shaped or FLUX.1 Fill-shaped (384 input channels);
 - ``InstructMoLETest_TinyConditioning(seed, tokens, guidance)``: random T5 ``[1, tokens, 64]`` and
   pooled ``[1, 32]``;
-- ``InstructMoLETest_TinyCLIP(seed)``: ``tests/comfyui/tiny_clip.TinyCLIP``, a duck-typed CLIP.
+- ``InstructMoLETest_TinyCLIP(seed)``: ``tests/comfyui/tiny_clip.TinyCLIP``, a duck-typed CLIP;
+- the other families (Qwen-Image-Edit-2511, FLUX.2 [klein]), for the workflows that load them:
+  ``InstructMoLETest_TinyFamilyModel(family, seed)``, ComfyUI's own Qwen-Image or FLUX.2 with the
+  weights of ``instructmole.tiny_families``' ``tiny_qwen_image(seed)`` / ``tiny_flux2(seed)``
+  (``comfy_tiny_families.py``); ``InstructMoLETest_TinyChatCLIP(family, seed)``, the family's chat-LLM
+  text encoder (``tiny_chat_clip.TinyChatCLIP``); ``InstructMoLETest_TinyVAE(family, seed)``, a random
+  tiny VAE that ComfyUI's own detection reads as the family's (Wan 2.1's for Qwen-Image, FLUX.2's
+  AutoencoderKL), built in memory.
 
 Import rules (ComfyUI loads this folder under a module name made from its path):
 - the repo root is *appended* to ``sys.path`` so ``instructmole`` imports while ComfyUI's own
   top-level modules (``nodes``, ``utils``, ``server``) keep priority over ours;
-- ``comfy_tiny.py`` and ``tiny_clip.py`` are loaded by file path under unique module names, since
-  inside the server ``tests`` is ComfyUI's own ``tests/`` package.
+- ``comfy_tiny.py``, ``comfy_tiny_families.py``, ``tiny_clip.py`` and ``tiny_chat_clip.py`` are loaded
+  by file path under unique module names, since inside the server ``tests`` is ComfyUI's own
+  ``tests/`` package.
 """
 
 from __future__ import annotations
@@ -114,13 +122,89 @@ class TinyCLIP:
         return (_helper("tiny_clip").TinyCLIP(seed),)
 
 
+FAMILY_MODELS = ["qwen_image", "flux2"]  # the architectures (comfy_tiny_families' keys)
+CHAT_CLIPS = {"qwen_image": "qwen-image-edit-2511", "flux2": "flux.2-klein-4b"}  # the chat CLIP of each
+
+
+def _family_input(tooltip: str) -> tuple:
+    return (FAMILY_MODELS, {"default": FAMILY_MODELS[0], "tooltip": tooltip})
+
+
+def _runnable(family: str) -> Any:
+    """comfy_tiny_families, once this ComfyUI is known to run the family's twin (else a one-line error)."""
+    families = _helper("comfy_tiny_families")
+    why = families.family_missing(family)
+    if why is not None:
+        raise RuntimeError(why)
+    return families
+
+
+class TinyFamilyModel:
+    """The tiny Qwen-Image-Edit-2511 or FLUX.2 [klein] as a ComfyUI MODEL (ComfyUI's own model class)."""
+
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("ComfyUI's Qwen-Image / FLUX.2 with the weights of tiny_qwen_image(seed) / tiny_flux2(seed).",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {"family": _family_input("Qwen-Image-Edit-2511 or FLUX.2 [klein]."), "seed": SEED}}
+
+    def load(self, family: str, seed: int) -> tuple[Any]:
+        from instructmole.tiny_families import tiny_flux2, tiny_qwen_image
+
+        families = _runnable(family)
+        if family == "qwen_image":
+            return (families.comfy_qwen_from_diffusers(tiny_qwen_image(seed)),)
+        return (families.comfy_flux2_from_diffusers(tiny_flux2(seed)),)
+
+
+class TinyChatCLIP:
+    """The family's chat-LLM text encoder, tiny (Qwen2.5-VL's for Qwen-Image, Qwen3 4B's for FLUX.2 [klein])."""
+
+    RETURN_TYPES = ("CLIP",)
+    OUTPUT_TOOLTIPS = ("tests/comfyui/tiny_chat_clip.TinyChatCLIP of the family, widths of the tiny models.",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {"family": _family_input("Whose text encoder."), "seed": SEED}}
+
+    def load(self, family: str, seed: int) -> tuple[Any]:
+        return (_helper("tiny_chat_clip").TinyChatCLIP(CHAT_CLIPS[family], seed),)
+
+
+class TinyVAE:
+    """A random tiny VAE that ComfyUI's detection reads as the family's (Wan 2.1's / FLUX.2's AutoencoderKL)."""
+
+    RETURN_TYPES = ("VAE",)
+    OUTPUT_TOOLTIPS = ("comfy.sd.VAE of a random state dict: comfy_tiny_families.tiny_vae(family, seed).",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {"family": _family_input("Whose VAE."), "seed": SEED}}
+
+    def load(self, family: str, seed: int) -> tuple[Any]:
+        return (_runnable(family).tiny_vae(family, seed),)
+
+
 NODE_CLASS_MAPPINGS = {
     "InstructMoLETest_TinyFlux": TinyFlux,
     "InstructMoLETest_TinyConditioning": TinyConditioning,
     "InstructMoLETest_TinyCLIP": TinyCLIP,
+    "InstructMoLETest_TinyFamilyModel": TinyFamilyModel,
+    "InstructMoLETest_TinyChatCLIP": TinyChatCLIP,
+    "InstructMoLETest_TinyVAE": TinyVAE,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "InstructMoLETest_TinyFlux": "Tiny Flux (test)",
     "InstructMoLETest_TinyConditioning": "Tiny Conditioning (test)",
     "InstructMoLETest_TinyCLIP": "Tiny CLIP (test)",
+    "InstructMoLETest_TinyFamilyModel": "Tiny Qwen-Image / FLUX.2 (test)",
+    "InstructMoLETest_TinyChatCLIP": "Tiny chat CLIP (test)",
+    "InstructMoLETest_TinyVAE": "Tiny family VAE (test)",
 }
