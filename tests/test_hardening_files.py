@@ -97,7 +97,10 @@ def base_config() -> dict:
             {"layers": [{"name": "transformer_blocks.0.x", "in_features": 4, "out_features": 4, "bias": 1}]},
             "entry 0 has unknown key 'bias'",
         ),
-        ({"layers": [{"name": "x_embedder", "in_features": 4, "out_features": 4}]}, "is not inside a transformer block"),
+        (
+            {"layers": [{"name": "x_embedder", "in_features": 4, "out_features": 4}]},
+            "is not inside a transformer block",
+        ),
         (
             {"layers": [{"name": "transformer_blocks.0.x", "in_features": 2**21, "out_features": 4}]},
             "in_features=2097152 is too large",

@@ -29,7 +29,8 @@ def accumulate(transformer, adapter, inputs, seeds, micro: int, step_level: bool
         if step_level:
             counts = sum(
                 runtime.routing_counts(
-                    inputs["encoder_hidden_states"][m : m + micro], inputs["pooled_projections"][m : m + micro],
+                    inputs["encoder_hidden_states"][m : m + micro],
+                    inputs["pooled_projections"][m : m + micro],
                     seeds[m : m + micro],
                 )
                 for m in range(0, ROWS, micro)

@@ -146,4 +146,3 @@ def test_a_text_router_refuses_a_pooled_vector_and_an_additive_mask(adapter):
     integer = torch.ones(1, 6, dtype=torch.long)
     integer[0, 4:] = 0
     same_council(adapter.route(text, None, mask=integer), adapter.route(text, None, mask=integer.bool()))
-

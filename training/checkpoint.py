@@ -109,8 +109,7 @@ def read_marker(path: Path) -> dict[str, Any]:
         marker = json.loads((path / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise CheckpointError(
-            f"{path / MARKER} cannot be read ({getattr(err, 'strerror', None) or err}); resume from another "
-            "checkpoint"
+            f"{path / MARKER} cannot be read ({getattr(err, 'strerror', None) or err}); resume from another checkpoint"
         ) from None
     if not isinstance(marker, dict) or not isinstance(marker.get("step"), int):
         raise CheckpointError(f"{path / MARKER} is not a checkpoint marker; resume from another checkpoint")

@@ -424,17 +424,40 @@ def _train(config: TrainConfig, *, resume: str | None, overwrite: bool) -> RunRe
 
     # 3. loop
     mb_data = MicroBatches(
-        config, data.rows, data.sizes, data.digests, _TrainView(batches, data.train), cache, norm,
-        rank=accelerator.process_index, world=world, recipe=recipe,
+        config,
+        data.rows,
+        data.sizes,
+        data.digests,
+        _TrainView(batches, data.train),
+        cache,
+        norm,
+        rank=accelerator.process_index,
+        world=world,
+        recipe=recipe,
     )
     input_dtype = torch.float32 if t.mixed_precision != "no" else dtype
     evaluator = Evaluator(
-        inner, mb_data, data.train, data.holdout, config.save.report_rows, max(micro_global // world, 1),
-        accelerator.device, input_dtype, t.mixed_precision, vae,
+        inner,
+        mb_data,
+        data.train,
+        data.holdout,
+        config.save.report_rows,
+        max(micro_global // world, 1),
+        accelerator.device,
+        input_dtype,
+        t.mixed_precision,
+        vae,
     )
     record = CheckpointRecord(
-        accelerator=accelerator, config=config, state=state, model=inner, evaluator=evaluator, marker=marker,
-        data=data, samples=samples, ema=ema,
+        accelerator=accelerator,
+        config=config,
+        state=state,
+        model=inner,
+        evaluator=evaluator,
+        marker=marker,
+        data=data,
+        samples=samples,
+        ema=ema,
     )
     metrics_path = out / METRICS_FILE
     if accelerator.is_main_process:
@@ -641,8 +664,15 @@ def _save(record: CheckpointRecord) -> Path:
         if config.sample.items:
             s = config.sample
             sheet = render_samples(
-                inner, evaluator.vae, evaluator.data.cache, s.items, samples, evaluator.data.norm,
-                steps=s.steps, guidance=s.guidance, seed=s.seed,
+                inner,
+                evaluator.vae,
+                evaluator.data.cache,
+                s.items,
+                samples,
+                evaluator.data.norm,
+                steps=s.steps,
+                guidance=s.guidance,
+                seed=s.seed,
             )
             sheet.save(folder / "samples.png")
             (out / "samples").mkdir(exist_ok=True)
@@ -707,4 +737,3 @@ def _flat_hparams(config: TrainConfig) -> dict[str, Any]:
             if isinstance(value, int | float | str | bool):
                 out[f"{section}.{key}"] = value
     return out
-

@@ -211,9 +211,7 @@ def quantize_base(model: nn.Module, fmt: str, device: torch.device | str | None 
         raise ValueError(f"unknown quantization format {fmt!r}; one of {QUANTIZE_FORMATS}")
     device = torch.device(device) if device is not None else None
     names = [
-        name
-        for name, module in model.named_modules()
-        if type(module) is nn.Linear and not module.weight.requires_grad
+        name for name, module in model.named_modules() if type(module) is nn.Linear and not module.weight.requires_grad
     ]
     for name in names:
         _quantize_linear(model.get_submodule(name), fmt, device)

@@ -21,6 +21,7 @@ from .recipe import LatentNorm
 
 __all__ = ["decode", "edit_latents", "flux_scheduler"]
 
+
 def flux_scheduler():
     from diffusers import FlowMatchEulerDiscreteScheduler
 

@@ -28,8 +28,9 @@ CONFIG = ROOT / "training" / "configs" / "tiny_demo.yaml"
 
 def _train(cmd: list[str], overrides: list[str]) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([*cmd, "--config", str(CONFIG), *overrides], cwd=ROOT, env=env, capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        [*cmd, "--config", str(CONFIG), *overrides], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     if proc.returncode:
         sys.exit(f"training failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
 
@@ -48,17 +49,37 @@ def main(argv: list[str] | None = None) -> int:
         save_tiny_kontext(model, seed=0, text_length=32, corpus=all_phrasings())
     manifest = write_dataset(out / "data", images=16, holdout_images=2)
     one = [sys.executable, "-m", "training"]
-    two = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "training"]
+    two = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "training",
+    ]
     print(f"{args.steps} steps, global batch 8, tiny pipeline; the final adapters of one and two processes")
     for precision in ("no", "bf16"):
         adapters = {}
         for name, cmd in (("one", one), ("two", two)):
             run = out / f"{precision}-{name}"
             overrides = [
-                f"model.pretrained={model}", f"data.manifest={manifest}", f"train.output_dir={run}",
-                f"train.max_steps={args.steps}", f"save.every={args.steps}", "train.batch_size=8",
-                "save.report=false", "log.progress=false", f"train.mixed_precision={precision}",
+                f"model.pretrained={model}",
+                f"data.manifest={manifest}",
+                f"train.output_dir={run}",
+                f"train.max_steps={args.steps}",
+                f"save.every={args.steps}",
+                "train.batch_size=8",
+                "save.report=false",
+                "log.progress=false",
+                f"train.mixed_precision={precision}",
             ]
             _train(cmd, [*overrides, "--overwrite"])
             adapters[name] = load_file(str(run / "instructmole.safetensors"))

@@ -42,26 +42,40 @@ def _launch(script: Path, resume: str, overrides: list[str], *, force_cpu: bool,
     env.pop(FORCE_CPU_ENV, None)
     if force_cpu:
         env[FORCE_CPU_ENV] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", str(script),
-           resume, str(TINY_CONFIG), *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={procs}",
+        str(script),
+        resume,
+        str(TINY_CONFIG),
+        *overrides,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def _overrides(tiny, out: Path, cache: Path, *extra: str, steps: int) -> list[str]:
     return run_overrides(
-        tiny, out, f"data.cache_dir={cache}", "save.report=false", "adapter.lora.rank=2", "train.lr=3e-3",
+        tiny,
+        out,
+        f"data.cache_dir={cache}",
+        "save.report=false",
+        "adapter.lora.rank=2",
+        "train.lr=3e-3",
         "train.aux_decay_steps=4",  # its default is max_steps: a 2-step run would otherwise be another run
-        *extra, steps=steps, every=2,
+        *extra,
+        steps=steps,
+        every=2,
     )
 
 
 # ---- config, plugin, refusals (one process) --------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "other", ["model.block_swap=1", "train.ema=0.9", "save.report=true", "sample.items=[...]"]
-)
+@pytest.mark.parametrize("other", ["model.block_swap=1", "train.ema=0.9", "save.report=true", "sample.items=[...]"])
 def test_fsdp_refuses_what_needs_whole_weights_in_one_sentence(tiny_kontext, tmp_path, other):
     base = run_overrides(tiny_kontext, tmp_path / "run", "save.report=false")
     if other.startswith("sample.items"):

@@ -49,8 +49,10 @@ def junk(rng: random.Random, depth: int = 0) -> Any:
     if kind in (11, 12):
         return [junk(rng, depth + 1) for _ in range(rng.randrange(0, 4))]
     if kind in (13, 14):
-        return {rng.choice(["a", "lr", "rank", "items", "1", "instruction"]): junk(rng, depth + 1)
-                for _ in range(rng.randrange(0, 4))}
+        return {
+            rng.choice(["a", "lr", "rank", "items", "1", "instruction"]): junk(rng, depth + 1)
+            for _ in range(rng.randrange(0, 4))
+        }
     nested: Any = 1
     for _ in range(rng.choice([10, 100, 300])):
         nested = [nested]
@@ -111,8 +113,22 @@ def text_of(rng: random.Random, data: dict) -> bytes:
 
 
 def overrides_of(rng: random.Random) -> list[str]:
-    keys = ["train.lr", "train.mixed_precision", "adapter.top_k", "save.every", "sample.items", "data.manifest",
-            "model.vae", "train", "train.lr.x", "=", "", "a.b.c.d", "log.trackers", "adapter.lora.rank"]
+    keys = [
+        "train.lr",
+        "train.mixed_precision",
+        "adapter.top_k",
+        "save.every",
+        "sample.items",
+        "data.manifest",
+        "model.vae",
+        "train",
+        "train.lr.x",
+        "=",
+        "",
+        "a.b.c.d",
+        "log.trackers",
+        "adapter.lora.rank",
+    ]
     out = []
     for _ in range(rng.randrange(0, 3)):
         key = rng.choice(keys)
@@ -168,8 +184,15 @@ def images(tmp_path_factory) -> dict[str, Path]:
     text.write_text("not an image")
     folder = root / "folder.png"
     folder.mkdir()
-    return {"good": good, "small": small, "cut": cut, "empty": empty, "text": text, "folder": folder,
-            "missing": root / "missing.png"}
+    return {
+        "good": good,
+        "small": small,
+        "cut": cut,
+        "empty": empty,
+        "text": text,
+        "folder": folder,
+        "missing": root / "missing.png",
+    }
 
 
 def manifest_row(rng: random.Random, images: dict[str, Path]) -> Any:

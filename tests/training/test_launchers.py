@@ -18,8 +18,17 @@ from tests.training.conftest import ROOT, TINY_CONFIG, run_overrides
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only launch paths")
 
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no"]
+ACCELERATE = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
@@ -31,8 +40,9 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
 
 def test_accelerate_multi_gpu_on_cpus_forms_two_processes(tiny_kontext, tmp_path):
     script = tmp_path / "group.py"
-    script.write_text(textwrap.dedent(
-        """
+    script.write_text(
+        textwrap.dedent(
+            """
         import json, os, sys
         from training.config import load_config
         from training.loop import _accelerator
@@ -41,10 +51,12 @@ def test_accelerate_multi_gpu_on_cpus_forms_two_processes(tiny_kontext, tmp_path
         with open(f"{sys.argv[1]}/rank{accelerator.process_index}.json", "w") as f:
             json.dump({"world": accelerator.num_processes, "type": str(accelerator.distributed_type)}, f)
         """
-    ))
+        )
+    )
     overrides = run_overrides(tiny_kontext, tmp_path / "run")
-    proc = _run([*ACCELERATE, "--multi_gpu", "--num_processes", "2", str(script), str(tmp_path), str(TINY_CONFIG),
-                 *overrides])
+    proc = _run(
+        [*ACCELERATE, "--multi_gpu", "--num_processes", "2", str(script), str(tmp_path), str(TINY_CONFIG), *overrides]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks == [{"world": 2, "type": "DistributedType.MULTI_CPU"}] * 2

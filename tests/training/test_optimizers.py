@@ -31,8 +31,10 @@ def config(tiny, *extra: str):
 def groups(*sizes: int) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(n, generator=g)) for n in sizes]
-    return [{"params": params[:-1], "lr": 1e-3, "weight_decay": 1e-4, "name": "adapter"},
-            {"params": params[-1:], "lr": 5e-4, "weight_decay": 1e-4, "name": "gates"}]
+    return [
+        {"params": params[:-1], "lr": 1e-3, "weight_decay": 1e-4, "name": "adapter"},
+        {"params": params[-1:], "lr": 5e-4, "weight_decay": 1e-4, "name": "gates"},
+    ]
 
 
 def step(optimizer: torch.optim.Optimizer, seed: int = 1) -> None:
@@ -63,11 +65,15 @@ def test_each_optimizer_is_what_its_name_says_with_the_groups_learning_rates():
 
 @pytest.mark.parametrize(
     ("optimizer", "module", "requirement"),
-    [("adamw8bit", "bitsandbytes", "bitsandbytes>=0.50"), ("prodigy", "prodigyopt", "prodigyopt>=1.1"),
-     ("adafactor", "transformers", "transformers>=4.44")],
+    [
+        ("adamw8bit", "bitsandbytes", "bitsandbytes>=0.50"),
+        ("prodigy", "prodigyopt", "prodigyopt>=1.1"),
+        ("adafactor", "transformers", "transformers>=4.44"),
+    ],
 )
-def test_a_missing_library_is_one_sentence_with_the_pip_command(tiny_kontext, monkeypatch, optimizer, module,
-                                                                requirement):
+def test_a_missing_library_is_one_sentence_with_the_pip_command(
+    tiny_kontext, monkeypatch, optimizer, module, requirement
+):
     monkeypatch.setitem(sys.modules, module, None)  # as if it were not installed
     with pytest.raises(ConfigError) as err:
         config(tiny_kontext, f"train.optimizer={optimizer}", "train.lr=1")
@@ -91,9 +97,15 @@ def test_the_optimizer_key_and_prodigys_learning_rate_are_checked(tiny_kontext):
 
 def run(tiny, out: Path, optimizer: str, resume: str | None = None):
     overrides = run_overrides(
-        tiny, out, "save.report=false", f"train.optimizer={optimizer}", f"train.lr={LR[optimizer]}",
+        tiny,
+        out,
+        "save.report=false",
+        f"train.optimizer={optimizer}",
+        f"train.lr={LR[optimizer]}",
         f"train.gate_lr={LR[optimizer]}",
-        "log.every=1", steps=3, every=1,
+        "log.every=1",
+        steps=3,
+        every=1,
     )
     return train(load_config(TINY_CONFIG, overrides), resume=resume)
 

@@ -216,8 +216,15 @@ def flow_loss(model: TrainingModel) -> torch.Tensor:
     hidden, target = torch.randn(2, 8, 64, generator=g), torch.randn(2, 4, 64, generator=g)
     text, pooled = torch.randn(2, 32, 64, generator=g), torch.randn(2, 32, generator=g)
     out = model(
-        hidden, text, pooled, sigma=torch.tensor([0.3, 0.8]), img_ids=torch.zeros(8, 3), txt_ids=torch.zeros(32, 3),
-        guidance=torch.ones(2), target=target, seeds=torch.tensor([1, 2]),
+        hidden,
+        text,
+        pooled,
+        sigma=torch.tensor([0.3, 0.8]),
+        img_ids=torch.zeros(8, 3),
+        txt_ids=torch.zeros(32, 3),
+        guidance=torch.ones(2),
+        target=target,
+        seeds=torch.tensor([1, 2]),
     )
     return out["flow"].mean()
 

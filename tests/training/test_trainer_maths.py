@@ -50,8 +50,13 @@ def test_gradient_accumulation_trains_what_one_batch_trains(tiny_kontext, tmp_pa
     for ga in (1, 8):
         out = tmp_path / f"ga{ga}"
         result = run(
-            tiny_kontext, out, f"train.gradient_accumulation={ga}", "train.orthogonality=0", "log.every=1",
-            steps=2, every=2,
+            tiny_kontext,
+            out,
+            f"train.gradient_accumulation={ga}",
+            "train.orthogonality=0",
+            "log.every=1",
+            steps=2,
+            every=2,
         )
         results[ga] = (metrics(out), load_file(str(result.adapter)))
     (lines1, adapter1), (lines8, adapter8) = results[1], results[8]
