@@ -88,7 +88,7 @@ def _ids(clip: Any, key: str, text: str) -> tuple[list[int], int]:
     ids = [int(t[0]) for row in rows for t in row if not isinstance(t[0], dict)]
     inner = _inner_tokenizer(clip, key)
     pad = getattr(inner, "pad_token", None)
-    start = getattr(inner, "start_token", None) if getattr(inner, "start_token", None) is not None else None
+    start = getattr(inner, "start_token", None)
     first = 0
     while first < len(ids) and (ids[first] == pad or (first == 0 and start is not None and ids[0] == start)):
         first += 1
