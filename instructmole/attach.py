@@ -166,12 +166,14 @@ class AttachedAdapter:
             )
         except RoutingError as err:
             raise AttachError(str(err)) from None
-        ref = next(iter(targets.values())).weight
         setattr(transformer, MARK, self)
         try:
             if mode == "merged":
                 self._merge(targets, lora)
             else:
+                # Only a LoRA part needs a weight's device and dtype: a quantized or block-swapped base
+                # (the trainer's, which attaches no LoRA part) is never read here.
+                ref = next(iter(targets.values())).weight if lora else None
                 for part, linear in lora:
                     self._add_term(part.module, linear, self._lora_term(part, ref.device, ref.dtype))
                 self._hooks.append(transformer.register_forward_pre_hook(self._begin, with_kwargs=True))
